@@ -1,0 +1,220 @@
+"""msgpack blobs: ``dumps(wf, state)`` and ``loads(blob, cls)``.
+
+Layout: ``["gorch", FORMAT_VERSION, state, data]`` where ``state`` is a compact
+array (see ``_pack_state``) and ``data`` is the workflow's pydantic JSON-mode
+dump. Nothing in a blob is ever unpickled or evaluated: msgpack extension
+types are refused, every state field is type-checked, and the data goes
+through ``model_validate``.
+
+``dumps`` writes the data as the model re-validates it, so that
+``dumps(*loads(b, Cls)) == b`` for every blob it wrote and "state unchanged"
+can be checked by comparing bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgpack
+import pydantic
+import pydantic_core
+
+from gorch.errors import SerializationError
+from gorch.state import (
+    EventRequest,
+    EventStatus,
+    State,
+    Thread,
+    ThreadStatus,
+    WaitEvent,
+    WorkflowStatus,
+)
+from gorch.workflow import Workflow
+
+MAGIC = "gorch"
+FORMAT_VERSION = 1
+
+W = TypeVar("W", bound=Workflow)
+
+_WF_STATUS = list(WorkflowStatus)
+_TH_STATUS = list(ThreadStatus)
+_EV_STATUS = list(EventStatus)
+_WF_CODE = {s: i for i, s in enumerate(_WF_STATUS)}
+_TH_CODE = {s: i for i, s in enumerate(_TH_STATUS)}
+_EV_CODE = {s: i for i, s in enumerate(_EV_STATUS)}
+
+
+def canonical_data(wf: Workflow) -> dict[str, Any]:
+    """The workflow's data as it will load back (JSON-mode dump of a re-validated copy)."""
+    cls = type(wf)
+    try:
+        first = wf.model_dump(mode="json", round_trip=True, warnings=False)
+        again = cls.model_validate(first)
+        return again.model_dump(mode="json", round_trip=True)
+    except pydantic.ValidationError as e:
+        raise SerializationError(
+            f"the data of {cls.__name__} {wf!r} would not load back: {e}"
+        ) from e
+    except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as e:
+        raise SerializationError(f"the data of {cls.__name__} cannot be serialised: {e}") from e
+
+
+def _pack_state(state: State) -> list[Any]:
+    return [
+        state.id,
+        state.workflow,
+        _WF_CODE[state.status],
+        state.pc,
+        [
+            [
+                t.id,
+                t.name,
+                _TH_CODE[t.status],
+                t.cur_step,
+                t.pc,
+                t.error,
+                t.attempts,
+                t.case,
+                [
+                    [
+                        we.req.name,
+                        we.req.pc,
+                        we.req.setup_data,
+                        _EV_CODE[we.status],
+                        we.handled,
+                        we.error,
+                        we.select,
+                    ]
+                    for we in t.wait_events
+                ],
+            ]
+            for t in state.threads
+        ],
+    ]
+
+
+def dumps(wf: Workflow, state: State) -> bytes:
+    """Serialise a workflow and its state to msgpack bytes."""
+    data = canonical_data(wf)
+    try:
+        return msgpack.packb([MAGIC, FORMAT_VERSION, _pack_state(state), data], use_bin_type=True)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError, KeyError) as e:
+        raise SerializationError(f"cannot serialise workflow {state.id!r}: {e}") from e
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise SerializationError(f"msgpack extension type {code} is not allowed in a gorch blob")
+
+
+class _Bad(Exception):
+    pass
+
+
+def _s(v: Any, what: str) -> str:
+    if type(v) is not str:
+        raise _Bad(f"{what} must be a str, got {type(v).__name__}")
+    return v
+
+
+def _i(v: Any, what: str) -> int:
+    if type(v) is not int or v < 0:
+        raise _Bad(f"{what} must be a non-negative int, got {v!r}")
+    return v
+
+
+def _arr(v: Any, n: int | None, what: str) -> list[Any]:
+    if type(v) is not list or (n is not None and len(v) != n):
+        size = f" of {n}" if n is not None else ""
+        raise _Bad(f"{what} must be an array{size}, got {type(v).__name__}")
+    return v
+
+
+def _enum(v: Any, values: list[Any], what: str) -> Any:
+    if type(v) is not int or not 0 <= v < len(values):
+        raise _Bad(f"{what} has an unknown code {v!r}")
+    return values[v]
+
+
+def _unpack_state(raw: Any) -> State:
+    sid, wname, status, pc, threads = _arr(raw, 5, "state")
+    state = State(
+        id=_s(sid, "state.id"),
+        workflow=_s(wname, "state.workflow"),
+        status=_enum(status, _WF_STATUS, "state.status"),
+        pc=_i(pc, "state.pc"),
+    )
+    for traw in _arr(threads, None, "state.threads"):
+        tid, name, tstatus, cur, tpc, err, attempts, case, events = _arr(traw, 9, "thread")
+        t = Thread(
+            id=_s(tid, "thread.id"),
+            name=_s(name, "thread.name"),
+            status=_enum(tstatus, _TH_STATUS, "thread.status"),
+            cur_step=_s(cur, "thread.cur_step"),
+            pc=_i(tpc, "thread.pc"),
+            error=_s(err, "thread.error"),
+            attempts=_i(attempts, "thread.attempts"),
+            case=_s(case, "thread.case"),
+        )
+        for eraw in _arr(events, None, "thread.wait_events"):
+            ename, epc, setup_data, estatus, handled, eerr, select = _arr(eraw, 7, "wait event")
+            if setup_data is not None:
+                _s(setup_data, "event.setup_data")
+            if type(handled) is not bool:
+                raise _Bad(f"event.handled must be a bool, got {handled!r}")
+            t.wait_events.append(
+                WaitEvent(
+                    req=EventRequest(
+                        workflow_id=state.id,
+                        thread_id=t.id,
+                        name=_s(ename, "event.name"),
+                        pc=_i(epc, "event.pc"),
+                        setup_data=setup_data,
+                    ),
+                    status=_enum(estatus, _EV_STATUS, "event.status"),
+                    handled=handled,
+                    error=_s(eerr, "event.error"),
+                    select=_s(select, "event.select"),
+                )
+            )
+        state.threads.append(t)
+    return state
+
+
+def loads(blob: bytes, cls: type[W]) -> tuple[W, State]:
+    """Load a blob written by :func:`dumps`; raise :class:`SerializationError` otherwise."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise SerializationError(f"a gorch blob is bytes, got {type(blob).__name__}")
+    if not blob:
+        raise SerializationError("empty blob: nothing to load")
+    try:
+        obj = msgpack.unpackb(
+            blob, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True
+        )
+    except SerializationError:
+        raise
+    except Exception as e:  # msgpack's own errors: truncated, extra data, bad format
+        raise SerializationError(f"not a gorch blob (corrupt msgpack: {e})") from e
+    if type(obj) is not list or len(obj) != 4 or obj[0] != MAGIC:
+        raise SerializationError("not a gorch blob (missing the 'gorch' header)")
+    version = obj[1]
+    if type(version) is not int or version < 1:
+        raise SerializationError(f"not a gorch blob (bad format version {version!r})")
+    if version > FORMAT_VERSION:
+        raise SerializationError(
+            f"the blob has format version {version}, written by a newer gorch; "
+            f"this gorch reads format version {FORMAT_VERSION}: upgrade gorch"
+        )
+    try:
+        state = _unpack_state(obj[2])
+    except _Bad as e:
+        raise SerializationError(f"corrupt gorch blob: {e}") from None
+    except ValueError as e:  # wrong number of fields to unpack
+        raise SerializationError(f"corrupt gorch blob: {e}") from None
+    data = obj[3]
+    if type(data) is not dict:
+        raise SerializationError("corrupt gorch blob: the workflow data is not a map")
+    try:
+        wf = cls.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise SerializationError(f"the blob's data does not validate as {cls.__name__}: {e}") from e
+    return wf, state

@@ -1,0 +1,205 @@
+"""Every error gorch raises derives from :class:`GorchError`.
+
+Each error says what was expected and what was found, and carries the same
+facts as attributes so callers (an HTTP layer, a CLI) can act on them without
+parsing messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class GorchError(Exception):
+    """Base class of all gorch errors."""
+
+
+class DefinitionError(GorchError):
+    """The statement tree returned by ``definition()`` is invalid."""
+
+
+class WorkflowFinishedError(GorchError):
+    """The workflow has finished; it cannot be resumed or receive events."""
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(f"workflow {workflow_id!r} has finished; it accepts no more calls")
+
+
+class StepFailed(GorchError):
+    """A step raised. The thread stays on the step; a later ``resume`` retries it.
+
+    The original exception is the ``__cause__``.
+    """
+
+    def __init__(self, step: str, thread_id: str, attempts: int, error: str) -> None:
+        self.step = step
+        self.thread_id = thread_id
+        self.attempts = attempts
+        self.error = error
+        super().__init__(
+            f"step {step!r} failed on thread {thread_id!r} (attempt {attempts}): {error}"
+        )
+
+
+class HandlerFailed(GorchError):
+    """An event handler raised. The state is unchanged and the event is still awaited.
+
+    The original exception is the ``__cause__``.
+    """
+
+    def __init__(self, event: str, thread_id: str, error: str) -> None:
+        self.event = event
+        self.thread_id = thread_id
+        self.error = error
+        super().__init__(f"handler of event {event!r} on thread {thread_id!r} failed: {error}")
+
+
+class SetupError(GorchError):
+    """One or more ``Handler.setup`` calls failed; they are retried on the next resume.
+
+    ``failures`` lists ``(thread_id, event, error)`` for each failed setup.
+    """
+
+    def __init__(self, failures: Sequence[tuple[str, str, str]]) -> None:
+        self.failures = list(failures)
+        detail = "; ".join(f"{ev!r} on thread {tid!r}: {err}" for tid, ev, err in self.failures)
+        super().__init__(f"setup failed for {len(self.failures)} event(s): {detail}")
+
+
+def _describe_awaited(awaited: Sequence[tuple[str, str, int]]) -> str:
+    if not awaited:
+        return "the workflow awaits no events"
+    items = ", ".join(f"{name!r} (thread {tid!r}, pc {pc})" for tid, name, pc in awaited)
+    return f"awaited: {items}"
+
+
+class EventNotFound(GorchError):
+    """No thread awaits this event.
+
+    ``awaited`` lists ``(thread_id, event, pc)`` for every event currently awaited.
+    """
+
+    def __init__(
+        self, event: str, awaited: Sequence[tuple[str, str, int]], thread_id: str | None = None
+    ) -> None:
+        self.event = event
+        self.thread_id = thread_id
+        self.awaited = list(awaited)
+        where = f" on thread {thread_id!r}" if thread_id is not None else ""
+        super().__init__(f"event {event!r} is not awaited{where}; {_describe_awaited(awaited)}")
+
+
+class AmbiguousEvent(GorchError):
+    """Several threads await this event; pass ``thread_id`` (or ``pc``) to choose one."""
+
+    def __init__(self, event: str, thread_ids: Sequence[str]) -> None:
+        self.event = event
+        self.thread_ids = list(thread_ids)
+        super().__init__(
+            f"event {event!r} is awaited by threads {self.thread_ids!r}; "
+            "pass thread_id= to choose one"
+        )
+
+
+class StaleEvent(GorchError):
+    """The event targets a wait that is over (a late timer, a replayed webhook)."""
+
+    def __init__(self, event: str, pc: int, current: Sequence[int]) -> None:
+        self.event = event
+        self.pc = pc
+        self.current = list(current)
+        now = f"current wait pc(s): {self.current}" if self.current else "no matching wait now"
+        super().__init__(f"event {event!r} with pc {pc} is stale; {now}")
+
+
+class InvalidEventInput(GorchError):
+    """The input does not validate against the handler's input type.
+
+    ``errors`` holds pydantic's error list; the ``ValidationError`` is the ``__cause__``.
+    """
+
+    def __init__(self, event: str, message: str, errors: list[Any] | None = None) -> None:
+        self.event = event
+        self.errors = errors or []
+        super().__init__(f"invalid input for event {event!r}: {message}")
+
+
+class ResumeLimitError(GorchError):
+    """A single ``resume`` ran more units than ``max_units``: a loop that never blocks."""
+
+    def __init__(self, max_units: int, thread_id: str, where: str) -> None:
+        self.max_units = max_units
+        self.thread_id = thread_id
+        self.where = where
+        super().__init__(
+            f"resume ran more than {max_units} steps and loop iterations without blocking "
+            f"(thread {thread_id!r}, near {where!r}); does a loop miss a Select or WaitFor?"
+        )
+
+
+class CursorNotFound(GorchError):
+    """A thread sits on a statement name that the current definition no longer has."""
+
+    def __init__(self, thread_id: str, name: str, detail: str = "") -> None:
+        self.thread_id = thread_id
+        self.name = name
+        extra = f" ({detail})" if detail else ""
+        super().__init__(
+            f"thread {thread_id!r} sits on {name!r}, which the current definition "
+            f"does not contain{extra}; keep that name while instances wait on it"
+        )
+
+
+class ThreadExists(GorchError):
+    """A ``Go`` tried to start a thread whose id is already running."""
+
+    def __init__(self, thread_id: str, go: str) -> None:
+        self.thread_id = thread_id
+        self.go = go
+        super().__init__(
+            f"Go {go!r} cannot start thread {thread_id!r}: a thread with that id is running; "
+            "give each thread a distinct id="
+        )
+
+
+class SerializationError(GorchError):
+    """A blob is corrupt, foreign or from an unsupported format version, or data won't load."""
+
+
+class StoreError(GorchError):
+    """Base class of errors raised by a store."""
+
+
+class Conflict(StoreError):
+    """Compare-and-swap failed: the record changed since it was loaded. Reload and retry."""
+
+    def __init__(self, workflow_id: str, expected: int, actual: int | None) -> None:
+        self.workflow_id = workflow_id
+        self.expected = expected
+        self.actual = actual
+        now = "it was deleted" if actual is None else f"it is at version {actual}"
+        super().__init__(
+            f"workflow {workflow_id!r} changed concurrently: expected version {expected}, {now}"
+        )
+
+
+class WorkflowNotFound(StoreError):
+    """No workflow instance with this id."""
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(f"no workflow with id {workflow_id!r}")
+
+
+class WorkflowExists(StoreError):
+    """A workflow instance with this id already exists."""
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(f"a workflow with id {workflow_id!r} already exists")
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached; the message names the URL without its password."""

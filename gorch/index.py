@@ -1,0 +1,122 @@
+"""Validation of a definition and the name → path index that finds cursors.
+
+A *path* addresses a statement in a build: ``(i0, c0, i1, c1, ..., ik)`` means
+"statement ``i0`` of the root body, its body ``c0``, statement ``i1`` of that
+body, ..., statement ``ik``". The index of a workflow class is kept across
+calls and builds; a path is checked against the build it is used on, and the
+build is re-indexed (and re-validated) only when the shape has changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gorch.errors import DefinitionError
+from gorch.statements import (
+    K_BREAK,
+    K_CONTINUE,
+    K_FOR,
+    K_GO,
+    K_SELECT,
+    K_STEP,
+    K_SWITCH,
+    K_WAITFOR,
+    NAMED_KINDS,
+    Body,
+    Case,
+    On,
+    Section,
+    Select,
+    Stmt,
+    Timeout,
+)
+
+Path = tuple[int, ...]
+
+_KIND_LABEL = {K_STEP: "Step", K_FOR: "For", K_SELECT: "Select", K_GO: "Go", K_WAITFOR: "WaitFor"}
+
+
+def index_definition(root: Section, owner: str) -> dict[str, Path]:
+    """Validate ``root`` and return the path of every named statement.
+
+    Raises :class:`DefinitionError` naming the offending statement.
+    """
+    paths: dict[str, Path] = {}
+    _visit(root.stmts, (), paths, owner, in_for=False)
+    return paths
+
+
+def _visit(body: Any, prefix: Path, paths: dict[str, Path], owner: str, in_for: bool) -> None:
+    if not isinstance(body, tuple):
+        raise DefinitionError(f"{owner}: a body must be a tuple of statements, got {body!r}")
+    for i, st in enumerate(body):
+        if not isinstance(st, Stmt):
+            where = f"after {body[i - 1]!r}" if i else "at the start of a body"
+            raise DefinitionError(
+                f"{owner}: {st!r} ({where}) is not a statement; "
+                "did you pass a function where Step(name, fn) was meant?"
+            )
+        path = (*prefix, i)
+        kind = st._kind
+        if kind in NAMED_KINDS:
+            name = st.name  # type: ignore[attr-defined]
+            label = _KIND_LABEL[kind]
+            if not isinstance(name, str) or not name:
+                raise DefinitionError(f"{owner}: {label} needs a non-empty str name, got {name!r}")
+            if name in paths:
+                raise DefinitionError(
+                    f"{owner}: the name {name!r} is used twice; names of Step, For, Select, "
+                    "WaitFor and Go are cursors and must be unique in a definition"
+                )
+            paths[name] = path
+        if kind == K_STEP:
+            if not callable(st.fn):  # type: ignore[attr-defined]
+                raise DefinitionError(f"{owner}: Step {st.name!r} needs a callable, got {st.fn!r}")  # type: ignore[attr-defined]
+        elif kind == K_SELECT:
+            _check_select(st, owner)  # type: ignore[arg-type]
+        elif kind == K_SWITCH:
+            for c in st.cases:  # type: ignore[attr-defined]
+                if not isinstance(c, Case):
+                    raise DefinitionError(f"{owner}: Switch takes Case/Default, got {c!r}")
+        elif kind == K_WAITFOR:
+            h = st.handler  # type: ignore[attr-defined]
+            if h is not None and not callable(h):
+                raise DefinitionError(
+                    f"{owner}: WaitFor {st.name!r} handler must be callable, got {h!r}"  # type: ignore[attr-defined]
+                )
+        elif kind in (K_BREAK, K_CONTINUE) and not in_for:
+            raise DefinitionError(f"{owner}: {st!r} outside a For loop (of the same thread)")
+        children = st.children()
+        inner_for = True if kind == K_FOR else (False if kind == K_GO else in_for)
+        for c, child in enumerate(children):
+            _visit(child, (*path, c), paths, owner, inner_for)
+
+
+def _check_select(st: Select, owner: str) -> None:
+    if not st.cases:
+        raise DefinitionError(f"{owner}: Select {st.name!r} has no cases")
+    seen: set[str] = set()
+    for c in st.cases:
+        if not isinstance(c, (On, Timeout)):
+            raise DefinitionError(f"{owner}: Select {st.name!r} takes On/Timeout cases, got {c!r}")
+        if not isinstance(c.event, str) or not c.event:
+            raise DefinitionError(
+                f"{owner}: Select {st.name!r} has a case with an invalid event name {c.event!r}"
+            )
+        if c.event in seen:
+            raise DefinitionError(
+                f"{owner}: event {c.event!r} appears twice in Select {st.name!r}; "
+                "event names are unique within a Select"
+            )
+        seen.add(c.event)
+
+
+def stmt_at(root: Section, path: Path) -> Stmt | None:
+    """The statement at ``path`` in this build, or None if the shape differs."""
+    body: Body = root.stmts
+    try:
+        for k in range(0, len(path) - 1, 2):
+            body = body[path[k]].children()[path[k + 1]]
+        return body[path[-1]]
+    except (IndexError, TypeError, AttributeError):
+        return None

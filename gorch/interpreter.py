@@ -1,0 +1,823 @@
+"""The stateless interpreter: ``resume`` and ``handle_event``.
+
+How a call works
+----------------
+Each call builds the definition once (``wf.definition()``). A thread's cursor
+is the *name* of the statement it sits on; the per-class name index
+(:mod:`gorch.index`) turns it into a path, and the path into a stack of
+*frames* ``[body, index, owner, child]`` that the walker in
+:func:`_run_thread` follows statement by statement.
+
+Values read from the tree (a bool condition, a Select's cases, a Go id given
+as str, a Timeout, a Handler object) must reflect current data. Running a step
+marks the build *dirty*; the next read that needs a value rebuilds the
+definition and re-finds the walking thread from its committed cursor (the
+step it just completed) before reading. Walking between two reads is purely
+structural, so a long run of steps costs no rebuild at all, and a loop costs
+one rebuild per iteration. Callable conditions are evaluated on whatever build
+is current; they read data when called.
+
+A *unit* is either running one step or walking from a cursor to the next
+blocking point (a Step, a Select, a WaitFor, or the thread's end). A walk
+commits its result (new cursor, spawned threads, awaited events) only when it
+ends, so an error raised while walking leaves the state as it was before.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from gorch.errors import (
+    AmbiguousEvent,
+    CursorNotFound,
+    DefinitionError,
+    EventNotFound,
+    GorchError,
+    HandlerFailed,
+    ResumeLimitError,
+    SetupError,
+    StaleEvent,
+    StepFailed,
+    ThreadExists,
+    WorkflowFinishedError,
+)
+from gorch.handlers import Handler, TimerHandler, as_handler, validate_input
+from gorch.index import Path, index_definition, stmt_at
+from gorch.state import (
+    ACTIVE_EVENT,
+    MAIN_THREAD,
+    TEARDOWN_EVENT,
+    CheckpointKind,
+    EventRequest,
+    EventStatus,
+    State,
+    Thread,
+    ThreadStatus,
+    WaitEvent,
+    WorkflowStatus,
+)
+from gorch.statements import (
+    K_BREAK,
+    K_CONTINUE,
+    K_FOR,
+    K_GO,
+    K_IF,
+    K_RETURN,
+    K_SECTION,
+    K_SELECT,
+    K_STEP,
+    K_SWITCH,
+    K_WAITFOR,
+    Go,
+    On,
+    Section,
+    Select,
+    Step,
+    Stmt,
+    Timeout,
+    WaitFor,
+)
+from gorch.workflow import Workflow
+
+log = logging.getLogger("gorch")
+
+Checkpoint = Callable[[CheckpointKind], Any]
+Frame = list[Any]  # [body: tuple[Stmt, ...], index: int, owner: Stmt | None, child: int]
+
+DEFAULT_MAX_UNITS = 100_000
+
+_RESUMING = ThreadStatus.RESUMING
+_EXECUTING = ThreadStatus.EXECUTING
+_WAITING_EVENT = ThreadStatus.WAITING_EVENT
+_WAITING_CONDITION = ThreadStatus.WAITING_CONDITION
+
+
+class _ClassIndex:
+    """Name → path of every named statement, shared by all instances of a class."""
+
+    __slots__ = ("owner", "paths")
+
+    def __init__(self, owner: str) -> None:
+        self.paths: dict[str, Path] | None = None
+        self.owner = owner
+
+
+_indexes: dict[type, _ClassIndex] = {}
+
+
+class _Call:
+    """What one ``resume`` / ``handle_event`` call knows: the current build and its index."""
+
+    __slots__ = (
+        "checkpoint",
+        "dirty",
+        "gen",
+        "index",
+        "indexed_gen",
+        "max_units",
+        "root",
+        "state",
+        "units",
+        "wf",
+    )
+
+    def __init__(
+        self, wf: Workflow, state: State, checkpoint: Checkpoint | None, max_units: int
+    ) -> None:
+        cls = type(wf)
+        index = _indexes.get(cls)
+        if index is None:
+            index = _indexes[cls] = _ClassIndex(cls.__qualname__)
+        self.wf = wf
+        self.state = state
+        self.index = index
+        self.gen = 0
+        self.indexed_gen = -1
+        self.checkpoint = checkpoint
+        self.units = 0
+        self.max_units = max_units
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """Call ``definition()`` again: values read from now on reflect current data."""
+        try:
+            root = self.wf.definition()
+        except GorchError:
+            raise
+        except Exception as e:
+            raise DefinitionError(
+                f"{self.index.owner}.definition() raised {type(e).__name__}: {e}"
+            ) from e
+        if not isinstance(root, Section):
+            if not isinstance(root, Stmt):
+                raise DefinitionError(
+                    f"{self.index.owner}.definition() must return a statement such as S(...), "
+                    f"got {root!r}"
+                )
+            root = Section(root)
+        self.root = root
+        self.gen += 1
+        self.dirty = False
+        if self.index.paths is None:
+            self.reindex()
+
+    def reindex(self) -> None:
+        self.index.paths = index_definition(self.root, self.index.owner)
+        self.indexed_gen = self.gen
+
+    def find(self, name: str) -> tuple[Path, Stmt] | None:
+        """Path and statement named ``name`` in the current build, or None."""
+        paths = self.index.paths
+        assert paths is not None
+        path = paths.get(name)
+        if path is not None:
+            st = stmt_at(self.root, path)
+            if st is not None and getattr(st, "name", None) == name:
+                return path, st
+        if self.indexed_gen != self.gen:  # the shape changed: index this build
+            self.reindex()
+            return self.find(name)
+        return None
+
+    def save(self, kind: CheckpointKind) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint(kind)
+
+
+# --------------------------------------------------------------------------- cursors
+
+
+def _frames_to(call: _Call, path: Path) -> list[Frame]:
+    """The frame stack from the root down to the statement at ``path``."""
+    frames: list[Frame] = []
+    body = call.root.stmts
+    owner: Stmt | None = None
+    child = 0
+    for k in range(0, len(path) - 1, 2):
+        i = path[k]
+        frames.append([body, i, owner, child])
+        owner = body[i]
+        child = path[k + 1]
+        body = owner.children()[child]
+    frames.append([body, path[-1], owner, child])
+    return frames
+
+
+def _thread_frames(call: _Call, t: Thread, name: str, path: Path) -> list[Frame]:
+    """Frames for ``t`` only: cut at the Go that started it (threads don't share frames)."""
+    frames = _frames_to(call, path)
+    base = 0
+    if t.id != MAIN_THREAD or t.name != MAIN_THREAD:
+        for j, f in enumerate(frames):
+            owner = f[2]
+            if owner is not None and owner._kind == K_GO and owner.name == t.name:
+                base = j
+                break
+        else:
+            raise CursorNotFound(t.id, name, f"it is no longer inside Go {t.name!r}")
+    for f in frames[base + 1 :]:
+        owner = f[2]
+        if owner is not None and owner._kind == K_GO:
+            raise CursorNotFound(t.id, name, f"it is now inside Go {owner.name!r}")
+    return frames[base:]
+
+
+def _locate(call: _Call, t: Thread) -> tuple[Path, Stmt]:
+    found = call.find(t.cur_step)
+    if found is None:
+        raise CursorNotFound(t.id, t.cur_step)
+    path, st = found
+    status = t.status
+    want: int | None = None
+    if status is _EXECUTING:
+        want = K_STEP
+    elif status is _WAITING_EVENT or (status is _RESUMING and t.case):
+        want = K_SELECT
+    elif status is _WAITING_CONDITION:
+        want = K_WAITFOR
+    if want is not None and st._kind != want:
+        raise CursorNotFound(t.id, t.cur_step, f"that name is now a {type(st).__name__}")
+    if want == K_SELECT and t.case and isinstance(st, Select) and st.case(t.case) is None:
+        raise CursorNotFound(
+            t.id, t.cur_step, f"the Select no longer has the handled event {t.case!r}"
+        )
+    return path, st
+
+
+def _position(call: _Call, t: Thread) -> list[Frame]:
+    """Frames from which thread ``t`` continues, derived from its committed cursor."""
+    if not t.cur_step:  # a new thread: the start of its body
+        if t.id == MAIN_THREAD and t.name == MAIN_THREAD:
+            return [[call.root.stmts, 0, None, 0]]
+        found = call.find(t.name)
+        if found is None or found[1]._kind != K_GO:
+            raise CursorNotFound(t.id, t.name, "its Go statement is gone")
+        go = found[1]
+        assert isinstance(go, Go)
+        return [[go.body, 0, go, 0]]
+    path, st = _locate(call, t)
+    frames = _thread_frames(call, t, t.cur_step, path)
+    status = t.status
+    if status is _EXECUTING:
+        return frames  # at the step: run it (again)
+    if st._kind == K_SELECT:  # the handled case's body runs next
+        assert isinstance(st, Select)
+        hit = st.case(t.case)
+        assert hit is not None
+        frames.append([hit[1].body, 0, st, hit[0]])
+        return frames
+    frames[-1][1] += 1  # after the completed Step / released WaitFor
+    return frames
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def resume(
+    wf: Workflow,
+    state: State,
+    checkpoint: Checkpoint | None = None,
+    *,
+    max_units: int = DEFAULT_MAX_UNITS,
+) -> WorkflowStatus:
+    """Run every runnable thread until all are blocked; return ``state.status``.
+
+    ``checkpoint(kind)`` is called after each step, released WaitFor, setup,
+    teardown, and once with ``AFTER_RESUME`` at the very end: save there.
+    """
+    if state.status is WorkflowStatus.FINISHED:
+        raise WorkflowFinishedError(state.id)
+    call = _Call(wf, state, checkpoint, max_units)
+    for t in state.threads:  # every cursor must exist before anything changes
+        if t.cur_step:
+            _locate(call, t)
+    _teardown_finished_waits(call)
+    if _schedule(call):
+        call.save(CheckpointKind.AFTER_RESUME)
+        return state.status
+    failures = _setup_new_waits(call)
+    runnable = any(t.status is _RESUMING or t.status is _EXECUTING for t in state.threads)
+    state.status = WorkflowStatus.RESUMING if runnable else WorkflowStatus.WAITING
+    call.save(CheckpointKind.AFTER_RESUME)
+    if failures:
+        raise SetupError(failures)
+    return state.status
+
+
+def _schedule(call: _Call) -> bool:
+    """Advance the earliest-created runnable thread until none can; then release WaitFors.
+
+    Returns True when the workflow finished.
+    """
+    state = call.state
+    while True:
+        for t in state.threads:
+            if t.status is _RESUMING or t.status is _EXECUTING:
+                _run_thread(call, t)
+                if state.status is WorkflowStatus.FINISHED:
+                    return True
+                break
+        else:
+            if not _release_condition(call):
+                return False
+
+
+def _run_thread(call: _Call, t: Thread) -> None:
+    """Run ``t`` unit by unit until it blocks or ends.
+
+    Running ``t`` never makes an earlier thread runnable, so advancing it to its
+    next blocking point is the same as re-picking the earliest runnable thread
+    after every unit.
+    """
+    state = call.state
+    frames = _position(call, t)
+    spawned: list[Thread] = []
+    loops = 0  # loop iterations of the current walk, added to call.units on commit
+    while True:
+        top = frames[-1]
+        body = top[0]
+        idx = top[1]
+
+        if idx >= len(body):  # ---- end of a body
+            owner = top[2]
+            if owner is not None and owner._kind == K_FOR:  # loop again?
+                cond = owner.cond
+                if type(cond) is bool:
+                    if call.dirty:
+                        call.rebuild()
+                        frames, spawned, loops = _position(call, t), [], 0
+                        continue
+                    again = cond
+                else:
+                    again = _truth(cond, owner.name)
+                if again:
+                    loops += 1
+                    _check_limit(call, loops, t, owner.name)
+                    top[1] = 0
+                    continue
+            if len(frames) == 1:  # the thread's own body ended
+                _commit(state, spawned, call, loops)
+                _end_thread(call, t)
+                return
+            frames.pop()
+            frames[-1][1] += 1
+            continue
+
+        st = body[idx]
+        kind = st._kind
+
+        if kind == K_STEP:  # ---- a unit of its own: run the step
+            _commit(state, spawned, call, loops)
+            spawned, loops = [], 0
+            _run_step(call, t, st)
+            top[1] = idx + 1
+            continue
+
+        if kind == K_SECTION:
+            frames.append([st.stmts, 0, st, 0])
+            continue
+
+        if kind in (K_IF, K_SWITCH):
+            branches = st.branches if kind == K_IF else [(c.cond, c.body) for c in st.cases]
+            chosen = -1
+            restart = False
+            for bi, (cond, branch) in enumerate(branches):
+                if type(cond) is bool:
+                    if call.dirty:
+                        restart = True
+                        break
+                    truth = cond
+                else:
+                    truth = _truth(cond, "If" if kind == K_IF else "Switch")
+                if truth:
+                    chosen = bi
+                    frames.append([branch, 0, st, bi])
+                    break
+            if restart:
+                call.rebuild()
+                frames, spawned, loops = _position(call, t), [], 0
+                continue
+            if chosen < 0:
+                top[1] = idx + 1
+            continue
+
+        if kind == K_FOR:
+            cond = st.cond
+            if type(cond) is bool:
+                if call.dirty:
+                    call.rebuild()
+                    frames, spawned, loops = _position(call, t), [], 0
+                    continue
+                enter = cond
+            else:
+                enter = _truth(cond, st.name)
+            if enter:
+                loops += 1
+                _check_limit(call, loops, t, st.name)
+                frames.append([st.body, 0, st, 0])
+            else:
+                top[1] = idx + 1
+            continue
+
+        if kind == K_SELECT:  # ---- block: await the cases' events
+            if call.dirty:  # the cases must come from a build of current data
+                call.rebuild()
+                frames, spawned, loops = _position(call, t), [], 0
+                continue
+            _commit(state, spawned, call, loops)
+            state.pc += 1
+            pc = state.pc
+            t.status = _WAITING_EVENT
+            t.cur_step = st.name
+            t.case = ""
+            wid, tid, name = state.id, t.id, st.name
+            t.wait_events.extend(
+                WaitEvent(EventRequest(wid, tid, c.event, pc), select=name) for c in st.cases
+            )
+            return
+
+        if kind == K_GO:
+            gid = st.id
+            if gid is None:
+                gid = st.name
+            elif type(gid) is str:
+                if call.dirty:
+                    call.rebuild()
+                    frames, spawned, loops = _position(call, t), [], 0
+                    continue
+            elif callable(gid):
+                gid = gid()
+            if type(gid) is not str or not gid:
+                raise DefinitionError(
+                    f"Go {st.name!r}: a thread id must be a non-empty str, got {gid!r}"
+                )
+            if state.thread(gid) is not None or any(s.id == gid for s in spawned):
+                raise ThreadExists(gid, st.name)
+            spawned.append(Thread(id=gid, name=st.name))
+            top[1] = idx + 1
+            continue
+
+        if kind == K_WAITFOR:  # ---- block until the condition holds
+            _commit(state, spawned, call, loops)
+            t.status = _WAITING_CONDITION
+            t.cur_step = st.name
+            t.case = ""
+            return
+
+        if kind == K_RETURN:
+            _commit(state, spawned, call, loops)
+            _end_thread(call, t)
+            return
+
+        if kind in (K_BREAK, K_CONTINUE):
+            while frames[-1][2] is None or frames[-1][2]._kind != K_FOR:
+                frames.pop()  # validated: a For encloses us within this thread
+            if kind == K_BREAK:
+                frames.pop()
+                frames[-1][1] += 1
+            else:
+                frames[-1][1] = len(frames[-1][0])  # end of body: re-check the condition
+            continue
+
+        raise DefinitionError(f"unknown statement {st!r}")
+
+
+def _truth(cond: Any, where: str) -> bool:
+    if not callable(cond):
+        raise DefinitionError(
+            f"condition of {where!r} must be a bool or a zero-argument callable, got {cond!r}"
+        )
+    value = cond()
+    if type(value) is not bool:
+        value = bool(value)
+    return value
+
+
+def _check_limit(call: _Call, loops: int, t: Thread, where: str) -> None:
+    if call.units + loops > call.max_units:
+        raise ResumeLimitError(call.max_units, t.id, where)
+
+
+def _commit(state: State, spawned: list[Thread], call: _Call, loops: int) -> None:
+    """Make a walk's effects visible: spawned threads and counted loop iterations."""
+    if spawned:
+        state.threads.extend(spawned)
+    call.units += loops
+
+
+def _run_step(call: _Call, t: Thread, st: Step) -> None:
+    if t.status is not _EXECUTING or t.cur_step != st.name:
+        t.status = _EXECUTING
+        t.cur_step = st.name
+        t.case = ""
+    call.units += 1
+    if call.units > call.max_units:
+        call.units -= 1
+        raise ResumeLimitError(call.max_units, t.id, st.name)
+    call.dirty = True  # the step may change data, even when it fails
+    try:
+        st.fn()
+    except Exception as e:
+        t.attempts += 1
+        t.error = f"{type(e).__name__}: {e}"
+        raise StepFailed(st.name, t.id, t.attempts, t.error) from e
+    t.status = _RESUMING
+    if t.attempts:
+        t.attempts = 0
+        t.error = ""
+    call.save(CheckpointKind.AFTER_STEP)
+
+
+def _release_condition(call: _Call) -> bool:
+    """Release the earliest thread whose WaitFor condition holds; False if none does."""
+    for t in call.state.threads:
+        if t.status is not _WAITING_CONDITION:
+            continue
+        if call.dirty:
+            call.rebuild()
+        _, st = _locate(call, t)
+        assert isinstance(st, WaitFor)
+        cond = st.cond
+        if not (cond if type(cond) is bool else _truth(cond, st.name)):
+            continue
+        call.units += 1
+        if call.units > call.max_units:
+            raise ResumeLimitError(call.max_units, t.id, st.name)
+        if st.handler is not None:
+            call.dirty = True
+            try:
+                st.handler()
+            except Exception as e:
+                t.attempts += 1
+                t.error = f"{type(e).__name__}: {e}"
+                raise StepFailed(st.name, t.id, t.attempts, t.error) from e
+        t.status = _RESUMING
+        t.attempts = 0
+        t.error = ""
+        call.save(CheckpointKind.AFTER_CONDITION)
+        return True
+    return False
+
+
+def _end_thread(call: _Call, t: Thread) -> None:
+    state = call.state
+    if t.id == MAIN_THREAD:
+        for other in state.threads:  # the main thread's end cancels the others
+            _drop_waits(call, other)
+        state.threads = []
+        state.status = WorkflowStatus.FINISHED
+        return
+    _drop_waits(call, t)
+    state.threads.remove(t)
+
+
+# --------------------------------------------------------------------------- setup / teardown
+
+
+def _case_handler(call: _Call, we: WaitEvent) -> tuple[bool, Handler | None]:
+    """(found, handler) for a wait event, from the current build."""
+    found = call.find(we.select)
+    if found is None or not isinstance(found[1], Select):
+        return False, None
+    hit = found[1].case(we.req.name)
+    if hit is None:
+        return False, None
+    case = hit[1]
+    if isinstance(case, Timeout):
+        return True, TimerHandler(case.after)
+    h = case.handler
+    return True, h if isinstance(h, Handler) else None  # callables have no setup/teardown
+
+
+def _overrides(handler: Handler | None, method: str) -> bool:
+    return handler is not None and getattr(type(handler), method) is not getattr(Handler, method)
+
+
+def _teardown(call: _Call, we: WaitEvent) -> bool:
+    """Tear ``we`` down; True when done (or nothing to do), False when teardown raised."""
+    found, handler = _case_handler(call, we)
+    if not found:
+        log.warning(
+            "gorch: cannot tear down event %r of workflow %r: Select %r or its case is gone",
+            we.req.name,
+            call.state.id,
+            we.select,
+        )
+        return True
+    if not _overrides(handler, "teardown"):
+        return True
+    assert handler is not None
+    try:
+        handler.teardown(we.req, we.handled)
+    except Exception as e:
+        we.status = EventStatus.TEARDOWN_ERROR
+        we.error = f"{type(e).__name__}: {e}"
+        return False
+    return True
+
+
+def _teardown_finished_waits(call: _Call) -> None:
+    """Step 2 of resume: tear down events of waits that ``handle_event`` ended."""
+    for t in call.state.threads:
+        if not t.wait_events:
+            continue
+        keep: list[WaitEvent] = []
+        for we in t.wait_events:
+            if we.status not in TEARDOWN_EVENT:
+                keep.append(we)
+                continue
+            if not _teardown(call, we):
+                log.warning(
+                    "gorch: teardown of event %r (workflow %r, thread %r) failed: %s; "
+                    "retrying on a later resume",
+                    we.req.name,
+                    call.state.id,
+                    t.id,
+                    we.error,
+                )
+                keep.append(we)
+            call.save(CheckpointKind.AFTER_TEARDOWN)
+        t.wait_events = keep
+
+
+def _drop_waits(call: _Call, t: Thread) -> None:
+    """A thread ends or is cancelled: tear down what was set up; failures are logged."""
+    for we in t.wait_events:
+        if we.status is EventStatus.SETUP or we.status in TEARDOWN_EVENT:
+            if we.status is EventStatus.SETUP:
+                we.handled = False
+            if not _teardown(call, we):
+                log.warning(
+                    "gorch: teardown of event %r (workflow %r, thread %r) failed as the "
+                    "thread ended; dropped: %s",
+                    we.req.name,
+                    call.state.id,
+                    t.id,
+                    we.error,
+                )
+    t.wait_events = []
+
+
+def _setup_new_waits(call: _Call) -> list[tuple[str, str, str]]:
+    """Step 4 of resume: ``setup`` every newly awaited event (and retry failed ones)."""
+    failures: list[tuple[str, str, str]] = []
+    for t in call.state.threads:
+        for we in t.wait_events:
+            status = we.status
+            if status is not EventStatus.PENDING_SETUP and status is not EventStatus.SETUP_ERROR:
+                continue
+            if call.dirty:  # handlers and timer durations come from current data
+                call.rebuild()
+            found, handler = _case_handler(call, we)
+            if not found:
+                raise CursorNotFound(t.id, we.select, f"its event {we.req.name!r} is gone")
+            if not _overrides(handler, "setup"):
+                we.status = EventStatus.SETUP
+                continue
+            assert handler is not None
+            try:
+                we.req.setup_data = handler.setup(we.req)
+            except Exception as e:
+                we.status = EventStatus.SETUP_ERROR
+                we.error = f"{type(e).__name__}: {e}"
+                failures.append((t.id, we.req.name, we.error))
+            else:
+                we.status = EventStatus.SETUP
+                we.error = ""
+            call.save(CheckpointKind.AFTER_SETUP)
+    return failures
+
+
+# --------------------------------------------------------------------------- events
+
+
+def awaited_events(state: State) -> list[tuple[str, str, int]]:
+    """``(thread_id, event, pc)`` of every event the workflow awaits now."""
+    return [
+        (t.id, we.req.name, we.req.pc)
+        for t in state.threads
+        if t.status is _WAITING_EVENT
+        for we in t.wait_events
+        if we.status in ACTIVE_EVENT
+    ]
+
+
+def _wait_pc(t: Thread) -> int | None:
+    if t.status is not _WAITING_EVENT:
+        return None
+    for we in t.wait_events:
+        if we.status in ACTIVE_EVENT:
+            return we.req.pc
+    return None
+
+
+def _event_of(t: Thread, name: str) -> WaitEvent | None:
+    for we in t.wait_events:
+        if we.req.name == name and we.status in ACTIVE_EVENT:
+            return we
+    return None
+
+
+def _find_wait(
+    state: State, name: str, thread_id: str | None, pc: int | None
+) -> tuple[Thread, WaitEvent]:
+    """The thread and wait event ``name`` is delivered to; raises without touching state."""
+    if thread_id is not None:
+        t = state.thread(thread_id)
+        cur = _wait_pc(t) if t is not None else None
+        if pc is not None and cur != pc:
+            raise StaleEvent(name, pc, [] if cur is None else [cur])
+        we = _event_of(t, name) if t is not None and cur is not None else None
+        if t is None or we is None:
+            raise EventNotFound(name, awaited_events(state), thread_id)
+        return t, we
+    if pc is not None:
+        for t in state.threads:
+            if _wait_pc(t) == pc:
+                we = _event_of(t, name)
+                if we is None:
+                    raise EventNotFound(name, awaited_events(state))
+                return t, we
+        current = [p for p in map(_wait_pc, state.threads) if p is not None]
+        raise StaleEvent(name, pc, current)
+    hits = [
+        (t, we)
+        for t in state.threads
+        if t.status is _WAITING_EVENT
+        for we in (_event_of(t, name),)
+        if we is not None
+    ]
+    if not hits:
+        raise EventNotFound(name, awaited_events(state))
+    if len(hits) > 1:
+        raise AmbiguousEvent(name, [t.id for t, _ in hits])
+    return hits[0]
+
+
+def handle_event(
+    wf: Workflow,
+    state: State,
+    name: str,
+    input: Any = None,
+    *,
+    thread_id: str | None = None,
+    pc: int | None = None,
+) -> Any:
+    """Deliver event ``name`` to the thread awaiting it; return the handler's output.
+
+    The next ``resume`` runs the case's body. Every error leaves ``state``
+    unchanged; a handler that raised may have changed ``wf`` (do not save).
+    """
+    if state.status is WorkflowStatus.FINISHED:
+        raise WorkflowFinishedError(state.id)
+    t, we = _find_wait(state, name, thread_id, pc)
+    call = _Call(wf, state, None, DEFAULT_MAX_UNITS)
+    _, st = _locate(call, t)
+    assert isinstance(st, Select)
+    hit = st.case(name)
+    if hit is None:
+        raise CursorNotFound(t.id, t.cur_step, f"the Select no longer awaits event {name!r}")
+    case = hit[1]
+    handler = TimerHandler(case.after) if isinstance(case, Timeout) else _handler_of(case)
+    value = validate_input(handler, name, input)
+    if handler is not None:
+        try:
+            out = handler.handle(we.req, value)
+        except Exception as e:
+            raise HandlerFailed(name, t.id, f"{type(e).__name__}: {e}") from e
+    else:
+        out = None
+    # Commit: nothing above changed the state.
+    kept: list[WaitEvent] = []
+    for other in t.wait_events:
+        if other.status in ACTIVE_EVENT:
+            if other is we:
+                other.handled = True
+            if other.status is EventStatus.SETUP:
+                other.status = EventStatus.PENDING_TEARDOWN
+                kept.append(other)
+            # never set up (or setup failed): dropped without teardown
+        else:
+            kept.append(other)
+    t.wait_events = kept
+    t.status = _RESUMING
+    t.case = name
+    t.pc += 1
+    state.status = WorkflowStatus.RESUMING
+    return out
+
+
+def _handler_of(case: On) -> Handler | None:
+    return as_handler(case.handler, case.event)
+
+
+def case_of(wf: Workflow, state: State, thread: Thread, event: str) -> On | Timeout | None:
+    """The Select case awaiting ``event`` on ``thread`` in a fresh build (for tooling)."""
+    call = _Call(wf, state, None, DEFAULT_MAX_UNITS)
+    found = call.find(thread.cur_step)
+    if found is None or not isinstance(found[1], Select):
+        return None
+    hit = found[1].case(event)
+    return None if hit is None else hit[1]

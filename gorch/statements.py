@@ -1,0 +1,276 @@
+"""The statement tree a workflow's ``definition()`` returns.
+
+Statements are plain data: constructing one does no validation and no
+introspection, because ``definition()`` is called again whenever the
+interpreter needs a value computed from current data (see ``interpreter.py``).
+Validation (unique names, Break outside a loop, ...) happens once per shape in
+:mod:`gorch.index`.
+
+Every container exposes its bodies as tuples of statements; the interpreter
+addresses a statement by a *path* of indices through those tuples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    from gorch.handlers import Handler
+
+#: A condition: a bool computed when ``definition()`` ran, or a zero-argument
+#: callable evaluated when the interpreter needs it.
+Cond: TypeAlias = "bool | Callable[[], bool]"
+Body: TypeAlias = "tuple[Stmt, ...]"
+
+# Kinds, compared by identity in the interpreter's dispatch.
+K_SECTION = 0
+K_STEP = 1
+K_IF = 2
+K_SWITCH = 3
+K_FOR = 4
+K_SELECT = 5
+K_GO = 6
+K_WAITFOR = 7
+K_RETURN = 8
+K_BREAK = 9
+K_CONTINUE = 10
+
+
+class Stmt:
+    """Base class of every statement."""
+
+    __slots__ = ()
+    _kind: int = -1
+
+    def children(self) -> tuple[Body, ...]:
+        """The bodies nested in this statement, in path order."""
+        return ()
+
+
+class Section(Stmt):
+    """A sequence of statements: ``S(a, b, c)``. Nested sections behave as if flattened."""
+
+    __slots__ = ("stmts",)
+    _kind = K_SECTION
+
+    def __init__(self, *stmts: Stmt) -> None:
+        self.stmts: Body = stmts
+
+    def children(self) -> tuple[Body, ...]:
+        return (self.stmts,)
+
+    def __repr__(self) -> str:
+        return f"S({', '.join(map(repr, self.stmts))})"
+
+
+S = Section
+
+
+class Step(Stmt):
+    """Run ``fn()``; an exception means the step failed and will be retried."""
+
+    __slots__ = ("fn", "name")
+    _kind = K_STEP
+
+    def __init__(self, name: str, fn: Callable[[], Any]) -> None:
+        self.name = name
+        self.fn = fn
+
+    def __repr__(self) -> str:
+        return f"Step({self.name!r})"
+
+
+class If(Stmt):
+    """``If(cond, *body).ElseIf(cond, *body).Else(*body)``: the first true branch runs."""
+
+    __slots__ = ("branches",)
+    _kind = K_IF
+
+    def __init__(self, cond: Cond, *body: Stmt) -> None:
+        self.branches: list[tuple[Cond, Body]] = [(cond, body)]
+
+    def ElseIf(self, cond: Cond, *body: Stmt) -> If:
+        self.branches.append((cond, body))
+        return self
+
+    def Else(self, *body: Stmt) -> If:
+        self.branches.append((True, body))
+        return self
+
+    def children(self) -> tuple[Body, ...]:
+        return tuple(b for _, b in self.branches)
+
+    def __repr__(self) -> str:
+        return f"If(<{len(self.branches)} branches>)"
+
+
+class Case:
+    """A case of a :class:`Switch`."""
+
+    __slots__ = ("body", "cond")
+
+    def __init__(self, cond: Cond, *body: Stmt) -> None:
+        self.cond = cond
+        self.body: Body = body
+
+
+def Default(*body: Stmt) -> Case:
+    """The case of a :class:`Switch` that runs when no other case is true."""
+    return Case(True, *body)
+
+
+class Switch(Stmt):
+    """``Switch(Case(cond, ...), ..., Default(...))``: the first true case runs."""
+
+    __slots__ = ("cases",)
+    _kind = K_SWITCH
+
+    def __init__(self, *cases: Case) -> None:
+        self.cases = cases
+
+    def children(self) -> tuple[Body, ...]:
+        return tuple(c.body for c in self.cases)
+
+    def __repr__(self) -> str:
+        return f"Switch(<{len(self.cases)} cases>)"
+
+
+class For(Stmt):
+    """Loop over ``body`` while ``cond`` holds; ``Break()`` and ``Continue()`` inside."""
+
+    __slots__ = ("body", "cond", "name")
+    _kind = K_FOR
+
+    def __init__(self, name: str, cond: Cond, *body: Stmt) -> None:
+        self.name = name
+        self.cond = cond
+        self.body: Body = body
+
+    def children(self) -> tuple[Body, ...]:
+        return (self.body,)
+
+    def __repr__(self) -> str:
+        return f"For({self.name!r})"
+
+
+class On:
+    """A case of a :class:`Select`: event ``event`` with an optional handler, then ``body``.
+
+    ``On("e", handler, *body)`` or ``On("e", *body)``: when the first argument
+    after the event name is a statement, the case has no handler.
+    """
+
+    __slots__ = ("body", "event", "handler")
+
+    def __init__(self, event: str, *args: Any) -> None:
+        self.event = event
+        if args and not isinstance(args[0], Stmt):
+            self.handler: Handler | Callable[..., Any] | None = args[0]
+            self.body: Body = args[1:]
+        else:
+            self.handler = None
+            self.body = args
+
+
+class Timeout:
+    """A timer case of a :class:`Select`: fires ``after`` once the Select starts waiting."""
+
+    __slots__ = ("after", "body", "event")
+
+    def __init__(self, name: str, after: timedelta | float, *body: Stmt) -> None:
+        self.event = name
+        self.after = after
+        self.body: Body = body
+
+
+class Select(Stmt):
+    """Block until one of the cases' events arrives, then run that case's body."""
+
+    __slots__ = ("cases", "name")
+    _kind = K_SELECT
+
+    def __init__(self, name: str, *cases: On | Timeout) -> None:
+        self.name = name
+        self.cases = cases
+
+    def children(self) -> tuple[Body, ...]:
+        return tuple(c.body for c in self.cases)
+
+    def case(self, event: str) -> tuple[int, On | Timeout] | None:
+        """The index and case awaiting ``event``, or None."""
+        for i, c in enumerate(self.cases):
+            if c.event == event:
+                return i, c
+        return None
+
+    def __repr__(self) -> str:
+        return f"Select({self.name!r}, {[c.event for c in self.cases]})"
+
+
+class Go(Stmt):
+    """Spawn a thread running ``body``; ``id`` (str or zero-arg callable) defaults to ``name``."""
+
+    __slots__ = ("body", "id", "name")
+    _kind = K_GO
+
+    def __init__(self, name: str, *body: Stmt, id: str | Callable[[], str] | None = None) -> None:
+        self.name = name
+        self.body: Body = body
+        self.id = id
+
+    def children(self) -> tuple[Body, ...]:
+        return (self.body,)
+
+    def __repr__(self) -> str:
+        return f"Go({self.name!r})"
+
+
+class WaitFor(Stmt):
+    """Block this thread until ``cond`` holds, then run ``handler()``."""
+
+    __slots__ = ("cond", "handler", "name")
+    _kind = K_WAITFOR
+
+    def __init__(self, name: str, cond: Cond, handler: Callable[[], Any] | None = None) -> None:
+        self.name = name
+        self.cond = cond
+        self.handler = handler
+
+    def __repr__(self) -> str:
+        return f"WaitFor({self.name!r})"
+
+
+class Return(Stmt):
+    """End this thread; ending the main thread finishes the workflow."""
+
+    __slots__ = ()
+    _kind = K_RETURN
+
+    def __repr__(self) -> str:
+        return "Return()"
+
+
+class Break(Stmt):
+    """Leave the innermost enclosing :class:`For`."""
+
+    __slots__ = ()
+    _kind = K_BREAK
+
+    def __repr__(self) -> str:
+        return "Break()"
+
+
+class Continue(Stmt):
+    """Start the next iteration of the innermost enclosing :class:`For`."""
+
+    __slots__ = ()
+    _kind = K_CONTINUE
+
+    def __repr__(self) -> str:
+        return "Continue()"
+
+
+#: Statement kinds whose name is a cursor (unique within a definition).
+NAMED_KINDS = frozenset({K_STEP, K_FOR, K_SELECT, K_GO, K_WAITFOR})

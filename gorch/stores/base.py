@@ -1,0 +1,108 @@
+"""The store protocol: what every backend implements, and nothing more.
+
+A store keeps one record per workflow instance: the msgpack blob written by
+``gorch.dumps``, a version for compare-and-swap, the workflow name and status
+for listing, and the next wake-up time (a timer, a retry backoff, a deferred
+resume) for ``Engine.run_due``. The Engine owns all workflow logic; a store
+only stores bytes safely.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One stored workflow instance."""
+
+    id: str
+    workflow: str
+    status: str
+    blob: bytes
+    version: int
+    """Starts at 1 on create; every successful save or claim adds 1."""
+    wake_at: datetime | None
+    """UTC, timezone-aware; None when nothing is scheduled."""
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of records in id order; pass ``next_cursor`` as ``after`` for the next."""
+
+    records: list[Record]
+    next_cursor: str | None
+
+
+class Store(abc.ABC):
+    """A key-value store of workflow records with compare-and-swap and a wake-up index.
+
+    Every method is safe to call from several threads and processes at once
+    (for Postgres and Redis: from several machines). Datetimes passed in are
+    timezone-aware; naive ones are taken as UTC.
+    """
+
+    url: str = ""
+    """The URL the store was opened from, without any password."""
+
+    @abc.abstractmethod
+    def create(
+        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+    ) -> Record:
+        """Insert a new record at version 1; ``WorkflowExists`` if the id is taken."""
+
+    @abc.abstractmethod
+    def load(self, id: str) -> Record:
+        """The current record; ``WorkflowNotFound`` if there is none."""
+
+    @abc.abstractmethod
+    def save(
+        self,
+        id: str,
+        expected_version: int,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+    ) -> Record:
+        """Replace the record if it is still at ``expected_version``; return it at version + 1.
+
+        ``Conflict`` when the version differs (or the record was deleted):
+        nothing is written.
+        """
+
+    @abc.abstractmethod
+    def delete(self, id: str) -> None:
+        """Remove the record; ``WorkflowNotFound`` if there is none."""
+
+    @abc.abstractmethod
+    def list(
+        self,
+        *,
+        workflow: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> Page:
+        """Records matching the filters, in id order, ids greater than ``after``."""
+
+    @abc.abstractmethod
+    def claim_due(self, now: datetime, limit: int, lease: timedelta) -> list[Record]:
+        """Atomically claim up to ``limit`` records with ``wake_at <= now``, earliest first.
+
+        Claiming moves each record's ``wake_at`` to ``now + lease`` and bumps
+        its version, so no other caller can claim it until the lease runs out
+        (a crashed worker's claim expires by itself); the claimer saves with the
+        returned version. Uses the wake-up index: the cost does not grow with
+        records that are not due.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,59 @@
+"""Timers without a scheduler: read due times from the state.
+
+A timer is an awaited event whose ``setup_data`` is an ISO 8601 timestamp
+with a UTC offset; :class:`gorch.Timeout` writes one, and so may any custom
+:class:`gorch.Handler`. Fire a due timer with
+``handle_event(wf, state, req.name, thread_id=req.thread_id, pc=req.pc)``: a
+timer that fires late, after its wait ended, is rejected with ``StaleEvent``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from gorch.state import EventRequest, EventStatus, State, ThreadStatus
+
+
+def due_time(req: EventRequest) -> datetime | None:
+    """The due time of a timer request, or None if the request is not a timer."""
+    data = req.setup_data
+    if not data:
+        return None
+    try:
+        due = datetime.fromisoformat(data)
+    except ValueError:
+        return None
+    return due if due.tzinfo is not None else None
+
+
+def _timers(state: State) -> list[tuple[datetime, EventRequest]]:
+    out = []
+    for t in state.threads:
+        if t.status is not ThreadStatus.WAITING_EVENT:
+            continue
+        for we in t.wait_events:
+            if we.status is EventStatus.SETUP:
+                due = due_time(we.req)
+                if due is not None:
+                    out.append((due, we.req))
+    return out
+
+
+def next_wakeup(state: State) -> datetime | None:
+    """The earliest due time among the timers the workflow awaits, or None."""
+    timers = _timers(state)
+    return min(due for due, _ in timers) if timers else None
+
+
+def due_events(state: State, now: datetime | None = None) -> list[EventRequest]:
+    """Timer requests due at ``now`` (default: the current UTC time), earliest first.
+
+    A naive ``now`` is taken as UTC.
+    """
+    if now is None:
+        now = datetime.now(UTC)
+    elif now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    due = [(d, i, req) for i, (d, req) in enumerate(_timers(state)) if d <= now]
+    due.sort(key=lambda x: (x[0], x[1]))
+    return [req for _, _, req in due]

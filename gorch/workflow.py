@@ -1,0 +1,49 @@
+"""``Workflow``, the pydantic base class of user workflows, and ``WaitGroup``."""
+
+from __future__ import annotations
+
+import pydantic
+
+from gorch.statements import Section, WaitFor
+
+
+class Workflow(pydantic.BaseModel):
+    """Base class of workflows: pydantic fields hold the data, ``definition()`` the logic.
+
+    ``definition()`` is called again whenever the interpreter needs a value
+    computed from current data (a bool condition, a Timeout, a Select's cases),
+    so it must be cheap and free of side effects. Step functions and handlers
+    may come from an earlier build within one call: read data through ``self``
+    when they run, never from variables captured while ``definition()`` ran.
+    """
+
+    def definition(self) -> Section:
+        raise NotImplementedError(f"{type(self).__name__} must implement definition()")
+
+
+class WaitGroup(pydantic.BaseModel):
+    """Counts running threads; ``wait(name)`` blocks until the count is back to zero.
+
+    Keep it as a field of the workflow (``wg: gorch.WaitGroup = WaitGroup()``) and
+    mutate it in place with ``add`` / ``done``: the ``WaitFor`` from ``wait``
+    reads this instance when its condition is checked.
+    """
+
+    count: int = 0
+
+    def add(self, n: int = 1) -> None:
+        """Add ``n`` (may be negative) to the counter."""
+        if self.count + n < 0:
+            raise ValueError(f"WaitGroup counter would go negative ({self.count} + {n})")
+        self.count += n
+
+    def done(self) -> None:
+        """One thread finished."""
+        self.add(-1)
+
+    def wait(self, name: str) -> WaitFor:
+        """A statement that blocks until the counter is zero."""
+        return WaitFor(name, self._is_zero)
+
+    def _is_zero(self) -> bool:
+        return self.count == 0
