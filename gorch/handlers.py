@@ -118,6 +118,13 @@ class _Signature:
         self.input = input
         self.output_type = output_type
 
+    def validate(self, event: str, value: Any) -> Any:
+        if not self.takes_input:
+            if value is not None:
+                raise InvalidEventInput(event, f"the handler takes no input, got {value!r}")
+            return None
+        return self.input.validate(event, value) if self.input is not None else value
+
 
 _signatures: dict[Any, _Signature] = {}
 
@@ -203,12 +210,7 @@ class TimerHandler(Handler):
 def validate_input(handler: Handler | None, event: str, value: Any) -> Any:
     """Validate ``value`` for ``handler``; raise :class:`InvalidEventInput` if it won't do."""
     if isinstance(handler, FunctionHandler):
-        sig = handler.sig
-        if not sig.takes_input:
-            if value is not None:
-                raise InvalidEventInput(event, f"the handler takes no input, got {value!r}")
-            return None
-        return sig.input.validate(event, value) if sig.input is not None else value
+        return handler.sig.validate(event, value)
     if handler is None:
         if value is not None:
             raise InvalidEventInput(
@@ -218,6 +220,39 @@ def validate_input(handler: Handler | None, event: str, value: Any) -> Any:
     if handler.input_type is not None:
         return InputType.of(handler.input_type).validate(event, value)
     return value
+
+
+def call_handler(obj: Any, event: str, req: EventRequest, input: Any) -> Any:
+    """Validate ``input`` for a case's handler (any accepted form) and call it.
+
+    Raises :class:`InvalidEventInput` before calling; exceptions raised by the
+    handler itself are wrapped in :class:`HandlerCallError`.
+    """
+    if obj is None or isinstance(obj, Handler):
+        value = validate_input(obj, event, input)
+        if obj is None:
+            return None
+        try:
+            return obj.handle(req, value)
+        except Exception as e:
+            raise HandlerCallError(e) from e
+    if not callable(obj):
+        raise DefinitionError(
+            f"handler of event {event!r} must be a gorch.Handler or a callable, got {obj!r}"
+        )
+    sig = signature_of(obj)
+    value = sig.validate(event, input)
+    try:
+        return obj(value) if sig.takes_input else obj()
+    except Exception as e:
+        raise HandlerCallError(e) from e
+
+
+class HandlerCallError(Exception):
+    """Internal: carries an exception raised inside a handler out of :func:`call_handler`."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 def as_handler(obj: Any, event: str) -> Handler | None:

@@ -68,6 +68,8 @@ def _visit(body: Any, prefix: Path, paths: dict[str, Path], owner: str, in_for: 
                     f"{owner}: the name {name!r} is used twice; names of Step, For, Select, "
                     "WaitFor and Go are cursors and must be unique in a definition"
                 )
+            if kind == K_GO and name == "_main_":
+                raise DefinitionError(f"{owner}: '_main_' is the main thread's name, not a Go's")
             paths[name] = path
         if kind == K_STEP:
             if not callable(st.fn):  # type: ignore[attr-defined]

@@ -43,7 +43,7 @@ from gorch.errors import (
     ThreadExists,
     WorkflowFinishedError,
 )
-from gorch.handlers import Handler, TimerHandler, as_handler, validate_input
+from gorch.handlers import Handler, HandlerCallError, TimerHandler, call_handler
 from gorch.index import Path, index_definition, stmt_at
 from gorch.state import (
     ACTIVE_EVENT,
@@ -74,7 +74,6 @@ from gorch.statements import (
     On,
     Section,
     Select,
-    Step,
     Stmt,
     Timeout,
     WaitFor,
@@ -116,6 +115,7 @@ class _Call:
         "gen",
         "index",
         "indexed_gen",
+        "located",
         "max_units",
         "root",
         "state",
@@ -138,6 +138,7 @@ class _Call:
         self.checkpoint = checkpoint
         self.units = 0
         self.max_units = max_units
+        self.located: dict[str, tuple[int, str, list[Frame], Stmt]] = {}
         self.rebuild()
 
     def rebuild(self) -> None:
@@ -189,80 +190,112 @@ class _Call:
 # --------------------------------------------------------------------------- cursors
 
 
-def _frames_to(call: _Call, path: Path) -> list[Frame]:
-    """The frame stack from the root down to the statement at ``path``."""
-    frames: list[Frame] = []
-    body = call.root.stmts
-    owner: Stmt | None = None
+def _is_main(t: Thread) -> bool:
+    return t.name == MAIN_THREAD and t.id == MAIN_THREAD
+
+
+def _navigate(root: Section, path: Path, name: str) -> tuple[list[Frame], Stmt, int, str] | None:
+    """Frames from the root down to the statement at ``path``, if it is named ``name``.
+
+    Also returns where the innermost Go's body starts in the frames and that
+    Go's name (``MAIN_THREAD`` when there is none). None when this build has
+    a different shape at ``path``.
+    """
+    body = root.stmts
+    owner: Any = None
     child = 0
-    for k in range(0, len(path) - 1, 2):
-        i = path[k]
-        frames.append([body, i, owner, child])
-        owner = body[i]
-        child = path[k + 1]
-        body = owner.children()[child]
-    frames.append([body, path[-1], owner, child])
-    return frames
-
-
-def _thread_frames(call: _Call, t: Thread, name: str, path: Path) -> list[Frame]:
-    """Frames for ``t`` only: cut at the Go that started it (threads don't share frames)."""
-    frames = _frames_to(call, path)
     base = 0
-    if t.id != MAIN_THREAD or t.name != MAIN_THREAD:
-        for j, f in enumerate(frames):
-            owner = f[2]
-            if owner is not None and owner._kind == K_GO and owner.name == t.name:
-                base = j
-                break
-        else:
-            raise CursorNotFound(t.id, name, f"it is no longer inside Go {t.name!r}")
-    for f in frames[base + 1 :]:
-        owner = f[2]
-        if owner is not None and owner._kind == K_GO:
-            raise CursorNotFound(t.id, name, f"it is now inside Go {owner.name!r}")
-    return frames[base:]
+    go_name = MAIN_THREAD
+    last = len(path) - 1
+    frames: list[Frame] = []
+    try:
+        k = 0
+        while k < last:
+            i = path[k]
+            frames.append([body, i, owner, child])
+            owner = body[i]
+            child = path[k + 1]
+            if owner._kind == K_GO:
+                base = len(frames)
+                go_name = owner.name
+            body = owner.children()[child]
+            k += 2
+        st = body[path[last]]
+        if st.name != name:  # type: ignore[attr-defined]
+            return None
+    except (IndexError, AttributeError, TypeError):
+        return None
+    frames.append([body, path[last], owner, child])
+    return frames, st, base, go_name
 
 
-def _locate(call: _Call, t: Thread) -> tuple[Path, Stmt]:
-    found = call.find(t.cur_step)
+def _frames_of(call: _Call, t: Thread, name: str) -> tuple[list[Frame], Stmt]:
+    """Thread ``t``'s frames down to the statement ``name``, found through the class index.
+
+    Threads don't share frames: a Go thread's stack starts at its Go's body, and
+    the innermost Go around ``name`` must be the thread's own (none for main).
+    """
+    paths = call.index.paths
+    assert paths is not None
+    path = paths.get(name)
+    found = _navigate(call.root, path, name) if path is not None else None
     if found is None:
-        raise CursorNotFound(t.id, t.cur_step)
-    path, st = found
-    status = t.status
-    want: int | None = None
-    if status is _EXECUTING:
-        want = K_STEP
-    elif status is _WAITING_EVENT or (status is _RESUMING and t.case):
+        if call.indexed_gen == call.gen:
+            raise CursorNotFound(t.id, name)
+        call.reindex()  # the shape changed since the index was made
+        return _frames_of(call, t, name)
+    frames, st, base, go_name = found
+    if go_name != t.name or (go_name == MAIN_THREAD and not _is_main(t)):
+        where = "the main thread's body" if go_name == MAIN_THREAD else f"Go {go_name!r}"
+        raise CursorNotFound(t.id, name, f"it is now in {where}, not in this thread's")
+    return (frames[base:] if base else frames), st
+
+
+_WANT = {
+    ThreadStatus.EXECUTING: K_STEP,
+    ThreadStatus.WAITING_EVENT: K_SELECT,
+    ThreadStatus.WAITING_CONDITION: K_WAITFOR,
+}
+
+
+def _locate(call: _Call, t: Thread) -> tuple[list[Frame], Stmt]:
+    """Find ``t.cur_step`` in the current build and check it is the right kind of statement.
+
+    The frames are kept for the thread's next :func:`_position` in this build.
+    """
+    frames, st = _frames_of(call, t, t.cur_step)
+    want = _WANT.get(t.status)
+    if want is None and t.case:
         want = K_SELECT
-    elif status is _WAITING_CONDITION:
-        want = K_WAITFOR
     if want is not None and st._kind != want:
         raise CursorNotFound(t.id, t.cur_step, f"that name is now a {type(st).__name__}")
-    if want == K_SELECT and t.case and isinstance(st, Select) and st.case(t.case) is None:
+    if t.case and isinstance(st, Select) and st.case(t.case) is None:
         raise CursorNotFound(
             t.id, t.cur_step, f"the Select no longer has the handled event {t.case!r}"
         )
-    return path, st
+    call.located[t.id] = (call.gen, t.cur_step, frames, st)
+    return frames, st
 
 
 def _position(call: _Call, t: Thread) -> list[Frame]:
     """Frames from which thread ``t`` continues, derived from its committed cursor."""
     if not t.cur_step:  # a new thread: the start of its body
-        if t.id == MAIN_THREAD and t.name == MAIN_THREAD:
+        if _is_main(t):
             return [[call.root.stmts, 0, None, 0]]
         found = call.find(t.name)
-        if found is None or found[1]._kind != K_GO:
+        if found is None or not isinstance(found[1], Go):
             raise CursorNotFound(t.id, t.name, "its Go statement is gone")
         go = found[1]
-        assert isinstance(go, Go)
         return [[go.body, 0, go, 0]]
-    path, st = _locate(call, t)
-    frames = _thread_frames(call, t, t.cur_step, path)
-    status = t.status
-    if status is _EXECUTING:
+    cached = call.located.pop(t.id, None)
+    if cached is not None and cached[0] == call.gen and cached[1] == t.cur_step:
+        frames, st = cached[2], cached[3]
+    else:  # the build changed since the thread was located
+        frames, st = _locate(call, t)
+        del call.located[t.id]
+    if t.status is _EXECUTING:
         return frames  # at the step: run it (again)
-    if st._kind == K_SELECT:  # the handled case's body runs next
+    if t.case:  # the handled case's body runs next
         assert isinstance(st, Select)
         hit = st.case(t.case)
         assert hit is not None
@@ -298,8 +331,10 @@ def resume(
         call.save(CheckpointKind.AFTER_RESUME)
         return state.status
     failures = _setup_new_waits(call)
-    runnable = any(t.status is _RESUMING or t.status is _EXECUTING for t in state.threads)
-    state.status = WorkflowStatus.RESUMING if runnable else WorkflowStatus.WAITING
+    state.status = WorkflowStatus.WAITING
+    for t in state.threads:
+        if t.status is _RESUMING or t.status is _EXECUTING:
+            state.status = WorkflowStatus.RESUMING
     call.save(CheckpointKind.AFTER_RESUME)
     if failures:
         raise SetupError(failures)
@@ -324,6 +359,26 @@ def _schedule(call: _Call) -> bool:
                 return False
 
 
+def _refresh(call: _Call, t: Thread) -> list[Frame]:
+    """Rebuild the definition and find ``t`` again from its committed cursor.
+
+    Called by a walk at its first read after data changed; the walk restarts
+    from the returned frames. The common case, just after a step, is inlined.
+    """
+    call.rebuild()
+    name = t.cur_step
+    if name and t.status is _RESUMING and not t.case:
+        paths = call.index.paths
+        assert paths is not None
+        path = paths.get(name)
+        found = _navigate(call.root, path, name) if path is not None else None
+        if found is not None and found[3] == t.name:
+            frames = found[0][found[2] :] if found[2] else found[0]
+            frames[-1][1] += 1
+            return frames
+    return _position(call, t)
+
+
 def _run_thread(call: _Call, t: Thread) -> None:
     """Run ``t`` unit by unit until it blocks or ends.
 
@@ -346,15 +401,15 @@ def _run_thread(call: _Call, t: Thread) -> None:
                 cond = owner.cond
                 if type(cond) is bool:
                     if call.dirty:
-                        call.rebuild()
-                        frames, spawned, loops = _position(call, t), [], 0
+                        frames, spawned, loops = _refresh(call, t), [], 0
                         continue
                     again = cond
                 else:
                     again = _truth(cond, owner.name)
                 if again:
                     loops += 1
-                    _check_limit(call, loops, t, owner.name)
+                    if call.units + loops > call.max_units:
+                        raise ResumeLimitError(call.max_units, t.id, owner.name)
                     top[1] = 0
                     continue
             if len(frames) == 1:  # the thread's own body ended
@@ -369,9 +424,31 @@ def _run_thread(call: _Call, t: Thread) -> None:
         kind = st._kind
 
         if kind == K_STEP:  # ---- a unit of its own: run the step
-            _commit(state, spawned, call, loops)
-            spawned, loops = [], 0
-            _run_step(call, t, st)
+            if spawned:
+                state.threads.extend(spawned)
+                spawned = []
+            call.units += loops + 1
+            loops = 0
+            if call.units > call.max_units:
+                call.units -= 1
+                raise ResumeLimitError(call.max_units, t.id, st.name)
+            if t.status is not _EXECUTING or t.cur_step != st.name:
+                t.status = _EXECUTING
+                t.cur_step = st.name
+                t.case = ""
+            call.dirty = True  # the step may change data, even when it fails
+            try:
+                st.fn()
+            except Exception as e:
+                t.attempts += 1
+                t.error = f"{type(e).__name__}: {e}"
+                raise StepFailed(st.name, t.id, t.attempts, t.error) from e
+            t.status = _RESUMING
+            if t.attempts:
+                t.attempts = 0
+                t.error = ""
+            if call.checkpoint is not None:
+                call.checkpoint(CheckpointKind.AFTER_STEP)
             top[1] = idx + 1
             continue
 
@@ -396,8 +473,7 @@ def _run_thread(call: _Call, t: Thread) -> None:
                     frames.append([branch, 0, st, bi])
                     break
             if restart:
-                call.rebuild()
-                frames, spawned, loops = _position(call, t), [], 0
+                frames, spawned, loops = _refresh(call, t), [], 0
                 continue
             if chosen < 0:
                 top[1] = idx + 1
@@ -407,15 +483,15 @@ def _run_thread(call: _Call, t: Thread) -> None:
             cond = st.cond
             if type(cond) is bool:
                 if call.dirty:
-                    call.rebuild()
-                    frames, spawned, loops = _position(call, t), [], 0
+                    frames, spawned, loops = _refresh(call, t), [], 0
                     continue
                 enter = cond
             else:
                 enter = _truth(cond, st.name)
             if enter:
                 loops += 1
-                _check_limit(call, loops, t, st.name)
+                if call.units + loops > call.max_units:
+                    raise ResumeLimitError(call.max_units, t.id, st.name)
                 frames.append([st.body, 0, st, 0])
             else:
                 top[1] = idx + 1
@@ -423,8 +499,7 @@ def _run_thread(call: _Call, t: Thread) -> None:
 
         if kind == K_SELECT:  # ---- block: await the cases' events
             if call.dirty:  # the cases must come from a build of current data
-                call.rebuild()
-                frames, spawned, loops = _position(call, t), [], 0
+                frames, spawned, loops = _refresh(call, t), [], 0
                 continue
             _commit(state, spawned, call, loops)
             state.pc += 1
@@ -434,7 +509,12 @@ def _run_thread(call: _Call, t: Thread) -> None:
             t.case = ""
             wid, tid, name = state.id, t.id, st.name
             t.wait_events.extend(
-                WaitEvent(EventRequest(wid, tid, c.event, pc), select=name) for c in st.cases
+                WaitEvent(
+                    EventRequest(wid, tid, c.event, pc),
+                    EventStatus.PENDING_SETUP if _needs_setup(c) else EventStatus.SETUP,
+                    select=name,
+                )
+                for c in st.cases
             )
             return
 
@@ -444,8 +524,7 @@ def _run_thread(call: _Call, t: Thread) -> None:
                 gid = st.name
             elif type(gid) is str:
                 if call.dirty:
-                    call.rebuild()
-                    frames, spawned, loops = _position(call, t), [], 0
+                    frames, spawned, loops = _refresh(call, t), [], 0
                     continue
             elif callable(gid):
                 gid = gid()
@@ -495,39 +574,11 @@ def _truth(cond: Any, where: str) -> bool:
     return value
 
 
-def _check_limit(call: _Call, loops: int, t: Thread, where: str) -> None:
-    if call.units + loops > call.max_units:
-        raise ResumeLimitError(call.max_units, t.id, where)
-
-
 def _commit(state: State, spawned: list[Thread], call: _Call, loops: int) -> None:
     """Make a walk's effects visible: spawned threads and counted loop iterations."""
     if spawned:
         state.threads.extend(spawned)
     call.units += loops
-
-
-def _run_step(call: _Call, t: Thread, st: Step) -> None:
-    if t.status is not _EXECUTING or t.cur_step != st.name:
-        t.status = _EXECUTING
-        t.cur_step = st.name
-        t.case = ""
-    call.units += 1
-    if call.units > call.max_units:
-        call.units -= 1
-        raise ResumeLimitError(call.max_units, t.id, st.name)
-    call.dirty = True  # the step may change data, even when it fails
-    try:
-        st.fn()
-    except Exception as e:
-        t.attempts += 1
-        t.error = f"{type(e).__name__}: {e}"
-        raise StepFailed(st.name, t.id, t.attempts, t.error) from e
-    t.status = _RESUMING
-    if t.attempts:
-        t.attempts = 0
-        t.error = ""
-    call.save(CheckpointKind.AFTER_STEP)
 
 
 def _release_condition(call: _Call) -> bool:
@@ -591,8 +642,15 @@ def _case_handler(call: _Call, we: WaitEvent) -> tuple[bool, Handler | None]:
     return True, h if isinstance(h, Handler) else None  # callables have no setup/teardown
 
 
-def _overrides(handler: Handler | None, method: str) -> bool:
-    return handler is not None and getattr(type(handler), method) is not getattr(Handler, method)
+def _overrides(handler: object, method: str) -> bool:
+    return isinstance(handler, Handler) and (
+        getattr(type(handler), method) is not getattr(Handler, method)
+    )
+
+
+def _needs_setup(case: On | Timeout) -> bool:
+    """Whether the case's handler has a setup to run (decided on a fresh build)."""
+    return isinstance(case, Timeout) or _overrides(case.handler, "setup")
 
 
 def _teardown(call: _Call, we: WaitEvent) -> bool:
@@ -774,31 +832,31 @@ def handle_event(
         raise WorkflowFinishedError(state.id)
     t, we = _find_wait(state, name, thread_id, pc)
     call = _Call(wf, state, None, DEFAULT_MAX_UNITS)
-    _, st = _locate(call, t)
-    assert isinstance(st, Select)
+    found = call.find(t.cur_step)
+    if found is None or not isinstance(found[1], Select):
+        raise CursorNotFound(t.id, t.cur_step, "the thread's Select is gone")
+    st = found[1]
     hit = st.case(name)
     if hit is None:
         raise CursorNotFound(t.id, t.cur_step, f"the Select no longer awaits event {name!r}")
     case = hit[1]
-    handler = TimerHandler(case.after) if isinstance(case, Timeout) else _handler_of(case)
-    value = validate_input(handler, name, input)
-    if handler is not None:
-        try:
-            out = handler.handle(we.req, value)
-        except Exception as e:
-            raise HandlerFailed(name, t.id, f"{type(e).__name__}: {e}") from e
-    else:
-        out = None
-    # Commit: nothing above changed the state.
+    handler = TimerHandler(case.after) if isinstance(case, Timeout) else case.handler
+    try:
+        out = call_handler(handler, name, we.req, input)
+    except HandlerCallError as e:
+        err = e.error
+        raise HandlerFailed(name, t.id, f"{type(err).__name__}: {err}") from err
+    # Commit: nothing above changed the state. Events that were set up and have
+    # a teardown wait for the next resume; the others are dropped now.
     kept: list[WaitEvent] = []
     for other in t.wait_events:
         if other.status in ACTIVE_EVENT:
-            if other is we:
-                other.handled = True
             if other.status is EventStatus.SETUP:
-                other.status = EventStatus.PENDING_TEARDOWN
-                kept.append(other)
-            # never set up (or setup failed): dropped without teardown
+                hit = st.case(other.req.name)
+                if hit is not None and _overrides(getattr(hit[1], "handler", None), "teardown"):
+                    other.handled = other is we
+                    other.status = EventStatus.PENDING_TEARDOWN
+                    kept.append(other)
         else:
             kept.append(other)
     t.wait_events = kept
@@ -807,10 +865,6 @@ def handle_event(
     t.pc += 1
     state.status = WorkflowStatus.RESUMING
     return out
-
-
-def _handler_of(case: On) -> Handler | None:
-    return as_handler(case.handler, case.event)
 
 
 def case_of(wf: Workflow, state: State, thread: Thread, event: str) -> On | Timeout | None:

@@ -10,6 +10,7 @@ only stores bytes safely.
 from __future__ import annotations
 
 import abc
+import builtins
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -32,7 +33,7 @@ class Record:
 class Page:
     """A page of records in id order; pass ``next_cursor`` as ``after`` for the next."""
 
-    records: list[Record]
+    records: builtins.list[Record]
     next_cursor: str | None
 
 
@@ -88,7 +89,9 @@ class Store(abc.ABC):
         """Records matching the filters, in id order, ids greater than ``after``."""
 
     @abc.abstractmethod
-    def claim_due(self, now: datetime, limit: int, lease: timedelta) -> list[Record]:
+    def claim_due(
+        self, now: datetime, limit: int, lease: timedelta
+    ) -> builtins.list[Record]:
         """Atomically claim up to ``limit`` records with ``wake_at <= now``, earliest first.
 
         Claiming moves each record's ``wake_at`` to ``now + lease`` and bumps

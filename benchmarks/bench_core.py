@@ -1,0 +1,514 @@
+"""Micro-benchmarks of the gorch core (``resume`` / ``handle_event`` / ``dumps`` / ``loads``).
+
+Run from the project root::
+
+    .venv/bin/python benchmarks/bench_core.py            # full run, well under a minute
+    .venv/bin/python benchmarks/bench_core.py --quick    # a few seconds, rough figures
+    .venv/bin/python benchmarks/bench_core.py --json bench.json
+
+Figures (all measured with warm-up rounds, then several timed repeats; the
+median and the best repeat are reported, garbage collection paused while a
+repeat is timed, as ``timeit`` does):
+
+(a) gorchestrate's own benchmark: For / Step / For + Select, driven by two
+    events to the end; one op = new workflow + new_state + 3 resumes + 2 events.
+(b) one resume of a straight workflow of N steps, from ``new_state`` to FINISHED:
+    total and per-step cost, which should stay flat as N grows.
+(c) ``gorch.dumps`` / ``gorch.loads`` of the SPEC's Expense example waiting in
+    its Select (typed handler + 3-day Timeout), and the blob size.
+(d) a loop of events (``For i < N`` around a Select): cost per iteration
+    (handle_event + resume), and the first vs the last tenth of the loop, which
+    should cost the same.
+
+Only the standard library is used for measuring.
+"""
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import pydantic
+
+import gorch
+from gorch import For, If, On, Return, S, Select, Step, Timeout
+
+FINISHED = gorch.WorkflowStatus.FINISHED
+WAITING = gorch.WorkflowStatus.WAITING
+
+# gorchestrate/async (Go) runs benchmark (a) at about this speed on the
+# reference machine; gorch aims to stay within ``TARGET_US_PER_OP``.
+GO_REFERENCE_US_PER_OP = (17.0, 20.0)
+TARGET_US_PER_OP = 60.0
+
+
+# --------------------------------------------------------------------------- workflows
+
+
+class GorchestrateBench(gorch.Workflow):
+    """The workflow of gorchestrate's ``BenchmarkWorkflow``."""
+
+    i: int = 0
+
+    def definition(self) -> gorch.Section:
+        return S(
+            For("loop", self.i < 5, Step("inc", self.inc)),
+            Step("reset", self.reset),
+            For(
+                "loop2",
+                self.i < 2,
+                Select("wait", On("event", self.on_event, Step("inc2", self.inc))),
+            ),
+        )
+
+    def inc(self) -> None:
+        self.i += 1
+
+    def reset(self) -> None:
+        self.i = 0
+
+    def on_event(self) -> None:
+        return None
+
+
+class Linear(gorch.Workflow):
+    """A straight sequence of ``n`` steps, each adding one to ``i``."""
+
+    n: int
+    i: int = 0
+
+    def definition(self) -> gorch.Section:
+        inc = self.inc
+        return S(*[Step(f"step{k}", inc) for k in range(self.n)])
+
+    def inc(self) -> None:
+        self.i += 1
+
+
+class Decision(pydantic.BaseModel):
+    approved: bool
+    by: str
+
+
+class Expense(gorch.Workflow):
+    """The SPEC's example: notify, then wait for a decision or a 3-day timeout."""
+
+    amount: float
+    status: str = "new"
+    approver: str = ""
+
+    def definition(self) -> gorch.Section:
+        return S(
+            Step("notify manager", self.notify),
+            Select(
+                "await decision",
+                On("decide", self.on_decide),
+                Timeout("expired", timedelta(days=3), Step("escalate", self.escalate), Return()),
+            ),
+            If(self.status == "approved", Step("pay", self.pay)).Else(
+                Step("tell requester", self.reject)
+            ),
+        )
+
+    def on_decide(self, d: Decision) -> dict[str, str]:
+        self.status = "approved" if d.approved else "rejected"
+        self.approver = d.by
+        return {"status": self.status}
+
+    def notify(self) -> None:
+        self.status = "pending"
+
+    def escalate(self) -> None:
+        self.status = "escalated"
+
+    def pay(self) -> None:
+        self.status = "paid"
+
+    def reject(self) -> None:
+        self.status = "rejected"
+
+
+class EventLoop(gorch.Workflow):
+    """``For i < n`` around a Select: every iteration waits for one ``tick``."""
+
+    n: int
+    i: int = 0
+
+    def definition(self) -> gorch.Section:
+        return S(
+            For(
+                "loop",
+                self.i < self.n,
+                Select("wait", On("tick", self.on_tick, Step("inc", self.inc))),
+            ),
+        )
+
+    def on_tick(self) -> None:
+        return None
+
+    def inc(self) -> None:
+        self.i += 1
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class Config:
+    """How much to measure; ``quick`` trades precision for speed."""
+
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.repeats = 3 if quick else 9
+        self.warmup = 1 if quick else 2
+        self.a_ops = 200 if quick else 8000
+        # (b): steps -> workflows resumed per repeat
+        self.b_sizes = (
+            {1: 100, 10: 30, 100: 5, 1000: 1}
+            if quick
+            else {1: 8000, 10: 2000, 100: 200, 1000: 20, 10000: 3}
+        )
+        self.c_ops = 200 if quick else 10000
+        # (d): loop iterations -> workflows driven per repeat
+        self.d_sizes = {100: 2} if quick else {100: 50, 1000: 5}
+
+
+def _timed(run: Callable[[], int]) -> float:
+    """Seconds taken by ``run()``, with the garbage collector paused."""
+    gc.collect()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        run()
+        return time.perf_counter() - t0
+    finally:
+        gc.enable()
+
+
+def _summary(per_op_seconds: list[float]) -> dict[str, float]:
+    us = [s * 1e6 for s in per_op_seconds]
+    return {"median_us": statistics.median(us), "best_us": min(us)}
+
+
+def measure(
+    prepare: Callable[[], Any],
+    op: Callable[[Any], Any],
+    count: int,
+    cfg: Config,
+    check: Callable[[Any], bool] | None = None,
+) -> dict[str, float]:
+    """Time ``op(item)`` over ``count`` items made by ``prepare()`` (untimed).
+
+    Returns the median and the best of ``cfg.repeats`` repeats, in µs per op,
+    after ``cfg.warmup`` untimed rounds. ``check(result)`` (if given) is
+    applied to every result after the timed region.
+    """
+    samples: list[float] = []
+    for r in range(cfg.warmup + cfg.repeats):
+        items = [prepare() for _ in range(count)]
+        results: list[Any] = [None] * count
+
+        def run(items: list[Any] = items, results: list[Any] = results) -> int:
+            for k, item in enumerate(items):
+                results[k] = op(item)
+            return len(items)
+
+        elapsed = _timed(run)
+        if check is not None:
+            for res in results:
+                if not check(res):
+                    raise AssertionError(f"benchmark op gave an unexpected result: {res!r}")
+        if r >= cfg.warmup:
+            samples.append(elapsed / count)
+    return _summary(samples)
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+def _gorchestrate_op(_: object) -> gorch.WorkflowStatus:
+    wf = GorchestrateBench()
+    state = gorch.new_state("bench", "bench")
+    gorch.resume(wf, state)
+    gorch.handle_event(wf, state, "event")
+    gorch.resume(wf, state)
+    gorch.handle_event(wf, state, "event")
+    return gorch.resume(wf, state)
+
+
+def bench_gorchestrate(cfg: Config) -> dict[str, float]:
+    """(a) new workflow + new_state → resume → event → resume → event → resume."""
+    res = measure(lambda: None, _gorchestrate_op, cfg.a_ops, cfg, check=lambda s: s is FINISHED)
+    return {"us_per_op_median": res["median_us"], "us_per_op_best": res["best_us"]}
+
+
+def bench_linear(cfg: Config) -> dict[str, dict[str, float]]:
+    """(b) one resume of an N-step straight workflow, from new_state to FINISHED."""
+    out: dict[str, dict[str, float]] = {}
+    for n, count in cfg.b_sizes.items():
+
+        def prepare(n: int = n) -> tuple[Linear, gorch.State]:
+            return Linear(n=n), gorch.new_state(f"linear-{n}", "linear")
+
+        def op(item: tuple[Linear, gorch.State]) -> tuple[gorch.WorkflowStatus, int]:
+            wf, state = item
+            return gorch.resume(wf, state), wf.i
+
+        res = measure(prepare, op, count, cfg, check=lambda r, n=n: r == (FINISHED, n))
+        build = measure(lambda n=n: Linear(n=n), lambda wf: wf.definition(), count, cfg)
+        out[str(n)] = {
+            "resume_us_median": res["median_us"],
+            "resume_us_best": res["best_us"],
+            "us_per_step_median": res["median_us"] / n,
+            "us_per_step_best": res["best_us"] / n,
+            "definition_build_us_median": build["median_us"],
+        }
+    return out
+
+
+def _waiting_expense() -> tuple[Expense, gorch.State]:
+    wf = Expense(amount=120.0)
+    state = gorch.new_state("exp-42", "expense")
+    if gorch.resume(wf, state) is not WAITING:
+        raise AssertionError("the Expense workflow should wait for its decision")
+    return wf, state
+
+
+def bench_codec(cfg: Config) -> dict[str, float]:
+    """(c) dumps / loads of the Expense example waiting in its Select."""
+    wf, state = _waiting_expense()
+    blob = gorch.dumps(wf, state)
+    if gorch.dumps(*gorch.loads(blob, Expense)) != blob:
+        raise AssertionError("the Expense blob does not round-trip")
+    dumps = measure(
+        lambda: None, lambda _: gorch.dumps(wf, state), cfg.c_ops, cfg, check=blob.__eq__
+    )
+    loads = measure(lambda: None, lambda _: gorch.loads(blob, Expense), cfg.c_ops, cfg)
+    # A loaded workflow must be usable: deliver the decision and finish.
+    wf2, state2 = gorch.loads(blob, Expense)
+    gorch.handle_event(wf2, state2, "decide", {"approved": True, "by": "ann"})
+    if gorch.resume(wf2, state2) is not FINISHED or wf2.status != "paid":
+        raise AssertionError("the loaded Expense workflow did not finish as paid")
+    return {
+        "dumps_us_median": dumps["median_us"],
+        "dumps_us_best": dumps["best_us"],
+        "loads_us_median": loads["median_us"],
+        "loads_us_best": loads["best_us"],
+        "blob_bytes": float(len(blob)),
+    }
+
+
+def _drive_loop(n: int) -> list[float]:
+    """Run an ``n``-iteration event loop to the end; seconds per iteration."""
+    wf = EventLoop(n=n)
+    state = gorch.new_state(f"loop-{n}", "loop")
+    gorch.resume(wf, state)
+    handle_event, resume, clock = gorch.handle_event, gorch.resume, time.perf_counter
+    per_iter: list[float] = []
+    for _ in range(n):
+        t0 = clock()
+        handle_event(wf, state, "tick")
+        resume(wf, state)
+        per_iter.append(clock() - t0)
+    if state.status is not FINISHED or wf.i != n:
+        raise AssertionError(f"the {n}-iteration event loop did not finish ({state.status})")
+    return per_iter
+
+
+def bench_event_loop(cfg: Config) -> dict[str, dict[str, float]]:
+    """(d) For i < N around a Select, driven to the end: µs per iteration."""
+    out: dict[str, dict[str, float]] = {}
+    for n, count in cfg.d_sizes.items():
+        totals: list[float] = []
+        first: list[float] = []
+        last: list[float] = []
+        tenth = max(1, n // 10)
+        for r in range(cfg.warmup + cfg.repeats):
+            runs: list[list[float]] = []
+
+            def run(runs: list[list[float]] = runs, n: int = n, count: int = count) -> int:
+                for _ in range(count):
+                    runs.append(_drive_loop(n))
+                return count
+
+            _timed(run)
+            if r < cfg.warmup:
+                continue
+            totals.append(statistics.fmean(sum(it) / n for it in runs))
+            first.append(statistics.fmean(statistics.fmean(it[:tenth]) for it in runs))
+            last.append(statistics.fmean(statistics.fmean(it[-tenth:]) for it in runs))
+        total = _summary(totals)
+        first_us = statistics.median(first) * 1e6
+        last_us = statistics.median(last) * 1e6
+        out[str(n)] = {
+            "us_per_iter_median": total["median_us"],
+            "us_per_iter_best": total["best_us"],
+            "first_tenth_us_per_iter": first_us,
+            "last_tenth_us_per_iter": last_us,
+            "last_over_first": last_us / first_us,
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    """Rows aligned in columns: the first left-aligned, the others right-aligned."""
+    widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _f(x: float) -> str:
+    if x >= 1000:
+        return f"{x:,.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def render(report: dict[str, Any]) -> str:
+    fig = report["figures"]
+    meta = report["meta"]
+    out: list[str] = [
+        f"gorch {meta['gorch']} core benchmarks — Python {meta['python']} "
+        f"({meta['implementation']}), {'quick' if meta['quick'] else 'full'} run, "
+        f"median and best of {meta['repeats']} repeats after {meta['warmup']} warm-up",
+        "",
+    ]
+
+    a = fig["a_gorchestrate"]
+    lo, hi = report["reference"]["go_us_per_op"]
+    target = report["reference"]["target_us_per_op"]
+    verdict = "within" if a["us_per_op_median"] <= target else "ABOVE"
+    out.append("(a) gorchestrate benchmark: new wf + new_state, 3 resumes, 2 events")
+    out.append(
+        _table(
+            [
+                [
+                    "gorch (Python)",
+                    _f(a["us_per_op_median"]),
+                    _f(a["us_per_op_best"]),
+                    f"{a['us_per_op_median'] / hi:.1f}-{a['us_per_op_median'] / lo:.1f}x",
+                ],
+                ["gorchestrate (Go, reference)", f"{lo:.0f}-{hi:.0f}", "", "1x"],
+                ["target", f"<= {target:.0f}", "", ""],
+            ],
+            ["", "µs/op median", "µs/op best", "vs Go"],
+        )
+    )
+    out.append(f"-> {verdict} the {target:.0f} µs/op target")
+    out.append("")
+
+    out.append("(b) straight workflow of N steps: one resume from new_state to FINISHED")
+    out.append(
+        _table(
+            [
+                [
+                    n,
+                    _f(v["resume_us_median"]),
+                    _f(v["resume_us_best"]),
+                    _f(v["us_per_step_median"]),
+                    _f(v["us_per_step_best"]),
+                    _f(v["definition_build_us_median"]),
+                ]
+                for n, v in fig["b_linear"].items()
+            ],
+            ["steps", "total µs", "best µs", "µs/step", "best µs/step", "build µs"],
+        )
+    )
+    out.append("   (build µs: one definition() call, already included in the total)")
+    out.append("")
+
+    c = fig["c_codec"]
+    out.append("(c) Expense example waiting in its Select (typed On + 3-day Timeout)")
+    out.append(
+        _table(
+            [
+                ["gorch.dumps", _f(c["dumps_us_median"]), _f(c["dumps_us_best"])],
+                ["gorch.loads", _f(c["loads_us_median"]), _f(c["loads_us_best"])],
+            ],
+            ["", "µs median", "µs best"],
+        )
+    )
+    out.append(f"   blob: {c['blob_bytes']:.0f} bytes")
+    out.append("")
+
+    out.append("(d) event loop For i < N { Select(On tick) }: handle_event + resume per iteration")
+    out.append(
+        _table(
+            [
+                [
+                    n,
+                    _f(v["us_per_iter_median"]),
+                    _f(v["us_per_iter_best"]),
+                    _f(v["first_tenth_us_per_iter"]),
+                    _f(v["last_tenth_us_per_iter"]),
+                    f"{v['last_over_first']:.2f}",
+                ]
+                for n, v in fig["d_event_loop"].items()
+            ],
+            ["iterations", "µs/iter", "best", "first 10%", "last 10%", "last/first"],
+        )
+    )
+    return "\n".join(out)
+
+
+def run_all(cfg: Config) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    figures = {
+        "a_gorchestrate": bench_gorchestrate(cfg),
+        "b_linear": bench_linear(cfg),
+        "c_codec": bench_codec(cfg),
+        "d_event_loop": bench_event_loop(cfg),
+    }
+    return {
+        "meta": {
+            "gorch": gorch.__version__,
+            "python": platform.python_version(),
+            "implementation": platform.python_implementation(),
+            "machine": platform.machine(),
+            "platform": platform.platform(),
+            "quick": cfg.quick,
+            "repeats": cfg.repeats,
+            "warmup": cfg.warmup,
+            "wall_seconds": time.perf_counter() - t0,
+            "units": "µs unless named otherwise; median and best over repeats",
+        },
+        "reference": {
+            "go_us_per_op": list(GO_REFERENCE_US_PER_OP),
+            "target_us_per_op": TARGET_US_PER_OP,
+        },
+        "figures": figures,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke test)")
+    parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
+    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    report = run_all(Config(quick=args.quick))
+    print(render(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
