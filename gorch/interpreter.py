@@ -109,19 +109,12 @@ _indexes: dict[type, _ClassIndex] = {}
 class _Call:
     """What one ``resume`` / ``handle_event`` call knows: the current build and its index."""
 
-    __slots__ = (
-        "checkpoint",
-        "dirty",
-        "gen",
-        "index",
-        "indexed_gen",
-        "located",
-        "max_units",
-        "root",
-        "state",
-        "units",
-        "wf",
-    )
+    # Defaults live on the class: a call sets only what differs (calls are hot).
+    gen = 0
+    indexed_gen = -1
+    units = 0
+    dirty = False
+    root: Section
 
     def __init__(
         self, wf: Workflow, state: State, checkpoint: Checkpoint | None, max_units: int
@@ -133,10 +126,7 @@ class _Call:
         self.wf = wf
         self.state = state
         self.index = index
-        self.gen = 0
-        self.indexed_gen = -1
         self.checkpoint = checkpoint
-        self.units = 0
         self.max_units = max_units
         self.located: dict[str, tuple[int, str, list[Frame], Stmt]] = {}
         self.rebuild()
@@ -202,11 +192,18 @@ def _navigate(root: Section, path: Path, name: str) -> tuple[list[Frame], Stmt, 
     a different shape at ``path``.
     """
     body = root.stmts
+    last = len(path) - 1
+    if not last:  # a statement of the root body: the common case
+        i = path[0]
+        if i < len(body):
+            st = body[i]
+            if getattr(st, "name", None) == name:
+                return [[body, i, None, 0]], st, 0, MAIN_THREAD
+        return None
     owner: Any = None
     child = 0
     base = 0
     go_name = MAIN_THREAD
-    last = len(path) - 1
     frames: list[Frame] = []
     try:
         k = 0
@@ -783,35 +780,35 @@ def _find_wait(
 ) -> tuple[Thread, WaitEvent]:
     """The thread and wait event ``name`` is delivered to; raises without touching state."""
     if thread_id is not None:
-        t = state.thread(thread_id)
-        cur = _wait_pc(t) if t is not None else None
+        th = state.thread(thread_id)
+        cur = _wait_pc(th) if th is not None else None
         if pc is not None and cur != pc:
             raise StaleEvent(name, pc, [] if cur is None else [cur])
-        we = _event_of(t, name) if t is not None and cur is not None else None
-        if t is None or we is None:
+        found = _event_of(th, name) if th is not None and cur is not None else None
+        if th is None or found is None:
             raise EventNotFound(name, awaited_events(state), thread_id)
-        return t, we
+        return th, found
     if pc is not None:
         for t in state.threads:
             if _wait_pc(t) == pc:
-                we = _event_of(t, name)
-                if we is None:
+                found = _event_of(t, name)
+                if found is None:
                     raise EventNotFound(name, awaited_events(state))
-                return t, we
+                return t, found
         current = [p for p in map(_wait_pc, state.threads) if p is not None]
         raise StaleEvent(name, pc, current)
-    hits = [
-        (t, we)
-        for t in state.threads
-        if t.status is _WAITING_EVENT
-        for we in (_event_of(t, name),)
-        if we is not None
-    ]
-    if not hits:
+    hit: tuple[Thread, WaitEvent] | None = None
+    for t in state.threads:
+        if t.status is _WAITING_EVENT:
+            we = _event_of(t, name)
+            if we is not None:
+                if hit is not None:
+                    ids = [o.id for o in state.threads if _event_of(o, name) is not None]
+                    raise AmbiguousEvent(name, ids)
+                hit = t, we
+    if hit is None:
         raise EventNotFound(name, awaited_events(state))
-    if len(hits) > 1:
-        raise AmbiguousEvent(name, [t.id for t, _ in hits])
-    return hits[0]
+    return hit
 
 
 def handle_event(
@@ -852,7 +849,7 @@ def handle_event(
     for other in t.wait_events:
         if other.status in ACTIVE_EVENT:
             if other.status is EventStatus.SETUP:
-                hit = st.case(other.req.name)
+                hit = (0, case) if other is we else st.case(other.req.name)
                 if hit is not None and _overrides(getattr(hit[1], "handler", None), "teardown"):
                     other.handled = other is we
                     other.status = EventStatus.PENDING_TEARDOWN

@@ -89,9 +89,7 @@ class Store(abc.ABC):
         """Records matching the filters, in id order, ids greater than ``after``."""
 
     @abc.abstractmethod
-    def claim_due(
-        self, now: datetime, limit: int, lease: timedelta
-    ) -> builtins.list[Record]:
+    def claim_due(self, now: datetime, limit: int, lease: timedelta) -> builtins.list[Record]:
         """Atomically claim up to ``limit`` records with ``wake_at <= now``, earliest first.
 
         Claiming moves each record's ``wake_at`` to ``now + lease`` and bumps
