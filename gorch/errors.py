@@ -203,3 +203,45 @@ class WorkflowExists(StoreError):
 
 class StoreUnavailable(StoreError):
     """The store cannot be reached; the message names the URL without its password."""
+
+
+class UnknownWorkflow(GorchError):
+    """The Engine has no workflow class registered under this name."""
+
+    def __init__(self, name: str, known: Sequence[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        super().__init__(f"no workflow named {name!r} is registered; known: {self.known}")
+
+
+class InvalidWorkflowData(GorchError):
+    """The initial data of a workflow does not validate against its model.
+
+    ``errors`` holds pydantic's error list; the ``ValidationError`` is the ``__cause__``.
+    """
+
+    def __init__(self, name: str, message: str, errors: list[Any] | None = None) -> None:
+        self.name = name
+        self.errors = errors or []
+        super().__init__(f"invalid data for workflow {name!r}: {message}")
+
+
+class WorkflowNotActive(GorchError):
+    """The instance was cancelled or has failed: it accepts no events until re-armed."""
+
+    def __init__(self, workflow_id: str, status: str) -> None:
+        self.workflow_id = workflow_id
+        self.status = status
+        hint = "; call Engine.retry(id) to re-arm it" if status == "failed" else ""
+        super().__init__(f"workflow {workflow_id!r} is {status}{hint}")
+
+
+class InvalidWorkflowId(GorchError):
+    """A workflow id must be 1-200 characters of letters, digits and ``._:@-``."""
+
+    def __init__(self, workflow_id: object) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(
+            f"invalid workflow id {workflow_id!r}: use 1-200 characters from letters, digits "
+            "and . _ : @ - (starting with a letter or digit)"
+        )

@@ -9,6 +9,7 @@ build is re-indexed (and re-validated) only when the shape has changed.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from gorch.errors import DefinitionError
@@ -111,6 +112,28 @@ def _check_select(st: Select, owner: str) -> None:
                 "event names are unique within a Select"
             )
         seen.add(c.event)
+        if isinstance(c, Timeout):
+            after = c.after
+            if isinstance(after, bool) or not isinstance(after, (timedelta, int, float)):
+                raise DefinitionError(
+                    f"{owner}: Timeout {c.event!r} needs a timedelta or a number of seconds, "
+                    f"got {after!r}"
+                )
+        else:
+            _check_handler(c.handler, c.event, st.name, owner)
+
+
+def _check_handler(h: Any, event: str, select: str, owner: str) -> None:
+    from gorch.handlers import Handler, signature_of
+
+    if h is None or isinstance(h, Handler):
+        return
+    if not callable(h):
+        raise DefinitionError(
+            f"{owner}: handler of event {event!r} in Select {select!r} must be a "
+            f"gorch.Handler or a callable, got {h!r}"
+        )
+    signature_of(h)  # raises DefinitionError for more than one required argument
 
 
 def stmt_at(root: Section, path: Path) -> Stmt | None:

@@ -94,13 +94,20 @@ _WAITING_CONDITION = ThreadStatus.WAITING_CONDITION
 
 
 class _ClassIndex:
-    """Name → path of every named statement, shared by all instances of a class."""
+    """Name → path of every named statement, shared by all instances of a class.
 
-    __slots__ = ("owner", "paths")
+    ``dynamic`` becomes True once a build of the class was seen with another
+    shape than the index: from then on every call validates its first build,
+    so a duplicate name that only some data produces is refused before
+    anything runs.
+    """
+
+    __slots__ = ("dynamic", "owner", "paths")
 
     def __init__(self, owner: str) -> None:
         self.paths: dict[str, Path] | None = None
         self.owner = owner
+        self.dynamic = False
 
 
 _indexes: dict[type, _ClassIndex] = {}
@@ -130,6 +137,8 @@ class _Call:
         self.max_units = max_units
         self.located: dict[str, tuple[int, str, list[Frame], Stmt]] = {}
         self.rebuild()
+        if index.dynamic and self.indexed_gen != self.gen:
+            self.reindex()
 
     def rebuild(self) -> None:
         """Call ``definition()`` again: values read from now on reflect current data."""
@@ -155,6 +164,9 @@ class _Call:
             self.reindex()
 
     def reindex(self) -> None:
+        """Validate the current build and index it (DefinitionError if invalid)."""
+        if self.index.paths is not None:
+            self.index.dynamic = True
         self.index.paths = index_definition(self.root, self.index.owner)
         self.indexed_gen = self.gen
 
@@ -171,6 +183,25 @@ class _Call:
             self.reindex()
             return self.find(name)
         return None
+
+    def verify(self, st: Stmt) -> None:
+        """Check that the class index finds ``st`` by its name in the current build.
+
+        Called where a cursor is committed (a block, a failure, a checkpoint, a
+        rebuild): a shape that changed with the data may have made a name
+        ambiguous, and a cursor must never be found again at another statement.
+        """
+        name: str = st.name  # type: ignore[attr-defined]
+        paths = self.index.paths
+        assert paths is not None
+        path = paths.get(name)
+        if path is not None and stmt_at(self.root, path) is st:
+            return
+        if self.indexed_gen != self.gen:
+            self.reindex()  # raises DefinitionError on a duplicate name
+            self.verify(st)
+            return
+        raise DefinitionError(f"{self.index.owner}: cannot find {name!r} by its name")
 
     def save(self, kind: CheckpointKind) -> None:
         if self.checkpoint is not None:
@@ -323,6 +354,10 @@ def resume(
     for t in state.threads:  # every cursor must exist before anything changes
         if t.cur_step:
             _locate(call, t)
+        elif not _is_main(t):
+            found = call.find(t.name)
+            if found is None or not isinstance(found[1], Go):
+                raise CursorNotFound(t.id, t.name, "the Go that started the thread is gone")
     _teardown_finished_waits(call)
     if _schedule(call):
         call.save(CheckpointKind.AFTER_RESUME)
@@ -356,11 +391,14 @@ def _schedule(call: _Call) -> bool:
                 return False
 
 
-def _refresh(call: _Call, t: Thread) -> list[Frame]:
+def _refresh(call: _Call, t: Thread, last: tuple[int, int] | None) -> list[Frame]:
     """Rebuild the definition and find ``t`` again from its committed cursor.
 
     Called by a walk at its first read after data changed; the walk restarts
-    from the returned frames. The common case, just after a step, is inlined.
+    from the returned frames. ``last`` is where (frame depth, index) the walk
+    ran the step that is now the cursor: if the name leads elsewhere in the
+    new build, the shape changed, and the build is validated (a duplicate name
+    raises) before the name is trusted. The common case is inlined.
     """
     call.rebuild()
     name = t.cur_step
@@ -371,8 +409,11 @@ def _refresh(call: _Call, t: Thread) -> list[Frame]:
         found = _navigate(call.root, path, name) if path is not None else None
         if found is not None and found[3] == t.name:
             frames = found[0][found[2] :] if found[2] else found[0]
-            frames[-1][1] += 1
-            return frames
+            if last is None or (len(frames) == last[0] and frames[-1][1] == last[1]):
+                frames[-1][1] += 1
+                return frames
+        if call.indexed_gen != call.gen:
+            call.reindex()
     return _position(call, t)
 
 
@@ -387,6 +428,7 @@ def _run_thread(call: _Call, t: Thread) -> None:
     frames = _position(call, t)
     spawned: list[Thread] = []
     loops = 0  # loop iterations of the current walk, added to call.units on commit
+    last: tuple[int, int] | None = None  # where the step this thread completed last ran
     while True:
         top = frames[-1]
         body = top[0]
@@ -398,7 +440,7 @@ def _run_thread(call: _Call, t: Thread) -> None:
                 cond = owner.cond
                 if type(cond) is bool:
                     if call.dirty:
-                        frames, spawned, loops = _refresh(call, t), [], 0
+                        frames, spawned, loops = _refresh(call, t, last), [], 0
                         continue
                     again = cond
                 else:
@@ -437,14 +479,17 @@ def _run_thread(call: _Call, t: Thread) -> None:
             try:
                 st.fn()
             except Exception as e:
+                call.verify(st)
                 t.attempts += 1
                 t.error = f"{type(e).__name__}: {e}"
                 raise StepFailed(st.name, t.id, t.attempts, t.error) from e
             t.status = _RESUMING
+            last = (len(frames), idx)
             if t.attempts:
                 t.attempts = 0
                 t.error = ""
             if call.checkpoint is not None:
+                call.verify(st)
                 call.checkpoint(CheckpointKind.AFTER_STEP)
             top[1] = idx + 1
             continue
@@ -470,7 +515,7 @@ def _run_thread(call: _Call, t: Thread) -> None:
                     frames.append([branch, 0, st, bi])
                     break
             if restart:
-                frames, spawned, loops = _refresh(call, t), [], 0
+                frames, spawned, loops = _refresh(call, t, last), [], 0
                 continue
             if chosen < 0:
                 top[1] = idx + 1
@@ -480,7 +525,7 @@ def _run_thread(call: _Call, t: Thread) -> None:
             cond = st.cond
             if type(cond) is bool:
                 if call.dirty:
-                    frames, spawned, loops = _refresh(call, t), [], 0
+                    frames, spawned, loops = _refresh(call, t, last), [], 0
                     continue
                 enter = cond
             else:
@@ -496,8 +541,9 @@ def _run_thread(call: _Call, t: Thread) -> None:
 
         if kind == K_SELECT:  # ---- block: await the cases' events
             if call.dirty:  # the cases must come from a build of current data
-                frames, spawned, loops = _refresh(call, t), [], 0
+                frames, spawned, loops = _refresh(call, t, last), [], 0
                 continue
+            call.verify(st)
             _commit(state, spawned, call, loops)
             state.pc += 1
             pc = state.pc
@@ -521,7 +567,7 @@ def _run_thread(call: _Call, t: Thread) -> None:
                 gid = st.name
             elif type(gid) is str:
                 if call.dirty:
-                    frames, spawned, loops = _refresh(call, t), [], 0
+                    frames, spawned, loops = _refresh(call, t, last), [], 0
                     continue
             elif callable(gid):
                 gid = gid()
@@ -536,6 +582,7 @@ def _run_thread(call: _Call, t: Thread) -> None:
             continue
 
         if kind == K_WAITFOR:  # ---- block until the condition holds
+            call.verify(st)
             _commit(state, spawned, call, loops)
             t.status = _WAITING_CONDITION
             t.cur_step = st.name
@@ -699,6 +746,8 @@ def _teardown_finished_waits(call: _Call) -> None:
 
 def _drop_waits(call: _Call, t: Thread) -> None:
     """A thread ends or is cancelled: tear down what was set up; failures are logged."""
+    if call.dirty and t.wait_events:  # handler objects come from current data
+        call.rebuild()
     for we in t.wait_events:
         if we.status is EventStatus.SETUP or we.status in TEARDOWN_EVENT:
             if we.status is EventStatus.SETUP:
@@ -725,7 +774,13 @@ def _setup_new_waits(call: _Call) -> list[tuple[str, str, str]]:
                 continue
             if call.dirty:  # handlers and timer durations come from current data
                 call.rebuild()
-            found, handler = _case_handler(call, we)
+            try:
+                found, handler = _case_handler(call, we)
+            except DefinitionError as e:
+                we.status = EventStatus.SETUP_ERROR
+                we.error = str(e)
+                failures.append((t.id, we.req.name, we.error))
+                continue
             if not found:
                 raise CursorNotFound(t.id, we.select, f"its event {we.req.name!r} is gone")
             if not _overrides(handler, "setup"):
@@ -872,3 +927,28 @@ def case_of(wf: Workflow, state: State, thread: Thread, event: str) -> On | Time
         return None
     hit = found[1].case(event)
     return None if hit is None else hit[1]
+
+
+# --------------------------------------------------------------------------- tooling
+
+
+def find_statement(wf: Workflow, name: str) -> Stmt | None:
+    """The statement named ``name`` in a fresh build of ``wf``'s definition, or None."""
+    call = _Call(wf, State(id="", workflow=""), None, DEFAULT_MAX_UNITS)
+    found = call.find(name)
+    return None if found is None else found[1]
+
+
+def cancel(wf: Workflow, state: State) -> None:
+    """End every thread now: tear down set-up events (``handled=False``), finish the state.
+
+    A teardown that fails is logged on the ``gorch`` logger and dropped, as
+    when the main thread ends.
+    """
+    if state.status is WorkflowStatus.FINISHED:
+        raise WorkflowFinishedError(state.id)
+    call = _Call(wf, state, None, DEFAULT_MAX_UNITS)
+    for t in state.threads:
+        _drop_waits(call, t)
+    state.threads = []
+    state.status = WorkflowStatus.FINISHED

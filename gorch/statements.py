@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
     from gorch.handlers import Handler
+    from gorch.retry import Retry
 
 #: A condition: a bool computed when ``definition()`` ran, or a zero-argument
 #: callable evaluated when the interpreter needs it.
@@ -69,14 +70,18 @@ S = Section
 
 
 class Step(Stmt):
-    """Run ``fn()``; an exception means the step failed and will be retried."""
+    """Run ``fn()``; an exception means the step failed and will be retried.
 
-    __slots__ = ("fn", "name")
+    ``retry`` is the Engine's policy for this step (see :class:`gorch.Retry`).
+    """
+
+    __slots__ = ("fn", "name", "retry")
     _kind = K_STEP
 
-    def __init__(self, name: str, fn: Callable[[], Any]) -> None:
+    def __init__(self, name: str, fn: Callable[[], Any], *, retry: Retry | None = None) -> None:
         self.name = name
         self.fn = fn
+        self.retry = retry
 
     def __repr__(self) -> str:
         return f"Step({self.name!r})"

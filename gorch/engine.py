@@ -1,0 +1,543 @@
+"""The Engine: the stateless core, a store, compare-and-swap and a wake-up index.
+
+Every write goes through the store's compare-and-swap, so any number of web
+requests, cron jobs and workers can share one store:
+
+* ``send`` applies an event to the version it loaded and saves it with CAS; if
+  another writer got there first, it reloads and applies the event to the new
+  version (the handler runs again on fresh data; the first run was never saved).
+* ``resume`` saves at every checkpoint of the core, so a crash re-runs at most
+  the step that was in flight (steps are at-least-once).
+* ``run_due`` claims due records with a lease: two workers never fire the same
+  timer, and a crashed worker's claims expire by themselves.
+
+A record's wake-up time says when ``run_due`` must look at it: a timer's due
+time, a retry's backoff, or "now" for a resume that is pending (deferred, or
+interrupted by a crash).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+from uuid import uuid4
+
+import pydantic
+
+from gorch.codec import dumps, loads
+from gorch.errors import (
+    Conflict,
+    EventNotFound,
+    GorchError,
+    InvalidWorkflowData,
+    InvalidWorkflowId,
+    SetupError,
+    StaleEvent,
+    StepFailed,
+    UnknownWorkflow,
+    WorkflowFinishedError,
+    WorkflowNotActive,
+)
+from gorch.interpreter import cancel as cancel_state
+from gorch.interpreter import find_statement, handle_event
+from gorch.interpreter import resume as resume_state
+from gorch.state import ACTIVE_EVENT, State, ThreadStatus, WorkflowStatus, new_state
+from gorch.stores.base import Record, Store
+from gorch.timers import due_events, due_time, next_wakeup
+from gorch.workflow import Workflow
+
+log = logging.getLogger("gorch")
+
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}")
+
+
+class InstanceStatus(StrEnum):
+    """The status of a stored instance, as ``list`` filters and ``get`` report it."""
+
+    RESUMING = "resuming"
+    """Runnable: a resume is pending (deferred, or interrupted by a crash)."""
+    WAITING = "waiting"
+    """Every thread waits for an event, a timer or a condition."""
+    RETRYING = "retrying"
+    """A step failed; ``run_due`` retries it when its backoff is over."""
+    FAILED = "failed"
+    """A step failed for good; ``Engine.retry(id)`` re-arms it."""
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+_ACTIVE = frozenset({InstanceStatus.RESUMING, InstanceStatus.WAITING, InstanceStatus.RETRYING})
+
+
+class EventInfo(pydantic.BaseModel):
+    """An event the instance awaits."""
+
+    name: str
+    thread_id: str
+    pc: int
+    status: str
+    due: datetime | None = None
+    """For timers: when ``run_due`` fires it."""
+
+
+class ThreadInfo(pydantic.BaseModel):
+    id: str
+    name: str
+    status: str
+    cur_step: str
+    error: str = ""
+    attempts: int = 0
+
+
+class Snapshot(pydantic.BaseModel):
+    """What ``Engine.get`` tells about an instance."""
+
+    id: str
+    workflow: str
+    status: InstanceStatus
+    version: int
+    data: dict[str, Any]
+    threads: list[ThreadInfo]
+    awaited: list[EventInfo]
+    next_wakeup: datetime | None
+    error: str = ""
+    """The last step error, if a thread sits on a failed step."""
+
+
+class Summary(pydantic.BaseModel):
+    id: str
+    workflow: str
+    status: str
+    version: int
+    wake_at: datetime | None
+
+
+class ListPage(pydantic.BaseModel):
+    items: list[Summary]
+    next_cursor: str | None
+    """Pass as ``after=`` for the next page; None on the last page."""
+
+
+class DueResult(pydantic.BaseModel):
+    """What ``run_due`` did with one claimed instance."""
+
+    id: str
+    action: str
+    """``timer`` (fired timers), ``retry`` (a failed step), ``resume`` (pending resume)."""
+    fired: list[str] = []
+    status: str = ""
+    error: str = ""
+
+
+@dataclass(slots=True)
+class _Loaded:
+    rec: Record
+    wf: Workflow
+    state: State
+
+
+def _seconds(v: timedelta | float) -> timedelta:
+    return v if isinstance(v, timedelta) else timedelta(seconds=v)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Engine:
+    """Runs registered workflow classes against a store.
+
+    ``store`` is a :class:`gorch.stores.Store` or a URL (``sqlite:///gorch.db``,
+    ``postgresql://...``, ``redis://...``, ``memory://``). With
+    ``defer_resume=True``, ``send`` only applies the event and leaves the resume
+    to ``run_due`` (a worker), keeping webhook requests short.
+    """
+
+    def __init__(
+        self,
+        store: Store | str,
+        workflows: Mapping[str, type[Workflow]],
+        *,
+        defer_resume: bool = False,
+        lease: timedelta | float = 60.0,
+        conflict_retries: int = 50,
+        error_backoff: timedelta | float = 60.0,
+    ) -> None:
+        if isinstance(store, str):
+            from gorch.stores import open_store
+
+            store = open_store(store)
+        self.store: Store = store
+        self.workflows = dict(workflows)
+        for name, cls in self.workflows.items():
+            if not (isinstance(cls, type) and issubclass(cls, Workflow)):
+                raise TypeError(f"workflow {name!r} must be a gorch.Workflow subclass, got {cls!r}")
+        self.defer_resume = defer_resume
+        self.lease = _seconds(lease)
+        self.conflict_retries = conflict_retries
+        self.error_backoff = _seconds(error_backoff)
+
+    # ------------------------------------------------------------------ public API
+
+    def start(
+        self, name: str, id: str | None = None, data: Mapping[str, Any] | Workflow | None = None
+    ) -> Snapshot:
+        """Create an instance, run it until it blocks (unless deferred), return its snapshot."""
+        cls = self._cls(name)
+        wf = self._initial_data(name, cls, data)
+        wid = uuid4().hex if id is None else self._check_id(id)
+        state = new_state(wid, name)
+        rec = self.store.create(wid, name, InstanceStatus.RESUMING, dumps(wf, state), _now())
+        cur = _Loaded(rec, wf, state)
+        if not self.defer_resume:
+            self._drive(cur)
+        return self._snapshot(cur)
+
+    def send(
+        self,
+        id: str,
+        event: str,
+        input: Any = None,
+        *,
+        thread_id: str | None = None,
+        pc: int | None = None,
+    ) -> Any:
+        """Deliver an event and return the handler's output.
+
+        The event is applied to the latest version exactly once (a lost
+        compare-and-swap re-applies it to the new version); then the instance
+        is resumed, inline or by a worker.
+        """
+        caught_up = False
+        for _ in self._attempts(id):
+            cur = self._load(id)
+            self._check_active(cur)
+            try:
+                out = handle_event(cur.wf, cur.state, event, input, thread_id=thread_id, pc=pc)
+            except EventNotFound:
+                # A resume may be pending (the thread has not reached its Select yet).
+                if cur.state.status is not WorkflowStatus.RESUMING or caught_up:
+                    raise
+                caught_up = True
+                with contextlib.suppress(Conflict):
+                    self._drive(cur)
+                continue
+            try:
+                self._write(cur)
+            except Conflict:
+                continue
+            if not self.defer_resume:
+                try:
+                    self._drive(cur)
+                except Conflict:
+                    log.debug("gorch: resume of %r after %r left to a later writer", id, event)
+            return out
+        raise AssertionError("unreachable")
+
+    def resume(self, id: str) -> Snapshot:
+        """Run a pending (or failed) instance until it blocks; return its snapshot."""
+        for _ in self._attempts(id):
+            cur = self._load(id)
+            status = InstanceStatus(cur.rec.status)
+            if status is InstanceStatus.FINISHED:
+                raise WorkflowFinishedError(id)
+            if status is InstanceStatus.CANCELLED:
+                raise WorkflowNotActive(id, status)
+            try:
+                self._drive(cur)
+            except Conflict:
+                continue
+            return self._snapshot(cur)
+        raise AssertionError("unreachable")
+
+    def retry(self, id: str) -> Snapshot:
+        """Re-arm a failed instance: reset attempt counts and resume it now."""
+        for _ in self._attempts(id):
+            cur = self._load(id)
+            if cur.rec.status not in (InstanceStatus.FAILED, InstanceStatus.RETRYING):
+                raise WorkflowNotActive(id, cur.rec.status)
+            for t in cur.state.threads:
+                t.attempts = 0
+            try:
+                self._write(cur, InstanceStatus.RESUMING)
+                self._drive(cur)
+            except Conflict:
+                continue
+            return self._snapshot(cur)
+        raise AssertionError("unreachable")
+
+    def get(self, id: str) -> Snapshot:
+        """The instance's data, status, threads, awaited events and next wake-up."""
+        return self._snapshot(self._load(id))
+
+    def list(
+        self,
+        *,
+        workflow: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> ListPage:
+        """Instances in id order, filtered by workflow name and status."""
+        page = self.store.list(workflow=workflow, status=status, limit=limit, after=after)
+        items = [
+            Summary(
+                id=r.id, workflow=r.workflow, status=r.status, version=r.version, wake_at=r.wake_at
+            )
+            for r in page.records
+        ]
+        return ListPage(items=items, next_cursor=page.next_cursor)
+
+    def cancel(self, id: str) -> Snapshot:
+        """Tear down the awaited events and mark the instance cancelled."""
+        for _ in self._attempts(id):
+            cur = self._load(id)
+            status = cur.rec.status
+            if status in (InstanceStatus.FINISHED, InstanceStatus.CANCELLED):
+                raise WorkflowNotActive(id, status)
+            cancel_state(cur.wf, cur.state)
+            try:
+                self._write(cur, InstanceStatus.CANCELLED)
+            except Conflict:
+                continue
+            return self._snapshot(cur)
+        raise AssertionError("unreachable")
+
+    def run_due(
+        self,
+        now: datetime | None = None,
+        limit: int = 100,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> builtins.list[DueResult]:
+        """Fire due timers, retry failed steps whose backoff is over, finish pending resumes.
+
+        Call it from cron, a queue consumer or :meth:`work`. Records are claimed
+        with a lease, so concurrent callers never process the same one.
+        """
+        now = _now() if now is None else (now if now.tzinfo else now.replace(tzinfo=UTC))
+        results: builtins.list[DueResult] = []
+        for rec in self.store.claim_due(now, limit, self.lease):
+            if should_stop is not None and should_stop():
+                break  # the rest stays claimed until its lease runs out
+            results.append(self._process_due(rec, now))
+        return results
+
+    def work(
+        self,
+        *,
+        poll: float = 1.0,
+        batch: int = 10,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_result: Callable[[DueResult], None] | None = None,
+    ) -> int:
+        """Loop on :meth:`run_due` until ``should_stop()``; return how many were processed.
+
+        ``should_stop`` is checked between instances, so a stop request never
+        leaves one half-saved.
+        """
+        done = 0
+        while not should_stop():
+            results = self.run_due(limit=batch, should_stop=should_stop)
+            for r in results:
+                if on_result is not None:
+                    on_result(r)
+            done += len(results)
+            if not results:
+                deadline = time.monotonic() + poll
+                while not should_stop() and time.monotonic() < deadline:
+                    time.sleep(min(0.05, poll))
+        return done
+
+    # ------------------------------------------------------------------ internals
+
+    def _cls(self, name: str) -> type[Workflow]:
+        try:
+            return self.workflows[name]
+        except KeyError:
+            raise UnknownWorkflow(name, list(self.workflows)) from None
+
+    @staticmethod
+    def _check_id(id: object) -> str:
+        if not isinstance(id, str) or not _ID_RE.fullmatch(id):
+            raise InvalidWorkflowId(id)
+        return id
+
+    @staticmethod
+    def _initial_data(
+        name: str, cls: type[Workflow], data: Mapping[str, Any] | Workflow | None
+    ) -> Workflow:
+        if isinstance(data, cls):
+            return data
+        try:
+            if isinstance(data, (bytes, str)):
+                return cls.model_validate_json(data)
+            return cls.model_validate(dict(data or {}))
+        except pydantic.ValidationError as e:
+            errors = e.errors(include_url=False, include_context=False)
+            raise InvalidWorkflowData(name, str(e), errors) from e
+        except (TypeError, ValueError) as e:
+            raise InvalidWorkflowData(name, str(e)) from e
+
+    def _attempts(self, id: str) -> Iterator[int]:
+        """Yield attempt numbers; sleep a little, with jitter, between them."""
+        for n in range(self.conflict_retries):
+            if n:
+                time.sleep(random.uniform(0, min(0.05, 0.0005 * 2**n)))
+            yield n
+        raise Conflict(id, -1, None)
+
+    def _load(self, id: str) -> _Loaded:
+        rec = self.store.load(self._check_id(id))
+        wf, state = loads(rec.blob, self._cls(rec.workflow))
+        return _Loaded(rec, wf, state)
+
+    @staticmethod
+    def _check_active(cur: _Loaded) -> None:
+        status = cur.rec.status
+        if status == InstanceStatus.FINISHED:
+            raise WorkflowFinishedError(cur.rec.id)
+        if status not in _ACTIVE:
+            raise WorkflowNotActive(cur.rec.id, status)
+
+    def _write(
+        self,
+        cur: _Loaded,
+        status: InstanceStatus | None = None,
+        wake: datetime | bool | None = True,
+    ) -> None:
+        """Compare-and-swap the instance; ``wake=True`` derives the wake-up from the state."""
+        state = cur.state
+        if status is None:
+            status = {
+                WorkflowStatus.RESUMING: InstanceStatus.RESUMING,
+                WorkflowStatus.WAITING: InstanceStatus.WAITING,
+                WorkflowStatus.FINISHED: InstanceStatus.FINISHED,
+            }[state.status]
+        if wake is True:
+            wake = self._wake(state, status)
+        elif wake is False:
+            wake = None
+        cur.rec = self.store.save(cur.rec.id, cur.rec.version, status, dumps(cur.wf, state), wake)
+
+    def _wake(self, state: State, status: InstanceStatus) -> datetime | None:
+        if status is InstanceStatus.RESUMING:
+            return _now()
+        if status is not InstanceStatus.WAITING:
+            return None
+        wake = next_wakeup(state)
+        setup_failed = any(
+            we.status == "setup_error"
+            for t in state.threads
+            for we in t.wait_events
+            if we.status in ACTIVE_EVENT
+        )
+        if setup_failed:  # setups are retried on the next resume
+            retry_at = _now() + self.error_backoff
+            wake = retry_at if wake is None else min(wake, retry_at)
+        return wake
+
+    def _drive(self, cur: _Loaded) -> None:
+        """Resume with a save at every checkpoint; apply retry policies to failed steps."""
+
+        def checkpoint(_kind: object) -> None:
+            self._write(cur)
+
+        try:
+            resume_state(cur.wf, cur.state, checkpoint)
+        except StepFailed as e:
+            step = find_statement(cur.wf, e.step)
+            policy = getattr(step, "retry", None)
+            if policy is not None and not policy.exhausted(e.attempts):
+                self._write(cur, InstanceStatus.RETRYING, _now() + policy.delay(e.attempts))
+                log.info("gorch: step %r of %r failed (%s); retrying", e.step, cur.rec.id, e.error)
+                return
+            self._write(cur, InstanceStatus.FAILED, False)
+            if policy is None:
+                raise
+            log.warning("gorch: step %r of %r failed for good: %s", e.step, cur.rec.id, e.error)
+        except SetupError as e:
+            # The final checkpoint saved the state; its wake-up retries the setups.
+            log.warning("gorch: %s (workflow %r)", e, cur.rec.id)
+        except Conflict:
+            raise
+        except GorchError as e:
+            # A definition or code-change problem: keep the state, look again later.
+            log.error("gorch: resume of %r failed: %s", cur.rec.id, e)
+            self._write(cur, InstanceStatus.RESUMING, _now() + self.error_backoff)
+            raise
+
+    def _process_due(self, rec: Record, now: datetime) -> DueResult:
+        action = "resume"
+        try:
+            wf, state = loads(rec.blob, self._cls(rec.workflow))
+            cur = _Loaded(rec, wf, state)
+            if rec.status not in _ACTIVE:  # nothing to do: clear the wake-up
+                self._write(cur, InstanceStatus(rec.status), False)
+                return DueResult(id=rec.id, action="none", status=rec.status)
+            if rec.status == InstanceStatus.RETRYING:
+                action = "retry"
+            fired: list[str] = []
+            if state.status is WorkflowStatus.WAITING:
+                for req in due_events(state, now):
+                    try:
+                        handle_event(wf, state, req.name, thread_id=req.thread_id, pc=req.pc)
+                    except (StaleEvent, EventNotFound):
+                        continue  # an earlier timer of the same wait ended it
+                    fired.append(req.name)
+                if fired:
+                    action = "timer"
+            if state.status is not WorkflowStatus.FINISHED:
+                self._drive(cur)
+            return DueResult(id=rec.id, action=action, fired=fired, status=cur.rec.status)
+        except Exception as e:
+            log.exception("gorch: run_due could not process %r", rec.id)
+            return DueResult(id=rec.id, action=action, error=f"{type(e).__name__}: {e}")
+
+    def _snapshot(self, cur: _Loaded) -> Snapshot:
+        state = cur.state
+        threads = [
+            ThreadInfo(
+                id=t.id,
+                name=t.name,
+                status=t.status,
+                cur_step=t.cur_step,
+                error=t.error,
+                attempts=t.attempts,
+            )
+            for t in state.threads
+        ]
+        awaited = [
+            EventInfo(
+                name=we.req.name,
+                thread_id=t.id,
+                pc=we.req.pc,
+                status=we.status,
+                due=due_time(we.req),
+            )
+            for t in state.threads
+            if t.status is ThreadStatus.WAITING_EVENT
+            for we in t.wait_events
+            if we.status in ACTIVE_EVENT
+        ]
+        error = next((t.error for t in state.threads if t.error), "")
+        return Snapshot(
+            id=cur.rec.id,
+            workflow=cur.rec.workflow,
+            status=InstanceStatus(cur.rec.status),
+            version=cur.rec.version,
+            data=cur.wf.model_dump(mode="json"),
+            threads=threads,
+            awaited=awaited,
+            next_wakeup=cur.rec.wake_at if cur.rec.status != InstanceStatus.RESUMING else None,
+            error=error,
+        )
