@@ -196,10 +196,16 @@ class Engine:
         wf = self._initial_data(name, cls, data)
         wid = uuid4().hex if id is None else self._check_id(id)
         state = new_state(wid, name)
-        rec = self.store.create(wid, name, InstanceStatus.RESUMING, dumps(wf, state), _now())
+        # Inline, the record is ours for a lease while we run it; a crash before
+        # the first save leaves it to run_due once the lease is over.
+        wake = _now() if self.defer_resume else _now() + self.lease
+        rec = self.store.create(wid, name, InstanceStatus.RESUMING, dumps(wf, state), wake)
         cur = _Loaded(rec, wf, state)
         if not self.defer_resume:
-            self._drive(cur)
+            try:
+                self._drive(cur)
+            except Conflict:  # a worker took over (our lease ran out): report what it saved
+                return self.get(wid)
         return self._snapshot(cur)
 
     def send(
@@ -232,7 +238,7 @@ class Engine:
                     self._drive(cur)
                 continue
             try:
-                self._write(cur)
+                self._write(cur, driving=not self.defer_resume)
             except Conflict:
                 continue
             if not self.defer_resume:
@@ -414,8 +420,14 @@ class Engine:
         cur: _Loaded,
         status: InstanceStatus | None = None,
         wake: datetime | bool | None = True,
+        *,
+        driving: bool = False,
     ) -> None:
-        """Compare-and-swap the instance; ``wake=True`` derives the wake-up from the state."""
+        """Compare-and-swap the instance; ``wake=True`` derives the wake-up from the state.
+
+        ``driving``: this process is running the instance now, so a pending
+        resume is due only when our lease runs out (if we crash), not at once.
+        """
         state = cur.state
         if status is None:
             status = {
@@ -424,14 +436,14 @@ class Engine:
                 WorkflowStatus.FINISHED: InstanceStatus.FINISHED,
             }[state.status]
         if wake is True:
-            wake = self._wake(state, status)
+            wake = self._wake(state, status, driving)
         elif wake is False:
             wake = None
         cur.rec = self.store.save(cur.rec.id, cur.rec.version, status, dumps(cur.wf, state), wake)
 
-    def _wake(self, state: State, status: InstanceStatus) -> datetime | None:
+    def _wake(self, state: State, status: InstanceStatus, driving: bool) -> datetime | None:
         if status is InstanceStatus.RESUMING:
-            return _now()
+            return _now() + self.lease if driving else _now()
         if status is not InstanceStatus.WAITING:
             return None
         wake = next_wakeup(state)
@@ -450,7 +462,7 @@ class Engine:
         """Resume with a save at every checkpoint; apply retry policies to failed steps."""
 
         def checkpoint(_kind: object) -> None:
-            self._write(cur)
+            self._write(cur, driving=True)
 
         try:
             resume_state(cur.wf, cur.state, checkpoint)
