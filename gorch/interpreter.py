@@ -436,7 +436,7 @@ def _run_thread(call: _Call, t: Thread) -> None:
 
         if idx >= len(body):  # ---- end of a body
             owner = top[2]
-            if owner is not None and owner._kind == K_FOR:  # loop again?
+            if owner is not None and owner._kind == K_FOR:  # (loop again) or enter?
                 cond = owner.cond
                 if type(cond) is bool:
                     if call.dirty:
@@ -521,22 +521,8 @@ def _run_thread(call: _Call, t: Thread) -> None:
                 top[1] = idx + 1
             continue
 
-        if kind == K_FOR:
-            cond = st.cond
-            if type(cond) is bool:
-                if call.dirty:
-                    frames, spawned, loops = _refresh(call, t, last), [], 0
-                    continue
-                enter = cond
-            else:
-                enter = _truth(cond, st.name)
-            if enter:
-                loops += 1
-                if call.units + loops > call.max_units:
-                    raise ResumeLimitError(call.max_units, t.id, st.name)
-                frames.append([st.body, 0, st, 0])
-            else:
-                top[1] = idx + 1
+        if kind == K_FOR:  # enter at the end of the body: the condition is checked there
+            frames.append([st.body, len(st.body), st, 0])
             continue
 
         if kind == K_SELECT:  # ---- block: await the cases' events
