@@ -1,0 +1,137 @@
+"""An in-process store: for tests, demos and single-process tools.
+
+Records live in a dict guarded by one lock, so every operation is atomic with
+respect to other threads; nothing survives the process and other processes
+cannot see it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import heapq
+import threading
+from bisect import bisect_right, insort
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+from gorch.errors import Conflict, WorkflowExists, WorkflowNotFound
+from gorch.stores._common import check_limit, matches, opt_utc, page_cursor, to_utc
+from gorch.stores.base import Page, Record, Store
+
+_Wakeup = tuple[datetime, str]
+
+
+class MemoryStore(Store):
+    """Dict + lock, with a heap of wake-ups so ``claim_due`` only looks at due records.
+
+    The heap is pruned lazily: an entry whose record was deleted or rescheduled
+    is dropped when it reaches the top, and the heap is rebuilt when stale
+    entries outnumber live ones.
+    """
+
+    def __init__(self) -> None:
+        self.url = "memory://"
+        self._lock = threading.Lock()
+        self._records: dict[str, Record] = {}
+        self._ids: list[str] = []  # sorted, for paging in id order
+        self._wakeups: list[_Wakeup] = []
+        self._scheduled = 0  # records whose wake_at is not None
+
+    def create(
+        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+    ) -> Record:
+        record = Record(id, workflow, status, bytes(blob), 1, opt_utc(wake_at))
+        with self._lock:
+            if id in self._records:
+                raise WorkflowExists(id)
+            self._records[id] = record
+            insort(self._ids, id)
+            self._schedule(None, record)
+        return record
+
+    def load(self, id: str) -> Record:
+        with self._lock:
+            record = self._records.get(id)
+        if record is None:
+            raise WorkflowNotFound(id)
+        return record
+
+    def save(
+        self,
+        id: str,
+        expected_version: int,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+    ) -> Record:
+        with self._lock:
+            old = self._records.get(id)
+            if old is None or old.version != expected_version:
+                raise Conflict(id, expected_version, None if old is None else old.version)
+            new = Record(id, old.workflow, status, bytes(blob), old.version + 1, opt_utc(wake_at))
+            self._records[id] = new
+            self._schedule(old, new)
+        return new
+
+    def delete(self, id: str) -> None:
+        with self._lock:
+            old = self._records.pop(id, None)
+            if old is None:
+                raise WorkflowNotFound(id)
+            del self._ids[bisect_right(self._ids, id) - 1]
+            if old.wake_at is not None:
+                self._scheduled -= 1  # its heap entry goes stale and is pruned later
+
+    def list(
+        self,
+        *,
+        workflow: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> Page:
+        check_limit(limit)
+        found: builtins.list[Record] = []
+        with self._lock:
+            start = 0 if after is None else bisect_right(self._ids, after)
+            for i in range(start, len(self._ids)):
+                record = self._records[self._ids[i]]
+                if matches(record, workflow, status):
+                    found.append(record)
+                    if len(found) > limit:
+                        break
+        cursor = page_cursor([r.id for r in found], limit)
+        return Page(found[:limit], cursor)
+
+    def claim_due(self, now: datetime, limit: int, lease: timedelta) -> builtins.list[Record]:
+        now = to_utc(now)
+        until = now + lease
+        claimed: builtins.list[Record] = []
+        seen: set[str] = set()
+        with self._lock:
+            heap = self._wakeups
+            while heap and len(claimed) < limit and heap[0][0] <= now:
+                wake, id = heapq.heappop(heap)
+                record = self._records.get(id)
+                if record is None or record.wake_at != wake or id in seen:
+                    continue  # stale entry (deleted, rescheduled or a duplicate)
+                new = replace(record, version=record.version + 1, wake_at=until)
+                self._records[id] = new
+                seen.add(id)
+                claimed.append(new)
+            # Pushed only now: with a zero lease the new entries would be due again at once.
+            for record in claimed:
+                heapq.heappush(heap, (until, record.id))
+        return claimed
+
+    def _schedule(self, old: Record | None, new: Record) -> None:
+        """Keep the heap and the live count in step with a record's new ``wake_at``."""
+        old_wake = None if old is None else old.wake_at
+        self._scheduled += (new.wake_at is not None) - (old_wake is not None)
+        if new.wake_at is not None and new.wake_at != old_wake:
+            heapq.heappush(self._wakeups, (new.wake_at, new.id))
+        if len(self._wakeups) > 2 * self._scheduled + 64:
+            self._wakeups = [
+                (r.wake_at, r.id) for r in self._records.values() if r.wake_at is not None
+            ]
+            heapq.heapify(self._wakeups)
