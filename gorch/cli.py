@@ -181,16 +181,31 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     store = _engine(args).store
     migrate = getattr(store, "migrate", None)
     if migrate is None:
-        print(f"{type(store).__name__} needs no migration")
+        if args.json:
+            print(_json({"store": store.url, "migrated": False}))
+        else:
+            print(f"{type(store).__name__} needs no migration")
         return
     migrate()
-    print(f"schema ready in {store.url or type(store).__name__}")
+    if args.json:
+        print(_json({"store": store.url, "migrated": True}))
+    else:
+        print(f"schema ready in {store.url or type(store).__name__}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from gorch.demo import run_demo
 
-    run_demo(args.store or os.environ.get("GORCH_STORE") or "memory://")
+    stages = run_demo(args.store or os.environ.get("GORCH_STORE") or "memory://", quiet=args.json)
+    if args.json:
+        print(
+            _json(
+                [
+                    {"stage": title, "workflow": snap.model_dump(mode="json")}
+                    for title, snap in stages
+                ]
+            )
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gorch: {e}", file=sys.stderr)
         return 2
     except GorchError as e:
-        print(f"gorch: {type(e).__name__}: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the error's text
+        print(f"gorch: {type(e).__name__}: {message}", file=sys.stderr)
         return 1
     return 0
 

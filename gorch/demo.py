@@ -64,18 +64,26 @@ def _show(title: str, snap: Snapshot) -> None:
         print(f"   - {line}")
 
 
-def run_demo(store: str = "memory://") -> None:
+def run_demo(store: str = "memory://", *, quiet: bool = False) -> list[tuple[str, Snapshot]]:
+    """Run two expenses (one approved, one escalated by its timer); return each stage."""
     engine = Engine(store, {"expense": DemoExpense})
-    print(f"store: {engine.store.url or store}")
+    stages: list[tuple[str, Snapshot]] = []
+
+    def stage(title: str, snap: Snapshot) -> None:
+        stages.append((title, snap))
+        if not quiet:
+            _show(title, snap)
+
+    if not quiet:
+        print(f"store: {engine.store.url or store}")
     first = engine.start("expense", data={"amount": 120.0})
-    _show("started", first)
+    stage("started", first)
     out = engine.send(first.id, "decide", {"approved": True, "by": "ann"})
-    _show(f"manager decided -> {out}", engine.get(first.id))
+    stage(f"manager decided -> {out}", engine.get(first.id))
 
     second = engine.start("expense", data={"amount": 990.0})
-    _show("started another", second)
+    stage("started another", second)
     later = datetime.now(UTC) + timedelta(days=3, seconds=1)
-    for r in engine.run_due(now=later):
-        if r.id == second.id:
-            print(f"== run_due three days later: fired {r.fired}")
-    _show("escalated", engine.get(second.id))
+    fired = [r.fired for r in engine.run_due(now=later) if r.id == second.id]
+    stage(f"run_due three days later fired {fired[0] if fired else []}", engine.get(second.id))
+    return stages

@@ -46,6 +46,7 @@ from gorch.errors import (
     UnknownWorkflow,
     WorkflowFinishedError,
     WorkflowNotActive,
+    summarize_validation,
 )
 from gorch.interpreter import cancel as cancel_state
 from gorch.interpreter import find_statement, handle_event
@@ -143,6 +144,8 @@ class _Loaded:
     rec: Record
     wf: Workflow
     state: State
+    lease_until: datetime | None = None
+    """Set when run_due claimed the record: our claim lasts until then."""
 
 
 def _seconds(v: timedelta | float) -> timedelta:
@@ -169,7 +172,7 @@ class Engine:
         *,
         defer_resume: bool = False,
         lease: timedelta | float = 60.0,
-        conflict_retries: int = 50,
+        conflict_retries: int = 100,
         error_backoff: timedelta | float = 60.0,
     ) -> None:
         if isinstance(store, str):
@@ -223,17 +226,16 @@ class Engine:
         compare-and-swap re-applies it to the new version); then the instance
         is resumed, inline or by a worker.
         """
-        caught_up = False
         for _ in self._attempts(id):
             cur = self._load(id)
             self._check_active(cur)
             try:
                 out = handle_event(cur.wf, cur.state, event, input, thread_id=thread_id, pc=pc)
             except EventNotFound:
-                # A resume may be pending (the thread has not reached its Select yet).
-                if cur.state.status is not WorkflowStatus.RESUMING or caught_up:
+                # A resume is pending (another event's case body has not run yet, so
+                # the thread has not reached its Select): run it, then try again.
+                if cur.state.status is not WorkflowStatus.RESUMING:
                     raise
-                caught_up = True
                 with contextlib.suppress(Conflict):
                     self._drive(cur)
                 continue
@@ -390,7 +392,7 @@ class Engine:
             return cls.model_validate(dict(data or {}))
         except pydantic.ValidationError as e:
             errors = e.errors(include_url=False, include_context=False)
-            raise InvalidWorkflowData(name, str(e), errors) from e
+            raise InvalidWorkflowData(name, summarize_validation(errors), errors) from e
         except (TypeError, ValueError) as e:
             raise InvalidWorkflowData(name, str(e)) from e
 
@@ -437,9 +439,15 @@ class Engine:
             }[state.status]
         if wake is True:
             wake = self._wake(state, status, driving)
+            if driving and cur.lease_until is not None and wake is not None:
+                wake = max(wake, cur.lease_until)
         elif wake is False:
             wake = None
-        cur.rec = self.store.save(cur.rec.id, cur.rec.version, status, dumps(cur.wf, state), wake)
+        blob = dumps(cur.wf, state)
+        rec = cur.rec
+        if blob == rec.blob and status == rec.status and wake == rec.wake_at:
+            return  # nothing changed: keep the version (an idle resume writes nothing)
+        cur.rec = self.store.save(rec.id, rec.version, status, blob, wake)
 
     def _wake(self, state: State, status: InstanceStatus, driving: bool) -> datetime | None:
         if status is InstanceStatus.RESUMING:
@@ -492,7 +500,7 @@ class Engine:
         action = "resume"
         try:
             wf, state = loads(rec.blob, self._cls(rec.workflow))
-            cur = _Loaded(rec, wf, state)
+            cur = _Loaded(rec, wf, state, lease_until=rec.wake_at)
             if rec.status not in _ACTIVE:  # nothing to do: clear the wake-up
                 self._write(cur, InstanceStatus(rec.status), False)
                 return DueResult(id=rec.id, action="none", status=rec.status)

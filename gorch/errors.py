@@ -114,6 +114,15 @@ class StaleEvent(GorchError):
         super().__init__(f"event {event!r} with pc {pc} is stale; {now}")
 
 
+def summarize_validation(errors: Sequence[Any]) -> str:
+    """pydantic's error list as one line: ``loc: message; loc: message``."""
+    parts = []
+    for err in errors:
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "input"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid"
+
+
 class InvalidEventInput(GorchError):
     """The input does not validate against the handler's input type.
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any, get_args, get_origin, is_typeddict
 
 import pydantic
 
-from gorch.errors import DefinitionError, InvalidEventInput
+from gorch.errors import DefinitionError, InvalidEventInput, summarize_validation
 from gorch.state import EventRequest
 
 
@@ -103,9 +103,8 @@ class InputType:
                 return self.adapter.validate_json(value)
             return self.adapter.validate_python(value)
         except pydantic.ValidationError as e:
-            raise InvalidEventInput(
-                event, str(e), e.errors(include_url=False, include_context=False)
-            ) from e
+            errors = e.errors(include_url=False, include_context=False)
+            raise InvalidEventInput(event, summarize_validation(errors), errors) from e
 
 
 class _Signature:
