@@ -1,0 +1,123 @@
+"""Smoke test of benchmarks/bench_engine.py on the memory and SQLite stores.
+
+Timings are never asserted: only that each figure is there and is a positive number.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_engine.py"
+STORES = ["memory", "sqlite"]
+
+APPROVAL_KEYS = {
+    "workflows_per_s",
+    "us_per_workflow_median",
+    "us_per_workflow_best",
+    "start_us_median",
+    "send_us_median",
+}
+FLOOR_KEYS = APPROVAL_KEYS | {"gorch_over_floor"}
+CALL_KEYS = {
+    "writes_per_workflow",
+    "writes_in_start",
+    "writes_in_send",
+    "loads_per_workflow",
+    "floor_writes_per_workflow",
+    "floor_loads_per_workflow",
+}
+DUE_KEYS = {
+    "due",
+    "stored_small",
+    "stored_big",
+    "bulk_load_s",
+    "run_due_ms_small_median",
+    "run_due_ms_small_best",
+    "run_due_ms_big_median",
+    "run_due_ms_big_best",
+    "us_per_due_small",
+    "us_per_due_big",
+    "run_due_big_over_small",
+    "claim_ms_small_median",
+    "claim_ms_big_median",
+    "claim_big_over_small",
+}
+BLOB_KEYS = {"gorch_waiting_bytes", "floor_waiting_bytes"}
+
+
+def _load_bench() -> ModuleType:
+    name = "bench_engine"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # pydantic resolves the models' annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def _leaves(obj: Any, path: str = "") -> list[tuple[str, Any]]:
+    if isinstance(obj, dict):
+        return [leaf for k, v in obj.items() for leaf in _leaves(v, f"{path}/{k}")]
+    return [(path, obj)]
+
+
+def test_quick_run_writes_every_figure(tmp_path: Path, capsys: Any) -> None:
+    bench = _load_bench()
+    out = tmp_path / "engine.json"
+
+    assert bench.main(["--quick", "--stores", ",".join(STORES), "--json", out]) == 0
+
+    report = json.loads(out.read_text(encoding="utf-8"))
+    figures = report["figures"]
+    assert set(figures) == {"approval", "floor_sqlite", "store_calls", "run_due", "blob"}
+    assert set(figures["approval"]) == set(STORES)
+    for kind, row in figures["approval"].items():
+        assert set(row) == APPROVAL_KEYS, kind
+    assert set(figures["floor_sqlite"]) == FLOOR_KEYS
+    assert set(figures["store_calls"]) == CALL_KEYS
+    assert set(figures["run_due"]) == set(STORES)
+    for kind, row in figures["run_due"].items():
+        assert set(row) == DUE_KEYS, kind
+        assert row["due"] == 1000, kind
+        assert row["stored_small"] == 1000, kind
+        assert row["stored_big"] == 10_000, kind
+    assert set(figures["blob"]) == BLOB_KEYS
+
+    leaves = _leaves(figures)
+    assert len(leaves) == 2 * 5 + 6 + 6 + 2 * 14 + 2
+    for path, value in leaves:
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), path
+        assert value > 0, path
+
+    meta = report["meta"]
+    assert meta["quick"] is True
+    assert meta["stores"] == STORES
+    assert report["skipped"] == {"approval": {}, "run_due": {}}
+    assert report["reference"]["floor_goal_ratio"] > 0
+
+    printed = capsys.readouterr().out
+    for title in ("(1)", "(2)", "(3)", "(4)"):
+        assert title in printed
+    for kind in STORES:
+        assert kind in printed
+
+
+def test_temporary_files_are_removed(tmp_path: Path, monkeypatch: Any) -> None:
+    """The SQLite files live in a private temporary directory that is gone afterwards."""
+    bench = _load_bench()
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+    cfg = bench.Config(quick=True, stores=["sqlite"])
+    cfg.approval_count = {"sqlite": 2}
+    cfg.repeats = 1
+    cfg.stored = 20
+    cfg.due = 5
+
+    report = bench.run_all(cfg)
+
+    assert report["figures"]["run_due"]["sqlite"]["stored_big"] == 20
+    assert list(tmp_path.iterdir()) == []
