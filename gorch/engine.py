@@ -44,14 +44,16 @@ from gorch.errors import (
     StaleEvent,
     StepFailed,
     UnknownWorkflow,
+    WorkflowExists,
     WorkflowFinishedError,
     WorkflowNotActive,
+    WorkflowNotFound,
     summarize_validation,
 )
 from gorch.interpreter import cancel as cancel_state
 from gorch.interpreter import find_statement, handle_event
-from gorch.interpreter import resume as resume_state
-from gorch.state import ACTIVE_EVENT, State, ThreadStatus, WorkflowStatus, new_state
+from gorch.interpreter import run as run_state
+from gorch.state import ACTIVE_EVENT, CheckpointKind, State, ThreadStatus, WorkflowStatus, new_state
 from gorch.stores.base import Record, Store
 from gorch.timers import due_events, due_time, next_wakeup
 from gorch.workflow import Workflow
@@ -199,16 +201,20 @@ class Engine:
         wf = self._initial_data(name, cls, data)
         wid = uuid4().hex if id is None else self._check_id(id)
         state = new_state(wid, name)
-        # Inline, the record is ours for a lease while we run it; a crash before
-        # the first save leaves it to run_due once the lease is over.
-        wake = _now() if self.defer_resume else _now() + self.lease
-        rec = self.store.create(wid, name, InstanceStatus.RESUMING, dumps(wf, state), wake)
-        cur = _Loaded(rec, wf, state)
-        if not self.defer_resume:
-            try:
-                self._drive(cur)
-            except Conflict:  # a worker took over (our lease ran out): report what it saved
-                return self.get(wid)
+        if self.defer_resume:  # stored at once; run_due resumes it
+            rec = self.store.create(wid, name, InstanceStatus.RESUMING, dumps(wf, state), _now())
+            return self._snapshot(_Loaded(rec, wf, state))
+        # Inline: the record is created by the first save of the resume (usually
+        # the final one), saving a write. A read refuses a taken id up front;
+        # a start racing for the same id loses at that create.
+        with contextlib.suppress(WorkflowNotFound):
+            self.store.load(wid)
+            raise WorkflowExists(wid)
+        cur = _Loaded(Record(wid, name, InstanceStatus.RESUMING, b"", 0, None), wf, state)
+        try:
+            self._drive(cur)
+        except Conflict:  # a worker took over (our lease ran out): report what it saved
+            return self.get(wid)
         return self._snapshot(cur)
 
     def send(
@@ -445,6 +451,9 @@ class Engine:
             wake = None
         blob = dumps(cur.wf, state)
         rec = cur.rec
+        if not rec.version:  # started inline and not stored yet
+            cur.rec = self.store.create(rec.id, rec.workflow, status, blob, wake)
+            return
         if blob == rec.blob and status == rec.status and wake == rec.wake_at:
             return  # nothing changed: keep the version (an idle resume writes nothing)
         cur.rec = self.store.save(rec.id, rec.version, status, blob, wake)
@@ -469,11 +478,15 @@ class Engine:
     def _drive(self, cur: _Loaded) -> None:
         """Resume with a save at every checkpoint; apply retry policies to failed steps."""
 
-        def checkpoint(_kind: object) -> None:
-            self._write(cur, driving=True)
+        def checkpoint(kind: CheckpointKind) -> None:
+            # Setups run right before the final AFTER_RESUME, with no step in
+            # between: that save covers them (a crash re-runs setups, which are
+            # at-least-once like steps).
+            if kind is not CheckpointKind.AFTER_SETUP:
+                self._write(cur, driving=True)
 
         try:
-            resume_state(cur.wf, cur.state, checkpoint)
+            run_state(cur.wf, cur.state, checkpoint, lazy_steps=True)
         except StepFailed as e:
             step = find_statement(cur.wf, e.step)
             policy = getattr(step, "retry", None)

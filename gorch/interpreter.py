@@ -121,6 +121,8 @@ class _Call:
     indexed_gen = -1
     units = 0
     dirty = False
+    lazy = False
+    pending = False
     root: Section
 
     def __init__(
@@ -348,9 +350,28 @@ def resume(
     ``checkpoint(kind)`` is called after each step, released WaitFor, setup,
     teardown, and once with ``AFTER_RESUME`` at the very end: save there.
     """
+    return run(wf, state, checkpoint, max_units=max_units)
+
+
+def run(
+    wf: Workflow,
+    state: State,
+    checkpoint: Checkpoint | None = None,
+    *,
+    max_units: int = DEFAULT_MAX_UNITS,
+    lazy_steps: bool = False,
+) -> WorkflowStatus:
+    """:func:`resume`, with an option for callers that save at every checkpoint.
+
+    With ``lazy_steps``, ``AFTER_STEP`` is reported just before the next step
+    or WaitFor handler starts, and not at all when ``AFTER_RESUME`` comes first:
+    a completed step is still saved before any later step runs (so a crash
+    re-runs at most the step in flight), with one save fewer per resume.
+    """
     if state.status is WorkflowStatus.FINISHED:
         raise WorkflowFinishedError(state.id)
     call = _Call(wf, state, checkpoint, max_units)
+    call.lazy = lazy_steps and checkpoint is not None
     for t in state.threads:  # every cursor must exist before anything changes
         if t.cur_step:
             _locate(call, t)
@@ -360,6 +381,7 @@ def resume(
                 raise CursorNotFound(t.id, t.name, "the Go that started the thread is gone")
     _teardown_finished_waits(call)
     if _schedule(call):
+        call.pending = False  # AFTER_RESUME saves the last step too
         call.save(CheckpointKind.AFTER_RESUME)
         return state.status
     failures = _setup_new_waits(call)
@@ -367,6 +389,7 @@ def resume(
     for t in state.threads:
         if t.status is _RESUMING or t.status is _EXECUTING:
             state.status = WorkflowStatus.RESUMING
+    call.pending = False
     call.save(CheckpointKind.AFTER_RESUME)
     if failures:
         raise SetupError(failures)
@@ -475,6 +498,9 @@ def _run_thread(call: _Call, t: Thread) -> None:
                 t.status = _EXECUTING
                 t.cur_step = st.name
                 t.case = ""
+            if call.pending:  # lazy_steps: save the last step before this one runs
+                call.pending = False
+                call.save(CheckpointKind.AFTER_STEP)
             call.dirty = True  # the step may change data, even when it fails
             try:
                 st.fn()
@@ -490,7 +516,10 @@ def _run_thread(call: _Call, t: Thread) -> None:
                 t.error = ""
             if call.checkpoint is not None:
                 call.verify(st)
-                call.checkpoint(CheckpointKind.AFTER_STEP)
+                if call.lazy:
+                    call.pending = True
+                else:
+                    call.checkpoint(CheckpointKind.AFTER_STEP)
             top[1] = idx + 1
             continue
 
@@ -627,6 +656,9 @@ def _release_condition(call: _Call) -> bool:
         if call.units > call.max_units:
             raise ResumeLimitError(call.max_units, t.id, st.name)
         if st.handler is not None:
+            if call.pending:
+                call.pending = False
+                call.save(CheckpointKind.AFTER_STEP)
             call.dirty = True
             try:
                 st.handler()
