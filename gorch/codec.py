@@ -13,6 +13,7 @@ can be checked by comparing bytes.
 
 from __future__ import annotations
 
+import json
 from typing import Any, TypeVar
 
 import msgpack
@@ -48,15 +49,60 @@ def canonical_data(wf: Workflow) -> dict[str, Any]:
     """The workflow's data as it will load back (JSON-mode dump of a re-validated copy)."""
     cls = type(wf)
     try:
-        first = wf.model_dump(mode="json", round_trip=True, warnings=False)
+        first = wf.model_dump(mode="json", round_trip=True, by_alias=True, warnings=False)
         again = cls.model_validate(first)
-        return again.model_dump(mode="json", round_trip=True)
+        data = again.model_dump(mode="json", round_trip=True, by_alias=True)
+        if _has_sets(cls):
+            _sort_sets(again, data)
+        return data
     except pydantic.ValidationError as e:
         raise SerializationError(
             f"the data of {cls.__name__} {wf!r} would not load back: {e}"
         ) from e
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as e:
-        raise SerializationError(f"the data of {cls.__name__} cannot be serialised: {e}") from e
+        hint = ""
+        if "utf-8" in str(e).lower():
+            hint = (
+                "; bytes are written as UTF-8 text: for binary data set "
+                "model_config = ConfigDict(ser_json_bytes='base64', val_json_bytes='base64')"
+            )
+        raise SerializationError(
+            f"the data of {cls.__name__} cannot be serialised: {e}{hint}"
+        ) from e
+
+
+_set_classes: dict[type, bool] = {}
+
+
+def _has_sets(cls: type[pydantic.BaseModel]) -> bool:
+    """Whether the model has a set-typed field anywhere (cached per class)."""
+    found = _set_classes.get(cls)
+    if found is None:
+        schema = json.dumps(cls.model_json_schema(mode="serialization"))
+        found = _set_classes[cls] = '"uniqueItems": true' in schema
+    return found
+
+
+def _set_key(item: Any) -> bytes:
+    return msgpack.packb(item, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _sort_sets(value: Any, dumped: Any) -> Any:
+    """Sort, in place, the dumped lists of set values: hash order differs between processes."""
+    if isinstance(value, (set, frozenset)) and type(dumped) is list:
+        dumped.sort(key=_set_key)
+    elif isinstance(value, pydantic.BaseModel) and type(dumped) is dict:
+        for name, field in type(value).model_fields.items():
+            key = field.alias or name
+            if key in dumped:
+                _sort_sets(getattr(value, name), dumped[key])
+    elif isinstance(value, dict) and type(dumped) is dict:
+        for v, dv in zip(value.values(), dumped.values(), strict=False):
+            _sort_sets(v, dv)
+    elif isinstance(value, (list, tuple)) and type(dumped) is list:
+        for v, dv in zip(value, dumped, strict=False):
+            _sort_sets(v, dv)
+    return dumped
 
 
 def _pack_state(state: State) -> list[Any]:
@@ -180,6 +226,19 @@ def _unpack_state(raw: Any) -> State:
     return state
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` holds only what a JSON-mode dump writes (no msgpack Timestamp, bytes)."""
+    t = type(value)
+    if t is dict:
+        return all(type(k) is str and _plain(v) for k, v in value.items())
+    if t is list:
+        return all(_plain(v) for v in value)
+    return t in _SCALARS
+
+
 def loads(blob: bytes, cls: type[W]) -> tuple[W, State]:
     """Load a blob written by :func:`dumps`; raise :class:`SerializationError` otherwise."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
@@ -213,6 +272,8 @@ def loads(blob: bytes, cls: type[W]) -> tuple[W, State]:
     data = obj[3]
     if type(data) is not dict:
         raise SerializationError("corrupt gorch blob: the workflow data is not a map")
+    if not _plain(data):
+        raise SerializationError("corrupt gorch blob: the workflow data holds a non-JSON value")
     try:
         wf = cls.model_validate(data)
     except pydantic.ValidationError as e:

@@ -9,6 +9,7 @@ first parameter.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -167,6 +168,8 @@ def _introspect(fn: Callable[..., Any]) -> _Signature:
 
 
 def signature_of(fn: Callable[..., Any]) -> _Signature:
+    if isinstance(fn, functools.partial):  # partials of different functions share a type
+        return _introspect(fn)
     key = _signature_key(fn)
     sig = _signatures.get(key)
     if sig is None:

@@ -729,6 +729,7 @@ def _teardown(call: _Call, we: WaitEvent) -> bool:
     if not _overrides(handler, "teardown"):
         return True
     assert handler is not None
+    call.dirty = True  # a handler may change the workflow's data
     try:
         handler.teardown(we.req, we.handled)
     except Exception as e:
@@ -741,14 +742,10 @@ def _teardown(call: _Call, we: WaitEvent) -> bool:
 def _teardown_finished_waits(call: _Call) -> None:
     """Step 2 of resume: tear down events of waits that ``handle_event`` ended."""
     for t in call.state.threads:
-        if not t.wait_events:
-            continue
-        keep: list[WaitEvent] = []
-        for we in t.wait_events:
-            if we.status not in TEARDOWN_EVENT:
-                keep.append(we)
-                continue
-            if not _teardown(call, we):
+        for we in [we for we in t.wait_events if we.status in TEARDOWN_EVENT]:
+            if _teardown(call, we):
+                t.wait_events.remove(we)  # before the checkpoint: the save must show it done
+            else:
                 log.warning(
                     "gorch: teardown of event %r (workflow %r, thread %r) failed: %s; "
                     "retrying on a later resume",
@@ -757,9 +754,7 @@ def _teardown_finished_waits(call: _Call) -> None:
                     t.id,
                     we.error,
                 )
-                keep.append(we)
             call.save(CheckpointKind.AFTER_TEARDOWN)
-        t.wait_events = keep
 
 
 def _drop_waits(call: _Call, t: Thread) -> None:
@@ -805,6 +800,7 @@ def _setup_new_waits(call: _Call) -> list[tuple[str, str, str]]:
                 we.status = EventStatus.SETUP
                 continue
             assert handler is not None
+            call.dirty = True  # a handler may change the workflow's data
             try:
                 we.req.setup_data = handler.setup(we.req)
             except Exception as e:
