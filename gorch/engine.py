@@ -240,7 +240,12 @@ class Engine:
             except EventNotFound:
                 # A resume is pending (another event's case body has not run yet, so
                 # the thread has not reached its Select): run it, then try again.
+                # A deferred send does so only when no other process holds a lease
+                # on the instance (it would run the same steps at the same time).
                 if cur.state.status is not WorkflowStatus.RESUMING:
+                    raise
+                leased = cur.rec.wake_at is not None and cur.rec.wake_at > _now()
+                if self.defer_resume and leased:
                     raise
                 with contextlib.suppress(Conflict):
                     self._drive(cur)
@@ -447,6 +452,13 @@ class Engine:
             wake = self._wake(state, status, driving)
             if driving and cur.lease_until is not None and wake is not None:
                 wake = max(wake, cur.lease_until)
+            elif (
+                status is InstanceStatus.RESUMING
+                and cur.rec.status == InstanceStatus.RESUMING
+                and cur.rec.wake_at is not None
+                and wake is not None
+            ):  # another process may be running it: keep its lease
+                wake = max(wake, cur.rec.wake_at)
         elif wake is False:
             wake = None
         blob = dumps(cur.wf, state)

@@ -927,3 +927,40 @@ def test_concurrent_sends_and_resumes_lose_no_update(engine: Engine) -> None:
     snap = engine.resume("c-1")
     assert snap.status == "waiting"
     assert snap.data == {"total": n, "received": n, "tallied": n}
+
+
+# --------------------------------------------------------------------------- leases
+
+
+class Inbox(gorch.Workflow):
+    """A side thread takes notes while the main thread waits for 'go', then works."""
+
+    notes: list[str] = Field(default_factory=list)
+
+    def definition(self) -> gorch.Section:
+        return S(
+            gorch.Go("inbox", For("mail loop", True, Select("mail", On("note", self.note)))),
+            Select("go", On("go")),
+            Step("work", lambda: None),
+        )
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+def test_a_deferred_send_keeps_the_lease_of_the_process_running_the_instance(
+    store: Store,
+) -> None:
+    Engine(store, {"inbox": Inbox}).start("inbox", "box")
+    # Another process is running the instance: its saves hold a lease on it.
+    rec = store.load("box")
+    lease = datetime.now(UTC) + timedelta(seconds=60)
+    store.save("box", rec.version, "resuming", rec.blob, lease)
+
+    deferred = Engine(store, {"inbox": Inbox}, defer_resume=True)
+    deferred.send("box", "note", "hello")
+
+    after = store.load("box")
+    assert after.wake_at is not None and after.wake_at >= lease - timedelta(milliseconds=1)
+    assert deferred.run_due() == []  # no worker takes the instance from its runner
+    assert deferred.get("box").data["notes"] == ["hello"]
