@@ -205,6 +205,22 @@ class _Call:
             return
         raise DefinitionError(f"{self.index.owner}: cannot find {name!r} by its name")
 
+    def verify_at(self, st: Stmt, frames: list[Frame]) -> None:
+        """:meth:`verify` for the statement the walk is on, cheap when the index agrees.
+
+        The index path must end at the same position and depth as the walk's
+        frames (for the main thread, whose frames start at the root).
+        """
+        path = self.index.paths.get(st.name)  # type: ignore[union-attr, attr-defined]
+        if (
+            path is not None
+            and path[-1] == frames[-1][1]
+            and len(path) == 2 * len(frames) - 1
+            and frames[0][2] is None
+        ):
+            return
+        self.verify(st)
+
     def save(self, kind: CheckpointKind) -> None:
         if self.checkpoint is not None:
             self.checkpoint(kind)
@@ -505,7 +521,7 @@ def _run_thread(call: _Call, t: Thread) -> None:
             try:
                 st.fn()
             except Exception as e:
-                call.verify(st)
+                call.verify_at(st, frames)
                 t.attempts += 1
                 t.error = f"{type(e).__name__}: {e}"
                 raise StepFailed(st.name, t.id, t.attempts, t.error) from e
@@ -515,7 +531,7 @@ def _run_thread(call: _Call, t: Thread) -> None:
                 t.attempts = 0
                 t.error = ""
             if call.checkpoint is not None:
-                call.verify(st)
+                call.verify_at(st, frames)
                 if call.lazy:
                     call.pending = True
                 else:
@@ -558,7 +574,7 @@ def _run_thread(call: _Call, t: Thread) -> None:
             if call.dirty:  # the cases must come from a build of current data
                 frames, spawned, loops = _refresh(call, t, last), [], 0
                 continue
-            call.verify(st)
+            call.verify_at(st, frames)
             _commit(state, spawned, call, loops)
             state.pc += 1
             pc = state.pc
@@ -597,7 +613,7 @@ def _run_thread(call: _Call, t: Thread) -> None:
             continue
 
         if kind == K_WAITFOR:  # ---- block until the condition holds
-            call.verify(st)
+            call.verify_at(st, frames)
             _commit(state, spawned, call, loops)
             t.status = _WAITING_CONDITION
             t.cur_step = st.name

@@ -75,13 +75,18 @@ class Step(Stmt):
     ``retry`` is the Engine's policy for this step (see :class:`gorch.Retry`).
     """
 
-    __slots__ = ("fn", "name", "retry")
+    __slots__ = ("_retry", "fn", "name")
     _kind = K_STEP
 
     def __init__(self, name: str, fn: Callable[[], Any], *, retry: Retry | None = None) -> None:
         self.name = name
         self.fn = fn
-        self.retry = retry
+        if retry is not None:  # most steps have none: leave the slot empty (cheaper builds)
+            self._retry = retry
+
+    @property
+    def retry(self) -> Retry | None:
+        return getattr(self, "_retry", None)
 
     def __repr__(self) -> str:
         return f"Step({self.name!r})"
