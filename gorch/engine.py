@@ -240,13 +240,16 @@ class Engine:
             except EventNotFound:
                 # A resume is pending (another event's case body has not run yet, so
                 # the thread has not reached its Select): run it, then try again.
-                # A deferred send does so only when no other process holds a lease
-                # on the instance (it would run the same steps at the same time).
-                if cur.state.status is not WorkflowStatus.RESUMING:
+                # If another process holds a lease (it is running the instance), wait
+                # for it rather than run the same steps at the same time. A failed
+                # step waiting for its retry is not caught up here: run_due retries it.
+                if (
+                    cur.state.status is not WorkflowStatus.RESUMING
+                    or cur.rec.status != InstanceStatus.RESUMING
+                ):
                     raise
-                leased = cur.rec.wake_at is not None and cur.rec.wake_at > _now()
-                if self.defer_resume and leased:
-                    raise
+                if cur.rec.wake_at is not None and cur.rec.wake_at > _now():
+                    continue  # leased: the next attempt reloads after a short sleep
                 with contextlib.suppress(Conflict):
                     self._drive(cur)
                 continue
@@ -450,7 +453,12 @@ class Engine:
             }[state.status]
         if wake is True:
             wake = self._wake(state, status, driving)
-            if driving and cur.lease_until is not None and wake is not None:
+            if (
+                driving
+                and status is InstanceStatus.RESUMING
+                and cur.lease_until is not None
+                and wake is not None
+            ):  # keep run_due's claim while we run it, not a timer set up meanwhile
                 wake = max(wake, cur.lease_until)
             elif (
                 status is InstanceStatus.RESUMING
@@ -539,8 +547,9 @@ class Engine:
                     except (StaleEvent, EventNotFound):
                         continue  # an earlier timer of the same wait ended it
                     fired.append(req.name)
-                if fired:
+                if fired:  # save the firing first: a timer is delivered once
                     action = "timer"
+                    self._write(cur, driving=True)
             if state.status is not WorkflowStatus.FINISHED:
                 self._drive(cur)
             return DueResult(id=rec.id, action=action, fired=fired, status=cur.rec.status)

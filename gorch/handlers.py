@@ -82,7 +82,10 @@ class InputType:
 
     def __init__(self, tp: Any) -> None:
         self.type = tp
-        self.adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(tp)
+        try:
+            self.adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(tp)
+        except pydantic.PydanticUserError as e:
+            raise DefinitionError(f"input annotation {tp!r} cannot be validated: {e}") from e
         self.json_str = _wants_json_str(tp)
 
     @classmethod
@@ -130,7 +133,7 @@ _signatures: dict[Any, _Signature] = {}
 
 
 def _signature_key(fn: Callable[..., Any]) -> Any:
-    func = getattr(fn, "__func__", fn)
+    func = inspect.unwrap(getattr(fn, "__func__", fn))  # wrappers of one decorator share code
     code = getattr(func, "__code__", None)
     if code is not None:
         return code
@@ -255,14 +258,3 @@ class HandlerCallError(Exception):
 
     def __init__(self, error: Exception) -> None:
         self.error = error
-
-
-def as_handler(obj: Any, event: str) -> Handler | None:
-    """Normalise a Select case's handler argument."""
-    if obj is None or isinstance(obj, Handler):
-        return obj
-    if callable(obj):
-        return FunctionHandler(obj)
-    raise DefinitionError(
-        f"handler of event {event!r} must be a gorch.Handler or a callable, got {obj!r}"
-    )

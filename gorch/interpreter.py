@@ -2,7 +2,8 @@
 
 How a call works
 ----------------
-Each call builds the definition once (``wf.definition()``). A thread's cursor
+Each call builds the definition (``wf.definition()``) at its start, and again
+before a value is read after data changed (see below). A thread's cursor
 is the *name* of the statement it sits on; the per-class name index
 (:mod:`gorch.index`) turns it into a path, and the path into a stack of
 *frames* ``[body, index, owner, child]`` that the walker in
@@ -502,6 +503,7 @@ def _run_thread(call: _Call, t: Thread) -> None:
         kind = st._kind
 
         if kind == K_STEP:  # ---- a unit of its own: run the step
+            call.verify_at(st, frames)  # its name must find it again (shapes vary)
             if spawned:
                 state.threads.extend(spawned)
                 spawned = []
@@ -521,7 +523,6 @@ def _run_thread(call: _Call, t: Thread) -> None:
             try:
                 st.fn()
             except Exception as e:
-                call.verify_at(st, frames)
                 t.attempts += 1
                 t.error = f"{type(e).__name__}: {e}"
                 raise StepFailed(st.name, t.id, t.attempts, t.error) from e
@@ -531,7 +532,6 @@ def _run_thread(call: _Call, t: Thread) -> None:
                 t.attempts = 0
                 t.error = ""
             if call.checkpoint is not None:
-                call.verify_at(st, frames)
                 if call.lazy:
                     call.pending = True
                 else:
@@ -601,7 +601,12 @@ def _run_thread(call: _Call, t: Thread) -> None:
                     frames, spawned, loops = _refresh(call, t, last), [], 0
                     continue
             elif callable(gid):
-                gid = gid()
+                try:
+                    gid = gid()
+                except Exception as e:
+                    raise DefinitionError(
+                        f"the id of Go {st.name!r} raised {type(e).__name__}: {e}"
+                    ) from e
             if type(gid) is not str or not gid:
                 raise DefinitionError(
                     f"Go {st.name!r}: a thread id must be a non-empty str, got {gid!r}"
@@ -643,7 +648,10 @@ def _truth(cond: Any, where: str) -> bool:
         raise DefinitionError(
             f"condition of {where!r} must be a bool or a zero-argument callable, got {cond!r}"
         )
-    value = cond()
+    try:
+        value = cond()
+    except Exception as e:
+        raise DefinitionError(f"condition of {where!r} raised {type(e).__name__}: {e}") from e
     if type(value) is not bool:
         value = bool(value)
     return value
@@ -733,6 +741,8 @@ def _needs_setup(case: On | Timeout) -> bool:
 
 def _teardown(call: _Call, we: WaitEvent) -> bool:
     """Tear ``we`` down; True when done (or nothing to do), False when teardown raised."""
+    if call.dirty:  # handler objects come from current data
+        call.rebuild()
     found, handler = _case_handler(call, we)
     if not found:
         log.warning(
@@ -775,8 +785,6 @@ def _teardown_finished_waits(call: _Call) -> None:
 
 def _drop_waits(call: _Call, t: Thread) -> None:
     """A thread ends or is cancelled: tear down what was set up; failures are logged."""
-    if call.dirty and t.wait_events:  # handler objects come from current data
-        call.rebuild()
     for we in t.wait_events:
         if we.status is EventStatus.SETUP or we.status in TEARDOWN_EVENT:
             if we.status is EventStatus.SETUP:
@@ -818,7 +826,10 @@ def _setup_new_waits(call: _Call) -> list[tuple[str, str, str]]:
             assert handler is not None
             call.dirty = True  # a handler may change the workflow's data
             try:
-                we.req.setup_data = handler.setup(we.req)
+                data = handler.setup(we.req)
+                if data is not None and not isinstance(data, str):
+                    raise TypeError(f"setup must return a str or None, got {data!r}")
+                we.req.setup_data = data
             except Exception as e:
                 we.status = EventStatus.SETUP_ERROR
                 we.error = f"{type(e).__name__}: {e}"
@@ -947,16 +958,6 @@ def handle_event(
     t.pc += 1
     state.status = WorkflowStatus.RESUMING
     return out
-
-
-def case_of(wf: Workflow, state: State, thread: Thread, event: str) -> On | Timeout | None:
-    """The Select case awaiting ``event`` on ``thread`` in a fresh build (for tooling)."""
-    call = _Call(wf, state, None, DEFAULT_MAX_UNITS)
-    found = call.find(thread.cur_step)
-    if found is None or not isinstance(found[1], Select):
-        return None
-    hit = found[1].case(event)
-    return None if hit is None else hit[1]
 
 
 # --------------------------------------------------------------------------- tooling

@@ -100,10 +100,6 @@ class Thread:
     case: str = ""
     """After ``handle_event``: the event whose case body runs next in the Select."""
 
-    def awaited(self) -> list[WaitEvent]:
-        """The events of the wait this thread is blocked in."""
-        return [we for we in self.wait_events if we.status in ACTIVE_EVENT]
-
 
 @dataclass(slots=True)
 class State:

@@ -17,7 +17,7 @@ from gorch.state import EventRequest, EventStatus, State, ThreadStatus
 def due_time(req: EventRequest) -> datetime | None:
     """The due time of a timer request, or None if the request is not a timer."""
     data = req.setup_data
-    if not data:
+    if not data or not isinstance(data, str):
         return None
     try:
         due = datetime.fromisoformat(data)
