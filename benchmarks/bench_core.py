@@ -35,6 +35,7 @@ from datetime import timedelta
 from typing import Any
 
 import pydantic
+from benchtable import fmt, table
 
 import gorch
 from gorch import For, If, On, Return, S, Select, Step, Timeout
@@ -358,26 +359,8 @@ def bench_event_loop(cfg: Config) -> dict[str, dict[str, float]]:
 # --------------------------------------------------------------------------- report
 
 
-def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
-    """Rows aligned in columns: the first left-aligned, the others right-aligned."""
-    widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  ".join(parts).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
-def _f(x: float) -> str:
-    if x >= 1000:
-        return f"{x:,.0f}"
-    if x >= 10:
-        return f"{x:.1f}"
-    return f"{x:.2f}"
+_table = table
+_f = fmt
 
 
 def render(report: dict[str, Any]) -> str:

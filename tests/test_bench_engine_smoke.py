@@ -3,14 +3,13 @@
 Timings are never asserted: only that each figure is there and is a positive number.
 """
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_engine.py"
+from bench_support import leaves, load_bench
+
 STORES = ["memory", "sqlite"]
 
 APPROVAL_KEYS = {
@@ -49,21 +48,10 @@ BLOB_KEYS = {"gorch_waiting_bytes", "floor_waiting_bytes"}
 
 
 def _load_bench() -> ModuleType:
-    name = "bench_engine"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # pydantic resolves the models' annotations through it
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_engine")
 
 
-def _leaves(obj: Any, path: str = "") -> list[tuple[str, Any]]:
-    if isinstance(obj, dict):
-        return [leaf for k, v in obj.items() for leaf in _leaves(v, f"{path}/{k}")]
-    return [(path, obj)]
+_leaves = leaves
 
 
 def test_quick_run_writes_every_figure(tmp_path: Path, capsys: Any) -> None:
