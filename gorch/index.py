@@ -28,6 +28,7 @@ from gorch.statements import (
     On,
     Section,
     Select,
+    Step,
     Stmt,
     Timeout,
 )
@@ -51,6 +52,11 @@ def _visit(body: Any, prefix: Path, paths: dict[str, Path], owner: str, in_for: 
     if not isinstance(body, tuple):
         raise DefinitionError(f"{owner}: a body must be a tuple of statements, got {body!r}")
     for i, st in enumerate(body):
+        if type(st) is Step:  # the common case, kept short: definitions are re-validated
+            name = st.name
+            if type(name) is str and name and name not in paths and callable(st.fn):
+                paths[name] = (*prefix, i)
+                continue
         if not isinstance(st, Stmt):
             where = f"after {body[i - 1]!r}" if i else "at the start of a body"
             raise DefinitionError(

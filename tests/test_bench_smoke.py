@@ -25,6 +25,7 @@ LINEAR_KEYS = {
     "resume_us_best",
     "us_per_step_median",
     "us_per_step_best",
+    "us_per_step_dynamic_median",
     "definition_build_us_median",
 }
 LOOP_KEYS = {
