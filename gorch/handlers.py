@@ -133,7 +133,9 @@ _signatures: dict[Any, _Signature] = {}
 
 
 def _signature_key(fn: Callable[..., Any]) -> Any:
-    func = inspect.unwrap(getattr(fn, "__func__", fn))  # wrappers of one decorator share code
+    func = getattr(fn, "__func__", fn)
+    if hasattr(func, "__wrapped__"):  # wrappers made by one decorator share their code
+        func = inspect.unwrap(func)
     code = getattr(func, "__code__", None)
     if code is not None:
         return code
