@@ -497,6 +497,7 @@ class Run:
         self.blobs: list[bytes] = []
         self.delivered: list[tuple[str, str, int]] = []
         self.seen: dict[int, list[tuple[str, str]]] = {}  # pc -> (thread, event) of that wait
+        self.stale_rejected = 0  # deliveries refused with StaleEvent by the stale checks
 
     # ---- round trips
 
@@ -613,6 +614,7 @@ class Run:
                     gorch.handle_event(self.wf, self.state, event, thread_id=tid, pc=pc)
                 with pytest.raises(gorch.StaleEvent):
                     gorch.handle_event(self.wf, self.state, event, pc=pc)
+                self.stale_rejected += 2
         assert gorch.dumps(self.wf, self.state) == before
 
     def input_for(self, tid: str, event: str, c: int) -> tuple[Any, Any]:
@@ -658,6 +660,7 @@ class Run:
             with pytest.raises(gorch.StaleEvent):
                 gorch.handle_event(self.wf, self.state, event, value, thread_id=tid, pc=pc)
             assert gorch.dumps(self.wf, self.state) == before
+            self.stale_rejected += 1
 
     def due(self) -> list[gorch.EventRequest]:
         return gorch.due_events(self.state)
@@ -771,7 +774,11 @@ def test_every_blob_round_trips_byte_identically(tree: list[Any], choices: list[
 @given(tree=trees(), choices=choices_st)
 def test_stale_pc_is_rejected_and_changes_nothing(tree: list[Any], choices: list[int]) -> None:
     """(4) Every pc of a wait that is over gives StaleEvent; the blob stays byte-identical."""
-    Run(tree, choices, [], roundtrip=True, stale_checks=True).run()
+    run = Run(tree, choices, [], roundtrip=True, stale_checks=True)
+    result = run.run()
+    # Each delivered event was replayed once with its old pc, and refused.
+    assert run.stale_rejected >= len(result.events)
+    assert bool(run.stale_rejected) == bool(result.events)
 
 
 def test_generated_trees_are_valid_definitions() -> None:
