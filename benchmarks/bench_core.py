@@ -24,7 +24,6 @@ Only the standard library is used for measuring.
 """
 
 import argparse
-import gc
 import json
 import platform
 import statistics
@@ -35,7 +34,7 @@ from datetime import timedelta
 from typing import Any
 
 import pydantic
-from benchtable import fmt, table
+from benchkit import fmt, table, timed
 
 import gorch
 from gorch import For, If, On, Return, S, Select, Step, Timeout
@@ -196,16 +195,7 @@ class Config:
         self.d_sizes = {100: 2} if quick else {100: 50, 1000: 5}
 
 
-def _timed(run: Callable[[], int]) -> float:
-    """Seconds taken by ``run()``, with the garbage collector paused."""
-    gc.collect()
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        run()
-        return time.perf_counter() - t0
-    finally:
-        gc.enable()
+_timed = timed
 
 
 def _summary(per_op_seconds: list[float]) -> dict[str, float]:

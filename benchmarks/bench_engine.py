@@ -40,7 +40,6 @@ Only the standard library is used for measuring.
 import argparse
 import contextlib
 import functools
-import gc
 import json
 import os
 import platform
@@ -58,7 +57,7 @@ from typing import Any
 
 import msgpack
 import pydantic
-from benchtable import fmt, table
+from benchkit import fmt, table, timed
 
 import gorch
 from gorch import On, S, Select, Step, Timeout
@@ -430,16 +429,7 @@ class Config:
         self.due_repeats = 1 if quick else 3
 
 
-def _timed(run: Callable[[], Any]) -> float:
-    """Seconds taken by ``run()``, with the garbage collector paused."""
-    gc.collect()
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        run()
-        return time.perf_counter() - t0
-    finally:
-        gc.enable()
+_timed = timed
 
 
 def _med_best(samples: Sequence[float]) -> tuple[float, float]:

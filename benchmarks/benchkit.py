@@ -1,8 +1,11 @@
-"""Aligned text tables and number formatting shared by the benchmark scripts."""
+"""What the benchmark scripts share: timing with the GC paused, tables, number formats."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import gc
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
@@ -26,3 +29,15 @@ def fmt(x: float) -> str:
     if x >= 10:
         return f"{x:.1f}"
     return f"{x:.2f}"
+
+
+def timed(run: Callable[[], Any]) -> float:
+    """Seconds taken by ``run()``, with the garbage collector paused (as ``timeit`` does)."""
+    gc.collect()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        run()
+        return time.perf_counter() - t0
+    finally:
+        gc.enable()
