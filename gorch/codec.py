@@ -78,8 +78,13 @@ def _has_sets(cls: type[pydantic.BaseModel]) -> bool:
     """Whether the model has a set-typed field anywhere (cached per class)."""
     found = _set_classes.get(cls)
     if found is None:
-        schema = json.dumps(cls.model_json_schema(mode="serialization"))
-        found = _set_classes[cls] = '"uniqueItems": true' in schema
+        try:
+            schema = json.dumps(cls.model_json_schema(mode="serialization"))
+        except Exception:  # a type without a JSON schema: look for sets in every dump
+            found = True
+        else:
+            found = '"uniqueItems": true' in schema
+        _set_classes[cls] = found
     return found
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
+import msgpack
 import pydantic
 import pytest
 from freezegun import freeze_time
+from pydantic import PlainSerializer, PlainValidator
 
 import gorch
 from gorch import For, Go, If, On, S, Select, Step, Timeout
@@ -181,3 +183,37 @@ def test_a_timer_set_up_by_run_due_is_due_on_time_not_at_the_end_of_the_lease() 
         [result] = engine.run_due()
     assert result.fired == ["t1"]
     assert engine.get("r1").next_wakeup == now + timedelta(seconds=5)
+
+
+class Thing:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Thing)
+
+    __hash__ = object.__hash__
+
+
+class NoSchema(gorch.Workflow):
+    """A field pydantic serialises but cannot describe in JSON schema."""
+
+    thing: Annotated[Thing, PlainValidator(lambda v: Thing()), PlainSerializer(lambda v: "t")] = (
+        Thing()
+    )
+    tags: set[str] = set()
+
+    def definition(self) -> gorch.Section:
+        return S()
+
+
+def test_a_workflow_without_a_json_schema_still_dumps_with_sets_sorted() -> None:
+    wf = NoSchema(tags={f"tag-{i}" for i in range(20)})
+    blob = gorch.dumps(wf, gorch.new_state("n", "n"))
+    back, state = gorch.loads(blob, NoSchema)
+    assert back.tags == wf.tags
+    assert gorch.dumps(back, state) == blob
+    names = [f"tag-{i}" for i in range(20)]
+    reverse = set()
+    for name in reversed(names):
+        reverse.add(name)
+    other = gorch.dumps(NoSchema(tags=reverse), gorch.new_state("n", "n"))
+    assert other == blob  # sets are written in one canonical order
+    assert sorted(msgpack.unpackb(blob)[3]["tags"]) == sorted(names)
