@@ -78,6 +78,11 @@ class InstanceStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+_STATUS_OF = {
+    WorkflowStatus.RESUMING: InstanceStatus.RESUMING,
+    WorkflowStatus.WAITING: InstanceStatus.WAITING,
+    WorkflowStatus.FINISHED: InstanceStatus.FINISHED,
+}
 _ACTIVE = frozenset({InstanceStatus.RESUMING, InstanceStatus.WAITING, InstanceStatus.RETRYING})
 
 
@@ -446,11 +451,7 @@ class Engine:
         """
         state = cur.state
         if status is None:
-            status = {
-                WorkflowStatus.RESUMING: InstanceStatus.RESUMING,
-                WorkflowStatus.WAITING: InstanceStatus.WAITING,
-                WorkflowStatus.FINISHED: InstanceStatus.FINISHED,
-            }[state.status]
+            status = _STATUS_OF[state.status]
         if wake is True:
             wake = self._wake(state, status, driving)
             if (
