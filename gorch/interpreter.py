@@ -190,9 +190,10 @@ class _Call:
     def verify(self, st: Stmt) -> None:
         """Check that the class index finds ``st`` by its name in the current build.
 
-        Called where a cursor is committed (a block, a failure, a checkpoint, a
-        rebuild): a shape that changed with the data may have made a name
-        ambiguous, and a cursor must never be found again at another statement.
+        Called before a step runs and where a thread blocks (through the cheap
+        checks in the walk and :meth:`verify_at`): a shape that changed with the
+        data may have made a name ambiguous, and a cursor must never be found
+        again at another statement.
         """
         name: str = st.name  # type: ignore[attr-defined]
         paths = self.index.paths
