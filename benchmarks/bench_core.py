@@ -63,7 +63,7 @@ class GorchestrateBench(gorch.Workflow):
             For(
                 "loop2",
                 self.i < 2,
-                Select("wait", On("event", self.on_event, Step("inc2", self.inc))),
+                Select("wait", On("event", self.got_event, Step("inc2", self.inc))),
             ),
         )
 
@@ -73,7 +73,7 @@ class GorchestrateBench(gorch.Workflow):
     def reset(self) -> None:
         self.i = 0
 
-    def on_event(self) -> None:
+    def got_event(self) -> None:
         return None
 
 

@@ -6,6 +6,7 @@ from gorch.errors import (
     AmbiguousEvent,
     Conflict,
     CursorNotFound,
+    DAGFailed,
     DefinitionError,
     EventNotFound,
     GorchError,
@@ -28,6 +29,7 @@ from gorch.errors import (
     WorkflowNotFound,
 )
 from gorch.handlers import FunctionHandler, Handler
+from gorch.hooks import EventContext, LoggingMiddleware, Middleware, ResumeContext, StepContext
 from gorch.interpreter import awaited_events, handle_event, resume
 from gorch.retry import Retry
 from gorch.state import (
@@ -35,6 +37,7 @@ from gorch.state import (
     CheckpointKind,
     EventRequest,
     EventStatus,
+    NodeStatus,
     State,
     Thread,
     ThreadStatus,
@@ -43,6 +46,7 @@ from gorch.state import (
     new_state,
 )
 from gorch.statements import (
+    DAG,
     Break,
     Case,
     Continue,
@@ -50,7 +54,9 @@ from gorch.statements import (
     For,
     Go,
     If,
+    Node,
     On,
+    Parallel,
     Return,
     S,
     Section,
@@ -67,6 +73,7 @@ from gorch.workflow import WaitGroup, Workflow
 __version__ = "0.1.0"
 
 __all__ = [
+    "DAG",
     "FORMAT_VERSION",
     "MAIN_THREAD",
     "AmbiguousEvent",
@@ -76,9 +83,11 @@ __all__ = [
     "Conflict",
     "Continue",
     "CursorNotFound",
+    "DAGFailed",
     "Default",
     "DefinitionError",
     "Engine",
+    "EventContext",
     "EventNotFound",
     "EventRequest",
     "EventStatus",
@@ -93,7 +102,13 @@ __all__ = [
     "InvalidEventInput",
     "InvalidWorkflowData",
     "InvalidWorkflowId",
+    "LoggingMiddleware",
+    "Middleware",
+    "Node",
+    "NodeStatus",
     "On",
+    "Parallel",
+    "ResumeContext",
     "ResumeLimitError",
     "Retry",
     "Return",
@@ -106,6 +121,7 @@ __all__ = [
     "StaleEvent",
     "State",
     "Step",
+    "StepContext",
     "StepFailed",
     "Stmt",
     "StoreError",

@@ -24,6 +24,7 @@ from gorch.errors import SerializationError
 from gorch.state import (
     EventRequest,
     EventStatus,
+    NodeStatus,
     State,
     Thread,
     ThreadStatus,
@@ -40,6 +41,8 @@ W = TypeVar("W", bound=Workflow)
 _WF_STATUS = list(WorkflowStatus)
 _TH_STATUS = list(ThreadStatus)
 _EV_STATUS = list(EventStatus)
+_ND_STATUS = list(NodeStatus)
+_ND_CODE = {s: i for i, s in enumerate(_ND_STATUS)}
 _WF_CODE = {s: i for i, s in enumerate(_WF_STATUS)}
 _TH_CODE = {s: i for i, s in enumerate(_TH_STATUS)}
 _EV_CODE = {s: i for i, s in enumerate(_EV_STATUS)}
@@ -110,8 +113,15 @@ def _sort_sets(value: Any, dumped: Any) -> Any:
     return dumped
 
 
+def _pack_thread_extra(t: Thread) -> list[Any]:
+    """Fields most threads leave at their defaults: written only when set."""
+    if not t.parent and not t.nodes and not t.node_errors:
+        return []
+    return [t.parent, {k: _ND_CODE[v] for k, v in t.nodes.items()}, dict(t.node_errors)]
+
+
 def _pack_state(state: State) -> list[Any]:
-    return [
+    packed = [
         state.id,
         state.workflow,
         _WF_CODE[state.status],
@@ -138,10 +148,14 @@ def _pack_state(state: State) -> list[Any]:
                     ]
                     for we in t.wait_events
                 ],
+                *_pack_thread_extra(t),
             ]
             for t in state.threads
         ],
     ]
+    if state.meta:
+        packed.append(dict(state.meta))
+    return packed
 
 
 def dumps(wf: Workflow, state: State) -> bytes:
@@ -180,6 +194,14 @@ def _arr(v: Any, n: int | None, what: str) -> list[Any]:
     return v
 
 
+def _str_map(v: Any, what: str, str_values: bool = True) -> dict[str, Any]:
+    if type(v) is not dict or not all(type(k) is str for k in v):
+        raise _Bad(f"{what} must be a map with str keys, got {v!r}")
+    if str_values and not all(type(x) is str for x in v.values()):
+        raise _Bad(f"{what} must map str to str, got {v!r}")
+    return v
+
+
 def _enum(v: Any, values: list[Any], what: str) -> Any:
     if type(v) is not int or not 0 <= v < len(values):
         raise _Bad(f"{what} has an unknown code {v!r}")
@@ -187,15 +209,25 @@ def _enum(v: Any, values: list[Any], what: str) -> Any:
 
 
 def _unpack_state(raw: Any) -> State:
-    sid, wname, status, pc, threads = _arr(raw, 5, "state")
+    items = _arr(raw, None, "state")
+    if len(items) not in (5, 6):
+        raise _Bad(f"state must have 5 or 6 items, got {len(items)}")
+    sid, wname, status, pc, threads = items[:5]
     state = State(
         id=_s(sid, "state.id"),
         workflow=_s(wname, "state.workflow"),
         status=_enum(status, _WF_STATUS, "state.status"),
         pc=_i(pc, "state.pc"),
     )
+    if len(items) == 6:
+        state.meta = _str_map(items[5], "state.meta")
+        if not state.meta:
+            raise _Bad("state.meta is written only when not empty")
     for traw in _arr(threads, None, "state.threads"):
-        tid, name, tstatus, cur, tpc, err, attempts, case, events = _arr(traw, 9, "thread")
+        titems = _arr(traw, None, "thread")
+        if len(titems) not in (9, 12):
+            raise _Bad(f"a thread must have 9 or 12 items, got {len(titems)}")
+        tid, name, tstatus, cur, tpc, err, attempts, case, events = titems[:9]
         t = Thread(
             id=_s(tid, "thread.id"),
             name=_s(name, "thread.name"),
@@ -206,6 +238,15 @@ def _unpack_state(raw: Any) -> State:
             attempts=_i(attempts, "thread.attempts"),
             case=_s(case, "thread.case"),
         )
+        if len(titems) == 12:
+            t.parent = _s(titems[9], "thread.parent")
+            t.nodes = {
+                k: _enum(v, _ND_STATUS, "thread.nodes")
+                for k, v in _str_map(titems[10], "thread.nodes", str_values=False).items()
+            }
+            t.node_errors = _str_map(titems[11], "thread.node_errors")
+            if not _pack_thread_extra(t):
+                raise _Bad("thread extras are written only when set")
         for eraw in _arr(events, None, "thread.wait_events"):
             ename, epc, setup_data, estatus, handled, eerr, select = _arr(eraw, 7, "wait event")
             if setup_data is not None:

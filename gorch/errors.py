@@ -43,6 +43,31 @@ class StepFailed(GorchError):
         )
 
 
+class DAGFailed(StepFailed):
+    """A DAG ended with failed nodes: nothing more of it could run.
+
+    ``failed`` maps each failed node to its error, ``skipped`` lists the nodes
+    not run because of them (in definition order). The thread stays on the
+    DAG with the node statuses in its state; the next ``resume`` (with the
+    Engine: ``Engine.retry(id)``) runs the failed and skipped nodes again and
+    never re-runs a completed one.
+    """
+
+    def __init__(
+        self, dag: str, thread_id: str, attempts: int, failed: dict[str, str], skipped: list[str]
+    ) -> None:
+        self.dag = dag
+        self.failed = dict(failed)
+        self.skipped = list(skipped)
+        errors = "; ".join(f"{n}: {e}" for n, e in failed.items())
+        skip = f"; skipped: {', '.join(skipped)}" if skipped else ""
+        super().__init__(dag, thread_id, attempts, f"failed nodes: {errors}{skip}")
+        self.args = (
+            f"DAG {dag!r} on thread {thread_id!r} failed (attempt {attempts}): "
+            f"failed nodes: {errors}{skip}",
+        )
+
+
 class HandlerFailed(GorchError):
     """An event handler raised. The state is unchanged and the event is still awaited.
 

@@ -13,12 +13,13 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from types import UnionType
 from typing import Annotated, Any, get_args, get_origin, is_typeddict
 
 import pydantic
 
+from gorch import clock
 from gorch.errors import DefinitionError, InvalidEventInput, summarize_validation
 from gorch.state import EventRequest
 
@@ -211,7 +212,7 @@ class TimerHandler(Handler):
         self.after = after if isinstance(after, timedelta) else timedelta(seconds=after)
 
     def setup(self, req: EventRequest) -> str:
-        return (datetime.now(UTC) + self.after).isoformat()
+        return (clock.now() + self.after).isoformat()
 
 
 def validate_input(handler: Handler | None, event: str, value: Any) -> Any:

@@ -9,15 +9,20 @@ build is re-indexed (and re-validated) only when the shape has changed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 from gorch.errors import DefinitionError
 from gorch.statements import (
+    DAG,
     K_BREAK,
     K_CONTINUE,
+    K_DAG,
     K_FOR,
     K_GO,
+    K_NODE,
+    K_PARALLEL,
     K_SELECT,
     K_STEP,
     K_SWITCH,
@@ -25,6 +30,7 @@ from gorch.statements import (
     NAMED_KINDS,
     Body,
     Case,
+    Node,
     On,
     Section,
     Select,
@@ -35,7 +41,15 @@ from gorch.statements import (
 
 Path = tuple[int, ...]
 
-_KIND_LABEL = {K_STEP: "Step", K_FOR: "For", K_SELECT: "Select", K_GO: "Go", K_WAITFOR: "WaitFor"}
+_KIND_LABEL = {
+    K_STEP: "Step",
+    K_FOR: "For",
+    K_SELECT: "Select",
+    K_GO: "Go",
+    K_WAITFOR: "WaitFor",
+    K_PARALLEL: "Parallel",
+    K_DAG: "DAG",
+}
 
 
 def index_definition(root: Section, owner: str) -> dict[str, Path]:
@@ -44,17 +58,26 @@ def index_definition(root: Section, owner: str) -> dict[str, Path]:
     Raises :class:`DefinitionError` naming the offending statement.
     """
     paths: dict[str, Path] = {}
-    _visit(root.stmts, (), paths, owner, in_for=False)
+    _visit(root.stmts, (), paths, owner, in_for=False, nodes=set())
     return paths
 
 
-def _visit(body: Any, prefix: Path, paths: dict[str, Path], owner: str, in_for: bool) -> None:
+def _visit(
+    body: Any, prefix: Path, paths: dict[str, Path], owner: str, in_for: bool, nodes: set[int]
+) -> None:
+    """Validate ``body``; ``nodes`` holds the ids of the DAG nodes seen (Step(after=) is one)."""
     if not isinstance(body, tuple):
         raise DefinitionError(f"{owner}: a body must be a tuple of statements, got {body!r}")
     for i, st in enumerate(body):
         if type(st) is Step:  # the common case, kept short: definitions are re-validated
             name = st.name
-            if type(name) is str and name and name not in paths and callable(st.fn):
+            if (
+                type(name) is str
+                and name
+                and name not in paths
+                and callable(st.fn)
+                and (getattr(st, "_after", None) is None or id(st) in nodes)
+            ):
                 paths[name] = (*prefix, i)
                 continue
         if not isinstance(st, Stmt):
@@ -81,6 +104,18 @@ def _visit(body: Any, prefix: Path, paths: dict[str, Path], owner: str, in_for: 
         if kind == K_STEP:
             if not callable(st.fn):  # type: ignore[attr-defined]
                 raise DefinitionError(f"{owner}: Step {st.name!r} needs a callable, got {st.fn!r}")  # type: ignore[attr-defined]
+            if st.after and id(st) not in nodes:  # type: ignore[attr-defined]
+                raise DefinitionError(
+                    f"{owner}: Step {st.name!r} has after= but is not a node of a DAG; "  # type: ignore[attr-defined]
+                    "use DAG(name, ...nodes) or plain sequencing (a >> b)"
+                )
+        elif kind == K_NODE:
+            raise DefinitionError(
+                f"{owner}: {st!r} is not inside a DAG; a Node is only meaningful as a DAG node"
+            )
+        elif kind == K_DAG:
+            graph_of(st, owner)  # type: ignore[arg-type]
+            nodes.update(id(n) for n in st.nodes)  # type: ignore[attr-defined]
         elif kind == K_SELECT:
             _check_select(st, owner)  # type: ignore[arg-type]
         elif kind == K_SWITCH:
@@ -98,7 +133,97 @@ def _visit(body: Any, prefix: Path, paths: dict[str, Path], owner: str, in_for: 
         children = st.children()
         inner_for = True if kind == K_FOR else (False if kind == K_GO else in_for)
         for c, child in enumerate(children):
-            _visit(child, (*path, c), paths, owner, inner_for)
+            _visit(child, (*path, c), paths, owner, inner_for, nodes)
+
+
+class DagGraph:
+    """The dependency structure of one DAG build, checked for cycles and unknown names.
+
+    ``order`` is definition order; ``deps`` and ``dependents`` are per node
+    name. Scheduling a completed node looks only at its dependents, so a DAG
+    of n nodes costs O(n + edges), not O(n²).
+    """
+
+    __slots__ = ("dependents", "deps", "order")
+
+    def __init__(self, order: Sequence[str], deps: dict[str, tuple[str, ...]]) -> None:
+        self.order = tuple(order)
+        self.deps = deps
+        self.dependents: dict[str, list[str]] = {n: [] for n in order}
+        for n in order:
+            for d in deps[n]:
+                self.dependents[d].append(n)
+
+    def descendants(self, name: str) -> list[str]:
+        """Every node that depends on ``name``, directly or not, in definition order."""
+        seen: set[str] = set()
+        todo = [name]
+        while todo:
+            for d in self.dependents[todo.pop()]:
+                if d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        return [n for n in self.order if n in seen]
+
+
+def graph_of(dag: DAG, owner: str = "") -> DagGraph:
+    """The checked graph of ``dag`` (cached on the object: one build, one check)."""
+    graph: DagGraph | None = getattr(dag, "_graph", None)
+    if graph is not None:
+        return graph
+    where = f"{owner}: DAG {dag.name!r}" if owner else f"DAG {dag.name!r}"
+    deps: dict[str, tuple[str, ...]] = {}
+    for n in dag.nodes:
+        if not isinstance(n, (Step, Node)):
+            raise DefinitionError(
+                f"{where}: nodes are Step(..., after=[...]) or Node(...), got {n!r}"
+            )
+        if not isinstance(n.name, str) or not n.name:
+            raise DefinitionError(f"{where}: a node needs a non-empty str name, got {n.name!r}")
+        if n.name in deps:
+            raise DefinitionError(f"{where}: node {n.name!r} appears twice")
+        deps[n.name] = n.after
+    for name, after in deps.items():
+        for a in after:
+            if a == name:
+                raise DefinitionError(f"{where}: node {name!r} comes after itself")
+            if a not in deps:
+                raise DefinitionError(
+                    f"{where}: node {name!r} comes after {a!r}, which is not a node of this DAG"
+                    f" (nodes: {', '.join(deps)})"
+                )
+        if len(set(after)) != len(after):
+            raise DefinitionError(f"{where}: node {name!r} lists a node twice in after=")
+    graph = DagGraph(list(deps), deps)
+    cycle = _find_cycle(graph)
+    if cycle:
+        raise DefinitionError(f"{where} has a cycle: {' -> '.join(cycle)}")
+    dag._graph = graph  # type: ignore[attr-defined]
+    return graph
+
+
+def _find_cycle(graph: DagGraph) -> list[str]:
+    """A cycle as a list of names (first == last), or [] when the graph is acyclic."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    for start in graph.order:
+        if start in state:
+            continue
+        path: list[str] = [start]
+        stack = [iter(graph.deps[start])]
+        state[start] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                cycle = path[path.index(nxt) :]
+                return [*reversed([*cycle, nxt])]
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(graph.deps[nxt]))
+    return []
 
 
 def _check_select(st: Select, owner: str) -> None:

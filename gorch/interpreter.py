@@ -26,13 +26,15 @@ ends, so an error raised while walking leaves the state as it was before.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gorch.errors import (
     AmbiguousEvent,
     CursorNotFound,
+    DAGFailed,
     DefinitionError,
     EventNotFound,
     GorchError,
@@ -45,7 +47,8 @@ from gorch.errors import (
     WorkflowFinishedError,
 )
 from gorch.handlers import Handler, HandlerCallError, TimerHandler, call_handler
-from gorch.index import Path, index_definition, stmt_at
+from gorch.hooks import EventContext, ResumeContext, StepContext, chain
+from gorch.index import Path, graph_of, index_definition, stmt_at
 from gorch.state import (
     ACTIVE_EVENT,
     MAIN_THREAD,
@@ -53,6 +56,7 @@ from gorch.state import (
     CheckpointKind,
     EventRequest,
     EventStatus,
+    NodeStatus,
     State,
     Thread,
     ThreadStatus,
@@ -60,11 +64,14 @@ from gorch.state import (
     WorkflowStatus,
 )
 from gorch.statements import (
+    DAG,
     K_BREAK,
     K_CONTINUE,
+    K_DAG,
     K_FOR,
     K_GO,
     K_IF,
+    K_PARALLEL,
     K_RETURN,
     K_SECTION,
     K_SELECT,
@@ -79,7 +86,7 @@ from gorch.statements import (
     Timeout,
     WaitFor,
 )
-from gorch.workflow import Workflow
+from gorch.workflow import STEP_HOOKS, Workflow
 
 log = logging.getLogger("gorch")
 
@@ -103,12 +110,18 @@ class _ClassIndex:
     anything runs.
     """
 
-    __slots__ = ("dynamic", "owner", "paths")
+    __slots__ = ("dynamic", "hooks", "owner", "paths")
 
-    def __init__(self, owner: str) -> None:
+    def __init__(self, cls: type) -> None:
         self.paths: dict[str, Path] | None = None
-        self.owner = owner
+        self.owner = cls.__qualname__
         self.dynamic = False
+        #: The lifecycle hooks ``cls`` overrides: the others are never called.
+        self.hooks = frozenset(
+            name
+            for name in (*STEP_HOOKS, "on_event", "on_waiting", "on_finish")
+            if getattr(cls, name, None) is not getattr(Workflow, name)
+        )
 
 
 _indexes: dict[type, _ClassIndex] = {}
@@ -124,15 +137,27 @@ class _Call:
     dirty = False
     lazy = False
     pending = False
+    wrap_steps = False  # middleware or class hooks around steps
+    mw: Sequence[object] = ()
     root: Section
 
     def __init__(
-        self, wf: Workflow, state: State, checkpoint: Checkpoint | None, max_units: int
+        self,
+        wf: Workflow,
+        state: State,
+        checkpoint: Checkpoint | None,
+        max_units: int,
+        middleware: Sequence[object] = (),
     ) -> None:
         cls = type(wf)
         index = _indexes.get(cls)
         if index is None:
-            index = _indexes[cls] = _ClassIndex(cls.__qualname__)
+            index = _indexes[cls] = _ClassIndex(cls)
+        if middleware:
+            self.mw = middleware
+            self.wrap_steps = True
+        elif index.hooks:
+            self.wrap_steps = not index.hooks.isdisjoint(STEP_HOOKS)
         self.wf = wf
         self.state = state
         self.index = index
@@ -300,9 +325,9 @@ def _frames_of(call: _Call, t: Thread, name: str) -> tuple[list[Frame], Stmt]:
 
 
 _WANT = {
-    ThreadStatus.EXECUTING: K_STEP,
-    ThreadStatus.WAITING_EVENT: K_SELECT,
-    ThreadStatus.WAITING_CONDITION: K_WAITFOR,
+    ThreadStatus.EXECUTING: (K_STEP,),
+    ThreadStatus.WAITING_EVENT: (K_SELECT,),
+    ThreadStatus.WAITING_CONDITION: (K_WAITFOR, K_PARALLEL, K_DAG),  # blocked until true / joined
 }
 
 
@@ -314,8 +339,8 @@ def _locate(call: _Call, t: Thread) -> tuple[list[Frame], Stmt]:
     frames, st = _frames_of(call, t, t.cur_step)
     want = _WANT.get(t.status)
     if want is None and t.case:
-        want = K_SELECT
-    if want is not None and st._kind != want:
+        want = (K_SELECT,)
+    if want is not None and st._kind not in want:
         raise CursorNotFound(t.id, t.cur_step, f"that name is now a {type(st).__name__}")
     if t.case and isinstance(st, Select) and st.case(t.case) is None:
         raise CursorNotFound(
@@ -362,13 +387,16 @@ def resume(
     checkpoint: Checkpoint | None = None,
     *,
     max_units: int = DEFAULT_MAX_UNITS,
+    middleware: Sequence[object] = (),
 ) -> WorkflowStatus:
     """Run every runnable thread until all are blocked; return ``state.status``.
 
     ``checkpoint(kind)`` is called after each step, released WaitFor, setup,
     teardown, and once with ``AFTER_RESUME`` at the very end: save there.
+    ``middleware`` wraps this call, each step and each setup / teardown (see
+    :mod:`gorch.hooks`).
     """
-    return run(wf, state, checkpoint, max_units=max_units)
+    return run(wf, state, checkpoint, max_units=max_units, middleware=middleware)
 
 
 def run(
@@ -378,18 +406,51 @@ def run(
     *,
     max_units: int = DEFAULT_MAX_UNITS,
     lazy_steps: bool = False,
+    middleware: Sequence[object] = (),
+    reason: str = "resume",
 ) -> WorkflowStatus:
-    """:func:`resume`, with an option for callers that save at every checkpoint.
+    """:func:`resume`, with options for callers that save at every checkpoint.
 
     With ``lazy_steps``, ``AFTER_STEP`` is reported just before the next step
     or WaitFor handler starts, and not at all when ``AFTER_RESUME`` comes first:
     a completed step is still saved before any later step runs (so a crash
     re-runs at most the step in flight), with one save fewer per resume.
+    ``reason`` tells middleware why the resume runs (start, event, timer, retry).
     """
     if state.status is WorkflowStatus.FINISHED:
         raise WorkflowFinishedError(state.id)
-    call = _Call(wf, state, checkpoint, max_units)
+    call = _Call(wf, state, checkpoint, max_units, middleware)
     call.lazy = lazy_steps and checkpoint is not None
+    hooks = call.index.hooks
+    if not middleware and not hooks:
+        return _run(call)
+
+    def inner() -> WorkflowStatus:
+        status = _run(call)
+        try:
+            if status is WorkflowStatus.FINISHED:
+                if "on_finish" in hooks:
+                    wf.on_finish()
+            elif status is WorkflowStatus.WAITING and "on_waiting" in hooks:
+                wf.on_waiting([we.req for t in state.threads for we in _active(t)])
+        except Exception:  # the state is saved: there is nothing to undo
+            log.exception("gorch: a lifecycle hook of workflow %r raised", state.id)
+        return status
+
+    if not middleware:
+        return inner()
+    ctx = ResumeContext(state.workflow, state.id, reason, wf, state)
+    return chain(middleware, "around_resume", ctx, inner)  # type: ignore[no-any-return]
+
+
+def _active(t: Thread) -> list[WaitEvent]:
+    if t.status is not _WAITING_EVENT:
+        return []
+    return [we for we in t.wait_events if we.status in ACTIVE_EVENT]
+
+
+def _run(call: _Call) -> WorkflowStatus:
+    state = call.state
     for t in state.threads:  # every cursor must exist before anything changes
         if t.cur_step:
             _locate(call, t)
@@ -466,6 +527,8 @@ def _run_thread(call: _Call, t: Thread) -> None:
     after every unit.
     """
     state = call.state
+    if t.nodes and t.status is _RESUMING and _dag_ended_with_failures(call, t):
+        return
     frames = _position(call, t)
     spawned: list[Thread] = []
     loops = 0  # loop iterations of the current walk, added to call.units on commit
@@ -526,10 +589,15 @@ def _run_thread(call: _Call, t: Thread) -> None:
                 call.save(CheckpointKind.AFTER_STEP)
             call.dirty = True  # the step may change data, even when it fails
             try:
-                st.fn()
+                if call.wrap_steps:
+                    _run_step(call, t, st.name, st.fn)
+                else:
+                    st.fn()
             except Exception as e:
                 t.attempts += 1
                 t.error = f"{type(e).__name__}: {e}"
+                if t.parent and _node_failed(call, t, st.retry):
+                    return  # a DAG node failed for good: recorded, its thread ended
                 raise StepFailed(st.name, t.id, t.attempts, t.error) from e
             t.status = _RESUMING
             last = (len(frames), idx)
@@ -622,6 +690,28 @@ def _run_thread(call: _Call, t: Thread) -> None:
             top[1] = idx + 1
             continue
 
+        if kind in (K_PARALLEL, K_DAG):  # ---- start threads; block until joined
+            if not st.branches:
+                top[1] = idx + 1
+                continue
+            call.verify_at(st, frames)
+            order = graph_of(st, call.index.owner).order if kind == K_DAG else ()
+            if kind == K_PARALLEL:
+                for go in st.branches:
+                    gid = _child_id(t, go.name)
+                    if state.thread(gid) is not None or any(s.id == gid for s in spawned):
+                        raise ThreadExists(gid, go.name)
+                    spawned.append(Thread(id=gid, name=go.name, parent=t.id))
+            _commit(state, spawned, call, loops)
+            t.status = _WAITING_CONDITION
+            t.cur_step = st.name
+            t.case = ""
+            if kind == K_DAG:
+                t.nodes = {}
+                t.node_errors = {}
+                _dag_start(call, t, st, order)
+            return
+
         if kind == K_WAITFOR:  # ---- block until the condition holds
             call.verify_at(st, frames)
             _commit(state, spawned, call, loops)
@@ -670,13 +760,29 @@ def _commit(state: State, spawned: list[Thread], call: _Call, loops: int) -> Non
 
 
 def _release_condition(call: _Call) -> bool:
-    """Release the earliest thread whose WaitFor condition holds; False if none does."""
+    """Release the earliest thread whose WaitFor condition holds or whose Parallel joined.
+
+    Returns False if none can be released. A DAG's thread is released by its
+    last node's end (:func:`_dag_node_ended`), not here.
+    """
     for t in call.state.threads:
         if t.status is not _WAITING_CONDITION:
             continue
-        if call.dirty:
+        _, st = _locate(call, t)  # the kind of statement is structure: any build will do
+        kind = st._kind
+        if kind == K_DAG:
+            continue
+        if kind == K_PARALLEL:
+            tid = t.id
+            if any(o.parent == tid for o in call.state.threads):
+                continue
+            t.status = _RESUMING
+            call.units += 1
+            call.save(CheckpointKind.AFTER_CONDITION)
+            return True
+        if call.dirty:  # the condition must be read from a build of current data
             call.rebuild()
-        _, st = _locate(call, t)
+            _, st = _locate(call, t)
         assert isinstance(st, WaitFor)
         cond = st.cond
         if not (cond if type(cond) is bool else _truth(cond, st.name)):
@@ -690,7 +796,10 @@ def _release_condition(call: _Call) -> bool:
                 call.save(CheckpointKind.AFTER_STEP)
             call.dirty = True
             try:
-                st.handler()
+                if call.wrap_steps:
+                    _run_step(call, t, st.name, st.handler)
+                else:
+                    st.handler()
             except Exception as e:
                 t.attempts += 1
                 t.error = f"{type(e).__name__}: {e}"
@@ -713,6 +822,145 @@ def _end_thread(call: _Call, t: Thread) -> None:
         return
     _drop_waits(call, t)
     state.threads.remove(t)
+    if t.parent:
+        found = _dag_of_node(call, t)
+        if found is not None:
+            _dag_node_ended(call, found[0], found[1], t, NodeStatus.COMPLETED)
+
+
+def _run_step(call: _Call, t: Thread, name: str, fn: Callable[[], Any]) -> Any:
+    """Run a step's function inside the class hooks and the middleware chain."""
+    wf = call.wf
+    hooks = call.index.hooks
+    ctx = StepContext(call.state.workflow, call.state.id, t.id, name, t.attempts + 1, wf)
+
+    def inner() -> Any:
+        try:
+            if "on_step_start" in hooks:
+                wf.on_step_start(ctx)
+            out = fn()
+            if "on_step_end" in hooks:
+                wf.on_step_end(ctx)
+        except Exception as e:
+            if "on_step_error" in hooks:
+                wf.on_step_error(ctx, e)
+            raise
+        return out
+
+    if not call.mw:
+        return inner()
+    return chain(call.mw, "around_step", ctx, inner)
+
+
+# --------------------------------------------------------------------------- Parallel and DAG
+
+
+def _child_id(t: Thread, name: str) -> str:
+    """Id of a Parallel branch's or DAG node's thread: unique per joining thread."""
+    return name if t.id == MAIN_THREAD else f"{t.id}/{name}"
+
+
+def _dag_of_node(call: _Call, t: Thread) -> tuple[Thread, DAG] | None:
+    """The joining thread and its DAG, when ``t`` runs a node of a DAG (not a Parallel branch)."""
+    parent = call.state.thread(t.parent)
+    if parent is None or parent.status is not _WAITING_CONDITION:
+        return None
+    found = call.find(parent.cur_step)
+    if found is None or not isinstance(found[1], DAG):
+        return None
+    return parent, found[1]
+
+
+def _dag_start(call: _Call, t: Thread, dag: DAG, candidates: Sequence[str]) -> None:
+    """Start, in definition order, every candidate whose dependencies all completed.
+
+    With no node left to start or running, the DAG is over: see :func:`_dag_over`.
+    """
+    graph = graph_of(dag)
+    nodes = t.nodes
+    if not (dag.fail_fast and NodeStatus.FAILED in nodes.values()):
+        prefix = f"{dag.name}."
+        for name in candidates:
+            if name in nodes:
+                continue
+            deps = graph.deps[name]
+            if all(nodes.get(d) is NodeStatus.COMPLETED for d in deps):
+                go = prefix + name
+                call.state.threads.append(Thread(id=_child_id(t, go), name=go, parent=t.id))
+    if len(nodes) == len(graph.order):
+        _dag_over(t)
+    elif dag.fail_fast and NodeStatus.FAILED in nodes.values():
+        tid = t.id
+        if not any(o.parent == tid for o in call.state.threads):
+            for name in graph.order:  # nothing runs: what did not start never will
+                nodes.setdefault(name, NodeStatus.SKIPPED)
+            _dag_over(t)
+
+
+def _dag_over(t: Thread) -> None:
+    """Every node ended: release the thread (to fail the DAG there, if a node failed)."""
+    t.status = _RESUMING
+    if NodeStatus.FAILED not in t.nodes.values():
+        t.nodes = {}
+        t.node_errors = {}
+
+
+def _dag_node_ended(call: _Call, parent: Thread, dag: DAG, t: Thread, status: NodeStatus) -> None:
+    """Record how node thread ``t`` ended and start the nodes that were waiting for it."""
+    node = t.name[len(dag.name) + 1 :]
+    graph = graph_of(dag)
+    parent.nodes[node] = status
+    if status is NodeStatus.FAILED:
+        parent.node_errors[node] = t.error
+        for d in graph.descendants(node):
+            parent.nodes.setdefault(d, NodeStatus.SKIPPED)
+        _dag_start(call, parent, dag, ())
+    else:
+        _dag_start(call, parent, dag, graph.dependents[node])
+
+
+def _node_failed(call: _Call, t: Thread, policy: Any) -> bool:
+    """A step of node thread ``t`` failed: True when the node failed for good (recorded).
+
+    A node with a :class:`gorch.Retry` whose attempts are not used up is not
+    failed yet: the caller raises ``StepFailed`` and a later resume retries.
+    """
+    if policy is not None and not policy.exhausted(t.attempts):
+        return False
+    found = _dag_of_node(call, t)
+    if found is None:
+        return False
+    _drop_waits(call, t)
+    call.state.threads.remove(t)
+    _dag_node_ended(call, found[0], found[1], t, NodeStatus.FAILED)
+    return True
+
+
+def _dag_ended_with_failures(call: _Call, t: Thread) -> bool:
+    """``t`` is released from a DAG whose nodes failed: raise ``DAGFailed``, or retry.
+
+    The first time, the failure is recorded on the thread and raised. On the
+    next resume (the failure was reported), the failed and skipped nodes are
+    forgotten and started again; completed nodes are never re-run.
+    """
+    _, st = _locate(call, t)
+    if not isinstance(st, DAG):
+        return False
+    nodes = t.nodes
+    if not t.error:
+        failed = {n: t.node_errors.get(n, "") for n, s in nodes.items() if s is NodeStatus.FAILED}
+        skipped = [n for n in graph_of(st).order if nodes.get(n) is NodeStatus.SKIPPED]
+        t.attempts += 1
+        err = DAGFailed(st.name, t.id, t.attempts, failed, skipped)
+        t.error = err.error
+        raise err
+    t.nodes = {n: s for n, s in nodes.items() if s is NodeStatus.COMPLETED}
+    t.node_errors = {}
+    t.error = ""
+    t.attempts = 0
+    t.status = _WAITING_CONDITION
+    _dag_start(call, t, st, graph_of(st).order)
+    return True
 
 
 # --------------------------------------------------------------------------- setup / teardown
@@ -762,7 +1010,10 @@ def _teardown(call: _Call, we: WaitEvent) -> bool:
     assert handler is not None
     call.dirty = True  # a handler may change the workflow's data
     try:
-        handler.teardown(we.req, we.handled)
+        if call.mw:
+            _event_call(call, we.req, "teardown", lambda: handler.teardown(we.req, we.handled))
+        else:
+            handler.teardown(we.req, we.handled)
     except Exception as e:
         we.status = EventStatus.TEARDOWN_ERROR
         we.error = f"{type(e).__name__}: {e}"
@@ -831,7 +1082,12 @@ def _setup_new_waits(call: _Call) -> list[tuple[str, str, str]]:
             assert handler is not None
             call.dirty = True  # a handler may change the workflow's data
             try:
-                data = handler.setup(we.req)
+                if call.mw:
+                    data = _event_call(
+                        call, we.req, "setup", functools.partial(handler.setup, we.req)
+                    )
+                else:
+                    data = handler.setup(we.req)
                 if data is not None and not isinstance(data, str):
                     raise TypeError(f"setup must return a str or None, got {data!r}")
                 we.req.setup_data = data
@@ -844,6 +1100,13 @@ def _setup_new_waits(call: _Call) -> list[tuple[str, str, str]]:
                 we.error = ""
             call.save(CheckpointKind.AFTER_SETUP)
     return failures
+
+
+def _event_call(call: _Call, req: EventRequest, phase: str, fn: Callable[[], Any]) -> Any:
+    """Run a handler's setup / teardown / handle inside the middleware chain."""
+    state = call.state
+    ctx = EventContext(state.workflow, state.id, req.thread_id, req.name, req.pc, phase, call.wf)
+    return chain(call.mw, "around_event", ctx, fn)
 
 
 # --------------------------------------------------------------------------- events
@@ -920,16 +1183,18 @@ def handle_event(
     *,
     thread_id: str | None = None,
     pc: int | None = None,
+    middleware: Sequence[object] = (),
 ) -> Any:
     """Deliver event ``name`` to the thread awaiting it; return the handler's output.
 
     The next ``resume`` runs the case's body. Every error leaves ``state``
     unchanged; a handler that raised may have changed ``wf`` (do not save).
+    ``middleware`` wraps the handler call (``around_event``, phase ``"handle"``).
     """
     if state.status is WorkflowStatus.FINISHED:
         raise WorkflowFinishedError(state.id)
     t, we = _find_wait(state, name, thread_id, pc)
-    call = _Call(wf, state, None, DEFAULT_MAX_UNITS)
+    call = _Call(wf, state, None, DEFAULT_MAX_UNITS, middleware)
     found = call.find(t.cur_step)
     if found is None or not isinstance(found[1], Select):
         raise CursorNotFound(t.id, t.cur_step, "the thread's Select is gone")
@@ -940,10 +1205,17 @@ def handle_event(
     case = hit[1]
     handler = TimerHandler(case.after) if isinstance(case, Timeout) else case.handler
     try:
-        out = call_handler(handler, name, we.req, input)
+        if middleware or "on_event" in call.index.hooks:
+            out = _handle(call, we.req, handler, input)
+        else:
+            out = call_handler(handler, name, we.req, input)
     except HandlerCallError as e:
         err = e.error
         raise HandlerFailed(name, t.id, f"{type(err).__name__}: {err}") from err
+    except GorchError:
+        raise
+    except Exception as e:  # raised by a middleware or on_event: the handler's failure
+        raise HandlerFailed(name, t.id, f"{type(e).__name__}: {e}") from e
     # Commit: nothing above changed the state. Events that were set up and have
     # a teardown wait for the next resume; the others are dropped now.
     kept: list[WaitEvent] = []
@@ -963,6 +1235,24 @@ def handle_event(
     t.pc += 1
     state.status = WorkflowStatus.RESUMING
     return out
+
+
+def _handle(call: _Call, req: EventRequest, handler: Any, input: Any) -> Any:
+    """``call_handler`` inside ``on_event`` and the middleware chain."""
+    wf = call.wf
+    on_event = "on_event" in call.index.hooks
+    state = call.state
+    ctx = EventContext(
+        state.workflow, state.id, req.thread_id, req.name, req.pc, "handle", wf, input
+    )
+
+    def inner() -> Any:
+        out = call_handler(handler, req.name, req, ctx.input)
+        if on_event:
+            wf.on_event(ctx, out)
+        return out
+
+    return chain(call.mw, "around_event", ctx, inner) if call.mw else inner()
 
 
 # --------------------------------------------------------------------------- tooling

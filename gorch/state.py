@@ -46,6 +46,15 @@ class EventStatus(StrEnum):
     """Teardown failed; retried on a later resume."""
 
 
+class NodeStatus(StrEnum):
+    """What became of a DAG node (a node not listed has not ended yet)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    """Not run: a node it depends on failed (or, with ``fail_fast``, any node did)."""
+
+
 class CheckpointKind(StrEnum):
     """What just happened when ``resume`` calls its ``checkpoint`` callback."""
 
@@ -99,6 +108,12 @@ class Thread:
     attempts: int = 0
     case: str = ""
     """After ``handle_event``: the event whose case body runs next in the Select."""
+    parent: str = ""
+    """For a branch of a Parallel or a DAG node: the id of the thread that joins it."""
+    nodes: dict[str, NodeStatus] = field(default_factory=dict)
+    """While this thread runs a DAG: the nodes that ended, by name."""
+    node_errors: dict[str, str] = field(default_factory=dict)
+    """While this thread runs a DAG: the error of each failed node."""
 
 
 @dataclass(slots=True)
@@ -110,6 +125,8 @@ class State:
     status: WorkflowStatus = WorkflowStatus.RESUMING
     pc: int = 0
     threads: list[Thread] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+    """Small strings kept with the state for tooling (e.g. the trace context)."""
 
     def thread(self, thread_id: str) -> Thread | None:
         for t in self.threads:

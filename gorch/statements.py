@@ -12,7 +12,7 @@ addresses a statement by a *path* of indices through those tuples.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -37,10 +37,18 @@ K_WAITFOR = 7
 K_RETURN = 8
 K_BREAK = 9
 K_CONTINUE = 10
+K_PARALLEL = 11
+K_DAG = 12
+K_NODE = 13
 
 
 class Stmt:
-    """Base class of every statement."""
+    """Base class of every statement.
+
+    ``a >> b`` is ``S(a, b)`` and ``a | b`` is a :class:`Parallel` of both;
+    chains flatten, so ``a >> b >> c`` is one section and ``a | b | c`` one
+    Parallel of three.
+    """
 
     __slots__ = ()
     _kind: int = -1
@@ -48,6 +56,23 @@ class Stmt:
     def children(self) -> tuple[Body, ...]:
         """The bodies nested in this statement, in path order."""
         return ()
+
+    def __rshift__(self, other: object) -> Section:
+        _check_operand(self, ">>", other)
+        return Section(*_seq_parts(self), *_seq_parts(other))  # type: ignore[arg-type]
+
+    def __rrshift__(self, other: object) -> Section:
+        _check_operand(other, ">>", self)
+        raise AssertionError  # unreachable: other is not a statement
+
+    def __or__(self, other: object) -> Parallel:
+        _check_operand(self, "|", other)
+        branches = (*_par_parts(self), *_par_parts(other))  # type: ignore[arg-type]
+        return Parallel("|".join(label_of(b) for b in branches), *branches, _auto=True)
+
+    def __ror__(self, other: object) -> Parallel:
+        _check_operand(other, "|", self)
+        raise AssertionError  # unreachable: other is not a statement
 
 
 class Section(Stmt):
@@ -75,18 +100,33 @@ class Step(Stmt):
     ``retry`` is the Engine's policy for this step (see :class:`gorch.Retry`).
     """
 
-    __slots__ = ("_retry", "fn", "name")
+    __slots__ = ("_after", "_retry", "fn", "name")
     _kind = K_STEP
 
-    def __init__(self, name: str, fn: Callable[[], Any], *, retry: Retry | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[], Any],
+        *,
+        retry: Retry | None = None,
+        after: Iterable[str | Stmt] | None = None,
+    ) -> None:
         self.name = name
         self.fn = fn
-        if retry is not None:  # most steps have none: leave the slot empty (cheaper builds)
+        # Most steps have neither: leave the slots empty (cheaper builds).
+        if retry is not None:
             self._retry = retry
+        if after is not None:
+            self._after = _names(after)
 
     @property
     def retry(self) -> Retry | None:
         return getattr(self, "_retry", None)
+
+    @property
+    def after(self) -> tuple[str, ...]:
+        """Names of the DAG nodes this step runs after (only inside a :class:`DAG`)."""
+        return getattr(self, "_after", ())
 
     def __repr__(self) -> str:
         return f"Step({self.name!r})"
@@ -282,5 +322,134 @@ class Continue(Stmt):
         return "Continue()"
 
 
+class Parallel(Stmt):
+    """Run each branch as its own thread; continue when all of them have ended.
+
+    Branch ``b`` runs in a thread named ``"{name}.{label}"``, where the label
+    is the branch's own name (for a section: its statements' names joined
+    by ``>>``), so thread names stay stable when branches are reordered. A
+    branch may wait on events and timers like any thread.
+    """
+
+    __slots__ = ("_auto", "branches", "name")
+    _kind = K_PARALLEL
+
+    def __init__(self, name: str, *branches: Stmt, _auto: bool = False) -> None:
+        self.name = name
+        self._auto = _auto  # made by ``|``: a further ``|`` adds branches to it
+        self.branches: tuple[Go, ...] = _threads(name, branches)
+
+    def children(self) -> tuple[Body, ...]:
+        return (self.branches,)
+
+    def __repr__(self) -> str:
+        return f"Parallel({self.name!r}, {[g.name for g in self.branches]})"
+
+
+class Node(Stmt):
+    """A node of a :class:`DAG`: ``body`` runs in its own thread after the ``after`` nodes.
+
+    The body may wait on events and timers. ``Step(name, fn, after=[...])``
+    is the short form of a node made of one step.
+    """
+
+    __slots__ = ("after", "body", "name")
+    _kind = K_NODE
+
+    def __init__(self, name: str, *body: Stmt, after: Iterable[str | Stmt] = ()) -> None:
+        self.name = name
+        self.body: Body = body
+        self.after: tuple[str, ...] = _names(after)
+
+    def children(self) -> tuple[Body, ...]:
+        return (self.body,)
+
+    def __repr__(self) -> str:
+        return f"Node({self.name!r}, after={list(self.after)!r})"
+
+
+class DAG(Stmt):
+    """Run nodes as soon as every node they come after has completed.
+
+    Independent nodes run as parallel threads (named ``"{name}.{node}"``),
+    started in definition order. Which nodes completed, failed or were
+    skipped is kept in the state of the thread running the DAG, so a resume
+    never re-runs a completed node. A node fails when its step fails for good
+    (no :class:`gorch.Retry`, or its attempts are used up): every node that
+    depends on it is skipped, independent nodes go on, and once nothing more
+    can run, the DAG raises :class:`gorch.DAGFailed`. Resuming again re-runs
+    the failed and skipped nodes. With ``fail_fast`` no new node starts after
+    the first failure.
+    """
+
+    __slots__ = ("_graph", "branches", "fail_fast", "name", "nodes")
+    _kind = K_DAG
+
+    def __init__(self, name: str, *nodes: Step | Node, fail_fast: bool = False) -> None:
+        self.name = name
+        self.nodes = nodes
+        self.fail_fast = fail_fast
+        self.branches: tuple[Go, ...] = tuple(
+            Go(f"{name}.{n.name}", *(n.body if type(n) is Node else (n,)))
+            for n in nodes
+            if isinstance(n, Stmt)
+        )
+
+    def children(self) -> tuple[Body, ...]:
+        return (self.branches,)
+
+    def __repr__(self) -> str:
+        return f"DAG({self.name!r}, {[getattr(n, 'name', n) for n in self.nodes]})"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def label_of(st: Stmt) -> str:
+    """A stable label for a branch: its name, or its statements' names joined by ``>>``."""
+    name = getattr(st, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    if isinstance(st, Section):
+        return ">>".join(filter(None, map(label_of, st.stmts)))
+    return ""
+
+
+def _threads(name: str, branches: tuple[Stmt, ...]) -> tuple[Go, ...]:
+    labels = [label_of(b) if isinstance(b, Stmt) else "" for b in branches]
+    out = []
+    for i, (b, label) in enumerate(zip(branches, labels, strict=True)):
+        if not label or labels.count(label) > 1:
+            label = f"{label}#{i}" if label else str(i)
+        body = b.stmts if type(b) is Section else (b,)
+        out.append(Go(f"{name}.{label}", *body))
+    return tuple(out)
+
+
+def _names(after: Iterable[str | Stmt]) -> tuple[str, ...]:
+    if isinstance(after, (str, Stmt)):
+        after = (after,)
+    return tuple(a if isinstance(a, str) else str(getattr(a, "name", a)) for a in after)
+
+
+def _check_operand(left: object, op: str, right: object) -> None:
+    for operand in (left, right):
+        if not isinstance(operand, Stmt):
+            raise TypeError(
+                f"{left!r} {op} {right!r}: both operands must be gorch statements, "
+                f"but {operand!r} is a {type(operand).__name__}"
+            )
+
+
+def _seq_parts(st: Stmt) -> Body:
+    return st.stmts if type(st) is Section else (st,)
+
+
+def _par_parts(st: Stmt) -> tuple[Stmt, ...]:
+    if type(st) is Parallel and st._auto:
+        return tuple(g.body[0] if len(g.body) == 1 else Section(*g.body) for g in st.branches)
+    return (st,)
+
+
 #: Statement kinds whose name is a cursor (unique within a definition).
-NAMED_KINDS = frozenset({K_STEP, K_FOR, K_SELECT, K_GO, K_WAITFOR})
+NAMED_KINDS = frozenset({K_STEP, K_FOR, K_SELECT, K_GO, K_WAITFOR, K_PARALLEL, K_DAG})

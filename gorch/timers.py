@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from gorch import clock
 from gorch.state import EventRequest, EventStatus, State, ThreadStatus
 
 
@@ -51,7 +52,7 @@ def due_events(state: State, now: datetime | None = None) -> list[EventRequest]:
     A naive ``now`` is taken as UTC.
     """
     if now is None:
-        now = datetime.now(UTC)
+        now = clock.now()
     elif now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
     due = [(d, i, req) for i, (d, req) in enumerate(_timers(state)) if d <= now]

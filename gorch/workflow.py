@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import pydantic
 
 from gorch.statements import Section, WaitFor
+
+if TYPE_CHECKING:
+    from gorch.hooks import EventContext, StepContext
+    from gorch.state import EventRequest
+
+#: The lifecycle hooks a workflow class may override (see :class:`Workflow`).
+STEP_HOOKS = ("on_step_start", "on_step_end", "on_step_error")
 
 
 class Workflow(pydantic.BaseModel):
@@ -19,6 +28,29 @@ class Workflow(pydantic.BaseModel):
 
     def definition(self) -> Section:
         raise NotImplementedError(f"{type(self).__name__} must implement definition()")
+
+    # Lifecycle hooks: no-ops unless overridden (and then only they cost anything).
+    # An exception raised by a step hook is that step's failure (StepFailed); by
+    # ``on_event``, the handler's (HandlerFailed, state unchanged). ``on_waiting``
+    # and ``on_finish`` run after the final checkpoint: what they raise is logged.
+
+    def on_step_start(self, ctx: StepContext) -> None:
+        """Before a step (or a WaitFor's handler) runs."""
+
+    def on_step_end(self, ctx: StepContext) -> None:
+        """After a step returned."""
+
+    def on_step_error(self, ctx: StepContext, error: Exception) -> None:
+        """After a step (or a hook around it) raised ``error``."""
+
+    def on_event(self, ctx: EventContext, output: Any) -> None:
+        """After an event's handler returned ``output``."""
+
+    def on_waiting(self, awaited: list[EventRequest]) -> None:
+        """At the end of a resume that left the workflow waiting for ``awaited``."""
+
+    def on_finish(self) -> None:
+        """At the end of the resume in which the workflow finished."""
 
 
 class WaitGroup(pydantic.BaseModel):

@@ -1,0 +1,159 @@
+"""Middleware: code that wraps every step, handler call and resume.
+
+A middleware is any object with some of the methods of :class:`Middleware`
+(subclass it to inherit pass-through defaults). Each ``around_*`` method gets
+a context and ``call_next``, a zero-argument callable running the rest of the
+chain; it returns what ``call_next()`` returned, or raises. So one method can
+time, log, enrich the context, veto (raise without calling ``call_next``) or
+retry (call it again). Middleware run in registration order, outermost first:
+``Engine(middleware=...)`` around ``resume(..., middleware=...)``.
+
+An exception raised by a middleware around a step is the step's own failure
+(``StepFailed``, the error recorded on the thread); around a handler it is
+the handler's (``HandlerFailed``, the state unchanged).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from gorch.state import State
+    from gorch.workflow import Workflow
+
+CallNext = Callable[[], Any]
+
+#: Why a resume runs (set by the Engine; plain ``resume`` calls say ``"resume"``).
+ResumeReason = Literal["start", "event", "timer", "retry", "resume"]
+
+
+@dataclass(slots=True)
+class ResumeContext:
+    """One ``resume`` call of one workflow instance."""
+
+    workflow: str
+    workflow_id: str
+    reason: str
+    wf: Workflow
+    state: State
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free for middleware: anything a middleware wants to pass along."""
+
+
+@dataclass(slots=True)
+class StepContext:
+    """One attempt of one step (or of a WaitFor's handler)."""
+
+    workflow: str
+    workflow_id: str
+    thread_id: str
+    step: str
+    attempt: int
+    """1 for the first run of the step, 2 for its first retry, ..."""
+    wf: Workflow
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class EventContext:
+    """One handler call: ``phase`` is ``"handle"``, ``"setup"`` or ``"teardown"``."""
+
+    workflow: str
+    workflow_id: str
+    thread_id: str
+    event: str
+    pc: int
+    phase: str
+    wf: Workflow
+    input: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Middleware:
+    """Pass-through base class: override the methods you need."""
+
+    def around_resume(self, ctx: ResumeContext, call_next: CallNext) -> Any:
+        return call_next()
+
+    def around_step(self, ctx: StepContext, call_next: CallNext) -> Any:
+        return call_next()
+
+    def around_event(self, ctx: EventContext, call_next: CallNext) -> Any:
+        return call_next()
+
+
+def chain(middleware: Sequence[object], method: str, ctx: Any, inner: CallNext) -> Any:
+    """Run ``inner`` inside every middleware's ``method`` (first one outermost)."""
+    wrappers = [getattr(m, method) for m in middleware if hasattr(m, method)]
+    if not wrappers:
+        return inner()
+
+    def at(i: int) -> Any:
+        if i == len(wrappers):
+            return inner()
+        return wrappers[i](ctx, lambda: at(i + 1))
+
+    return at(0)
+
+
+class LoggingMiddleware(Middleware):
+    """Log every step, handler call and resume on a stdlib logger.
+
+    The context goes into ``extra`` (``gorch_workflow``, ``gorch_workflow_id``,
+    ``gorch_thread``, ``gorch_step`` / ``gorch_event``, ``gorch_attempt``,
+    ``gorch_duration``), so JSON formatters and structlog pick it up as fields.
+    Successes log at ``level`` (INFO), failures at WARNING with the error.
+    """
+
+    def __init__(self, logger: logging.Logger | str = "gorch", level: int = logging.INFO) -> None:
+        self.logger = logging.getLogger(logger) if isinstance(logger, str) else logger
+        self.level = level
+
+    def around_resume(self, ctx: ResumeContext, call_next: CallNext) -> Any:
+        extra = {
+            "gorch_workflow": ctx.workflow,
+            "gorch_workflow_id": ctx.workflow_id,
+            "gorch_reason": ctx.reason,
+        }
+        return self._timed(f"resume of {ctx.workflow} {ctx.workflow_id!r}", extra, call_next)
+
+    def around_step(self, ctx: StepContext, call_next: CallNext) -> Any:
+        extra = {
+            "gorch_workflow": ctx.workflow,
+            "gorch_workflow_id": ctx.workflow_id,
+            "gorch_thread": ctx.thread_id,
+            "gorch_step": ctx.step,
+            "gorch_attempt": ctx.attempt,
+        }
+        what = f"step {ctx.step!r} of {ctx.workflow} {ctx.workflow_id!r} (attempt {ctx.attempt})"
+        return self._timed(what, extra, call_next)
+
+    def around_event(self, ctx: EventContext, call_next: CallNext) -> Any:
+        extra = {
+            "gorch_workflow": ctx.workflow,
+            "gorch_workflow_id": ctx.workflow_id,
+            "gorch_thread": ctx.thread_id,
+            "gorch_event": ctx.event,
+            "gorch_phase": ctx.phase,
+        }
+        what = f"{ctx.phase} of event {ctx.event!r} of {ctx.workflow} {ctx.workflow_id!r}"
+        return self._timed(what, extra, call_next)
+
+    def _timed(self, what: str, extra: dict[str, Any], call_next: CallNext) -> Any:
+        if not self.logger.isEnabledFor(min(self.level, logging.WARNING)):
+            return call_next()
+        t0 = time.perf_counter()
+        try:
+            out = call_next()
+        except Exception as e:
+            extra["gorch_duration"] = time.perf_counter() - t0
+            extra["gorch_error"] = f"{type(e).__name__}: {e}"
+            self.logger.warning("%s failed: %s", what, extra["gorch_error"], extra=extra)
+            raise
+        extra["gorch_duration"] = duration = time.perf_counter() - t0
+        self.logger.log(self.level, "%s ok in %.6fs", what, duration, extra=extra)
+        return out
