@@ -24,7 +24,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -33,9 +33,11 @@ from uuid import uuid4
 
 import pydantic
 
+from gorch import clock
 from gorch.codec import dumps, loads
 from gorch.errors import (
     Conflict,
+    DAGFailed,
     EventNotFound,
     GorchError,
     InvalidWorkflowData,
@@ -104,6 +106,11 @@ class ThreadInfo(pydantic.BaseModel):
     cur_step: str
     error: str = ""
     attempts: int = 0
+    parent: str = ""
+    """For a Parallel branch or a DAG node: the thread that joins it."""
+    nodes: dict[str, str] = {}
+    """While the thread runs a DAG: completed / failed / skipped nodes, by name."""
+    node_errors: dict[str, str] = {}
 
 
 class Snapshot(pydantic.BaseModel):
@@ -160,7 +167,7 @@ def _seconds(v: timedelta | float) -> timedelta:
 
 
 def _now() -> datetime:
-    return datetime.now(UTC)
+    return clock.now()
 
 
 class Engine:
@@ -181,6 +188,7 @@ class Engine:
         lease: timedelta | float = 60.0,
         conflict_retries: int = 100,
         error_backoff: timedelta | float = 60.0,
+        middleware: Sequence[object] = (),
     ) -> None:
         if isinstance(store, str):
             from gorch.stores import open_store
@@ -195,6 +203,8 @@ class Engine:
         self.lease = _seconds(lease)
         self.conflict_retries = conflict_retries
         self.error_backoff = _seconds(error_backoff)
+        #: Wraps every resume, step and handler call (see :mod:`gorch.hooks`).
+        self.middleware: tuple[object, ...] = tuple(middleware)
 
     # ------------------------------------------------------------------ public API
 
@@ -215,9 +225,10 @@ class Engine:
         with contextlib.suppress(WorkflowNotFound):
             self.store.load(wid)
             raise WorkflowExists(wid)
-        cur = _Loaded(Record(wid, name, InstanceStatus.RESUMING, b"", 0, None), wf, state)
+        blob = dumps(wf, state)  # not stored yet: what a failed first step reverts to
+        cur = _Loaded(Record(wid, name, InstanceStatus.RESUMING, blob, 0, None), wf, state)
         try:
-            self._drive(cur)
+            self._drive(cur, "start")
         except Conflict:  # a worker took over (our lease ran out): report what it saved
             return self.get(wid)
         return self._snapshot(cur)
@@ -241,7 +252,15 @@ class Engine:
             cur = self._load(id)
             self._check_active(cur)
             try:
-                out = handle_event(cur.wf, cur.state, event, input, thread_id=thread_id, pc=pc)
+                out = handle_event(
+                    cur.wf,
+                    cur.state,
+                    event,
+                    input,
+                    thread_id=thread_id,
+                    pc=pc,
+                    middleware=self.middleware,
+                )
             except EventNotFound:
                 # A resume is pending (another event's case body has not run yet, so
                 # the thread has not reached its Select): run it, then try again.
@@ -264,7 +283,7 @@ class Engine:
                 continue
             if not self.defer_resume:
                 try:
-                    self._drive(cur)
+                    self._drive(cur, "event")
                 except Conflict:
                     log.debug("gorch: resume of %r after %r left to a later writer", id, event)
             return out
@@ -296,7 +315,7 @@ class Engine:
                 t.attempts = 0
             try:
                 self._write(cur, InstanceStatus.RESUMING)
-                self._drive(cur)
+                self._drive(cur, "retry")
             except Conflict:
                 continue
             return self._snapshot(cur)
@@ -496,8 +515,13 @@ class Engine:
             wake = retry_at if wake is None else min(wake, retry_at)
         return wake
 
-    def _drive(self, cur: _Loaded) -> None:
-        """Resume with a save at every checkpoint; apply retry policies to failed steps."""
+    def _drive(self, cur: _Loaded, reason: str = "resume") -> None:
+        """Resume with a save at every checkpoint; apply retry policies to failed steps.
+
+        A failed step (or a hook around it) may have changed the data before
+        raising: the data saved with the failure is the data the step started
+        from (every earlier change was saved before the step ran).
+        """
 
         def checkpoint(kind: CheckpointKind) -> None:
             # Setups run right before the final AFTER_RESUME, with no step in
@@ -507,8 +531,17 @@ class Engine:
                 self._write(cur, driving=True)
 
         try:
-            run_state(cur.wf, cur.state, checkpoint, lazy_steps=True)
+            run_state(
+                cur.wf,
+                cur.state,
+                checkpoint,
+                lazy_steps=True,
+                middleware=self.middleware,
+                reason=reason,
+            )
         except StepFailed as e:
+            if not isinstance(e, DAGFailed) and cur.rec.blob:
+                cur.wf = loads(cur.rec.blob, type(cur.wf))[0]
             step = find_statement(cur.wf, e.step)
             policy = getattr(step, "retry", None)
             if policy is not None and not policy.exhausted(e.attempts):
@@ -544,7 +577,14 @@ class Engine:
             if state.status is WorkflowStatus.WAITING:
                 for req in due_events(state, now):
                     try:
-                        handle_event(wf, state, req.name, thread_id=req.thread_id, pc=req.pc)
+                        handle_event(
+                            wf,
+                            state,
+                            req.name,
+                            thread_id=req.thread_id,
+                            pc=req.pc,
+                            middleware=self.middleware,
+                        )
                     except (StaleEvent, EventNotFound):
                         continue  # an earlier timer of the same wait ended it
                     fired.append(req.name)
@@ -552,7 +592,7 @@ class Engine:
                     action = "timer"
                     self._write(cur, driving=True)
             if state.status is not WorkflowStatus.FINISHED:
-                self._drive(cur)
+                self._drive(cur, "retry" if action == "retry" else "timer" if fired else "resume")
             return DueResult(id=rec.id, action=action, fired=fired, status=cur.rec.status)
         except Exception as e:
             log.exception("gorch: run_due could not process %r", rec.id)
@@ -568,6 +608,9 @@ class Engine:
                 cur_step=t.cur_step,
                 error=t.error,
                 attempts=t.attempts,
+                parent=t.parent,
+                nodes=dict(t.nodes),
+                node_errors=dict(t.node_errors),
             )
             for t in state.threads
         ]
