@@ -86,16 +86,26 @@ class Middleware:
         return call_next()
 
 
-def chain(middleware: Sequence[object], method: str, ctx: Any, inner: CallNext) -> Any:
-    """Run ``inner`` inside every middleware's ``method`` (first one outermost)."""
-    wrappers = [getattr(m, method) for m in middleware if hasattr(m, method)]
-    if not wrappers:
+def wrappers(middleware: Sequence[object], method: str) -> list[Callable[[Any, CallNext], Any]]:
+    """The bound ``method`` of each middleware that has its own (pass-throughs cost nothing)."""
+    base = getattr(Middleware, method)
+    return [
+        getattr(m, method)
+        for m in middleware
+        if getattr(type(m), method, base) is not base
+        or (not isinstance(m, Middleware) and hasattr(m, method))
+    ]
+
+
+def chain(wrapped: Sequence[Callable[[Any, CallNext], Any]], ctx: Any, inner: CallNext) -> Any:
+    """Run ``inner`` inside every wrapper (the first one outermost)."""
+    if not wrapped:
         return inner()
 
     def at(i: int) -> Any:
-        if i == len(wrappers):
+        if i == len(wrapped):
             return inner()
-        return wrappers[i](ctx, lambda: at(i + 1))
+        return wrapped[i](ctx, lambda: at(i + 1))
 
     return at(0)
 

@@ -47,7 +47,7 @@ from gorch.errors import (
     WorkflowFinishedError,
 )
 from gorch.handlers import Handler, HandlerCallError, TimerHandler, call_handler
-from gorch.hooks import EventContext, ResumeContext, StepContext, chain
+from gorch.hooks import EventContext, ResumeContext, StepContext, chain, wrappers
 from gorch.index import Path, graph_of, index_definition, stmt_at
 from gorch.state import (
     ACTIVE_EVENT,
@@ -138,7 +138,9 @@ class _Call:
     lazy = False
     pending = False
     wrap_steps = False  # middleware or class hooks around steps
-    mw: Sequence[object] = ()
+    step_mw: list[Any] = []
+    event_mw: list[Any] = []
+    deferred: list[StepFailed] = []
     root: Section
 
     def __init__(
@@ -154,10 +156,10 @@ class _Call:
         if index is None:
             index = _indexes[cls] = _ClassIndex(cls)
         if middleware:
-            self.mw = middleware
+            self.step_mw = wrappers(middleware, "around_step")
+            self.event_mw = wrappers(middleware, "around_event")
+        if self.step_mw or (index.hooks and not index.hooks.isdisjoint(STEP_HOOKS)):
             self.wrap_steps = True
-        elif index.hooks:
-            self.wrap_steps = not index.hooks.isdisjoint(STEP_HOOKS)
         self.wf = wf
         self.state = state
         self.index = index
@@ -437,10 +439,11 @@ def run(
             log.exception("gorch: a lifecycle hook of workflow %r raised", state.id)
         return status
 
-    if not middleware:
+    around = wrappers(middleware, "around_resume")
+    if not around:
         return inner()
     ctx = ResumeContext(state.workflow, state.id, reason, wf, state)
-    return chain(middleware, "around_resume", ctx, inner)  # type: ignore[no-any-return]
+    return chain(around, ctx, inner)  # type: ignore[no-any-return]
 
 
 def _active(t: Thread) -> list[WaitEvent]:
@@ -470,6 +473,8 @@ def _run(call: _Call) -> WorkflowStatus:
             state.status = WorkflowStatus.RESUMING
     call.pending = False
     call.save(CheckpointKind.AFTER_RESUME)
+    if call.deferred:
+        raise call.deferred[0]
     if failures:
         raise SetupError(failures)
     return state.status
@@ -484,6 +489,8 @@ def _schedule(call: _Call) -> bool:
     while True:
         for t in state.threads:
             if t.status is _RESUMING or t.status is _EXECUTING:
+                if call.deferred and any(d.thread_id == t.id for d in call.deferred):
+                    continue  # failed in this resume: retried by a later one
                 _run_thread(call, t)
                 if state.status is WorkflowStatus.FINISHED:
                     return True
@@ -596,9 +603,10 @@ def _run_thread(call: _Call, t: Thread) -> None:
             except Exception as e:
                 t.attempts += 1
                 t.error = f"{type(e).__name__}: {e}"
-                if t.parent and _node_failed(call, t, st.retry):
-                    return  # a DAG node failed for good: recorded, its thread ended
-                raise StepFailed(st.name, t.id, t.attempts, t.error) from e
+                err = StepFailed(st.name, t.id, t.attempts, t.error)
+                if t.parent and _node_failed(call, t, st.retry, err, e):
+                    return  # a DAG node: failed for good, or retried after the others ran
+                raise err from e
             t.status = _RESUMING
             last = (len(frames), idx)
             if t.attempts:
@@ -847,9 +855,9 @@ def _run_step(call: _Call, t: Thread, name: str, fn: Callable[[], Any]) -> Any:
             raise
         return out
 
-    if not call.mw:
+    if not call.step_mw:
         return inner()
-    return chain(call.mw, "around_step", ctx, inner)
+    return chain(call.step_mw, ctx, inner)
 
 
 # --------------------------------------------------------------------------- Parallel and DAG
@@ -919,17 +927,21 @@ def _dag_node_ended(call: _Call, parent: Thread, dag: DAG, t: Thread, status: No
         _dag_start(call, parent, dag, graph.dependents[node])
 
 
-def _node_failed(call: _Call, t: Thread, policy: Any) -> bool:
-    """A step of node thread ``t`` failed: True when the node failed for good (recorded).
+def _node_failed(call: _Call, t: Thread, policy: Any, err: StepFailed, cause: Exception) -> bool:
+    """A step of thread ``t`` failed: True when ``t`` is a DAG node and that is handled here.
 
-    A node with a :class:`gorch.Retry` whose attempts are not used up is not
-    failed yet: the caller raises ``StepFailed`` and a later resume retries.
+    A node whose step has a :class:`gorch.Retry` with attempts left stays on
+    the step, and the ``StepFailed`` is deferred to the end of the resume so
+    that independent nodes run first. Otherwise the node failed for good: it
+    is recorded, its dependents are skipped and its thread ends.
     """
-    if policy is not None and not policy.exhausted(t.attempts):
-        return False
     found = _dag_of_node(call, t)
     if found is None:
         return False
+    if policy is not None and not policy.exhausted(t.attempts):
+        err.__cause__ = cause
+        call.deferred = [*call.deferred, err]
+        return True
     _drop_waits(call, t)
     call.state.threads.remove(t)
     _dag_node_ended(call, found[0], found[1], t, NodeStatus.FAILED)
@@ -1010,7 +1022,7 @@ def _teardown(call: _Call, we: WaitEvent) -> bool:
     assert handler is not None
     call.dirty = True  # a handler may change the workflow's data
     try:
-        if call.mw:
+        if call.event_mw:
             _event_call(call, we.req, "teardown", lambda: handler.teardown(we.req, we.handled))
         else:
             handler.teardown(we.req, we.handled)
@@ -1082,7 +1094,7 @@ def _setup_new_waits(call: _Call) -> list[tuple[str, str, str]]:
             assert handler is not None
             call.dirty = True  # a handler may change the workflow's data
             try:
-                if call.mw:
+                if call.event_mw:
                     data = _event_call(
                         call, we.req, "setup", functools.partial(handler.setup, we.req)
                     )
@@ -1106,7 +1118,7 @@ def _event_call(call: _Call, req: EventRequest, phase: str, fn: Callable[[], Any
     """Run a handler's setup / teardown / handle inside the middleware chain."""
     state = call.state
     ctx = EventContext(state.workflow, state.id, req.thread_id, req.name, req.pc, phase, call.wf)
-    return chain(call.mw, "around_event", ctx, fn)
+    return chain(call.event_mw, ctx, fn)
 
 
 # --------------------------------------------------------------------------- events
@@ -1205,7 +1217,7 @@ def handle_event(
     case = hit[1]
     handler = TimerHandler(case.after) if isinstance(case, Timeout) else case.handler
     try:
-        if middleware or "on_event" in call.index.hooks:
+        if call.event_mw or "on_event" in call.index.hooks:
             out = _handle(call, we.req, handler, input)
         else:
             out = call_handler(handler, name, we.req, input)
@@ -1252,7 +1264,7 @@ def _handle(call: _Call, req: EventRequest, handler: Any, input: Any) -> Any:
             wf.on_event(ctx, out)
         return out
 
-    return chain(call.mw, "around_event", ctx, inner) if call.mw else inner()
+    return chain(call.event_mw, ctx, inner) if call.event_mw else inner()
 
 
 # --------------------------------------------------------------------------- tooling
