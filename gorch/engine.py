@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import copy
 import logging
 import random
 import re
@@ -52,10 +53,12 @@ from gorch.errors import (
     WorkflowNotFound,
     summarize_validation,
 )
+from gorch.handlers import FunctionHandler, Handler, signature_of
 from gorch.interpreter import cancel as cancel_state
 from gorch.interpreter import find_statement, handle_event
 from gorch.interpreter import run as run_state
 from gorch.state import ACTIVE_EVENT, CheckpointKind, State, ThreadStatus, WorkflowStatus, new_state
+from gorch.statements import On, Select, Timeout
 from gorch.stores.base import Record, Store
 from gorch.timers import due_events, due_time, next_wakeup
 from gorch.workflow import Workflow
@@ -97,6 +100,12 @@ class EventInfo(pydantic.BaseModel):
     status: str
     due: datetime | None = None
     """For timers: when ``run_due`` fires it."""
+    input_schema: dict[str, Any] | None = None
+    """JSON schema of the input the event's handler validates (``{}``: any JSON).
+
+    None when the event takes no input (a timer, a case without handler, a
+    zero-argument handler) or its case cannot be found in the current definition.
+    """
 
 
 class ThreadInfo(pydantic.BaseModel):
@@ -151,6 +160,68 @@ class DueResult(pydantic.BaseModel):
     fired: list[str] = []
     status: str = ""
     error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EventTypes:
+    """What a Select case's handler takes and returns, read from its annotations.
+
+    Shared by snapshots (the awaited events' input schemas) and the HTTP app
+    (one documented operation per event), so both describe an event alike.
+    """
+
+    takes_input: bool
+    input_type: Any
+    """The annotation the input is validated against; ``Any`` when unvalidated."""
+    output_type: Any
+    """The declared output; ``Any`` when not declared."""
+
+    @property
+    def typed(self) -> bool:
+        """Whether pydantic validates the input (so JSON text may be passed as bytes)."""
+        return self.takes_input and self.input_type is not Any
+
+
+_NO_INPUT = EventTypes(False, None, type(None))
+
+
+def event_types(case: On | Timeout) -> EventTypes:
+    """The input and output types of ``case``'s handler (``DefinitionError`` if unreadable)."""
+    if isinstance(case, Timeout):
+        return _NO_INPUT
+    h = case.handler
+    if h is None:
+        return _NO_INPUT
+    if isinstance(h, Handler) and not isinstance(h, FunctionHandler):
+        out = Any if h.output_type is None else h.output_type
+        return EventTypes(True, Any if h.input_type is None else h.input_type, out)
+    sig = h.sig if isinstance(h, FunctionHandler) else signature_of(h)
+    out = Any if sig.output_type is None else sig.output_type
+    if not sig.takes_input:
+        return EventTypes(False, None, out)
+    return EventTypes(True, Any if sig.input is None else sig.input.type, out)
+
+
+_schemas: dict[Any, dict[str, Any] | None] = {}
+
+
+def json_schema_of(tp: Any) -> dict[str, Any] | None:
+    """pydantic's JSON schema for ``tp`` (cached per type); None if it has none."""
+    try:
+        schema = _schemas[tp]
+    except KeyError:
+        schema = _schemas[tp] = _make_schema(tp)
+    except TypeError:  # unhashable annotation
+        schema = _make_schema(tp)
+    return copy.deepcopy(schema)
+
+
+def _make_schema(tp: Any) -> dict[str, Any] | None:
+    try:
+        return pydantic.TypeAdapter(tp).json_schema()
+    except Exception:  # not representable as JSON schema, or not a type pydantic knows
+        log.debug("gorch: no JSON schema for %r", tp, exc_info=True)
+        return None
 
 
 @dataclass(slots=True)
@@ -538,6 +609,7 @@ class Engine:
                 lazy_steps=True,
                 middleware=self.middleware,
                 reason=reason,
+                restore=lambda: self._restore_data(cur),
             )
         except StepFailed as e:
             if not isinstance(e, DAGFailed) and cur.rec.blob:
@@ -562,6 +634,20 @@ class Engine:
             log.error("gorch: resume of %r failed: %s", cur.rec.id, e)
             self._write(cur, InstanceStatus.RESUMING, _now() + self.error_backoff)
             raise
+
+    @staticmethod
+    def _restore_data(cur: _Loaded) -> None:
+        """Put back the data last saved (a DAG node's step failed after changing it).
+
+        In place, because step functions are bound to this instance. The last
+        save is the data the step started from: it was saved just before the
+        step ran.
+        """
+        if not cur.rec.blob:
+            return
+        saved = loads(cur.rec.blob, type(cur.wf))[0]
+        for name in type(cur.wf).model_fields:
+            object.__setattr__(cur.wf, name, getattr(saved, name))
 
     def _process_due(self, rec: Record, now: datetime) -> DueResult:
         action = "resume"
@@ -614,6 +700,7 @@ class Engine:
             )
             for t in state.threads
         ]
+        selects: dict[str, Select | None] = {}
         awaited = [
             EventInfo(
                 name=we.req.name,
@@ -621,6 +708,7 @@ class Engine:
                 pc=we.req.pc,
                 status=we.status,
                 due=due_time(we.req),
+                input_schema=_input_schema(cur.wf, we.select or t.cur_step, we.req.name, selects),
             )
             for t in state.threads
             if t.status is ThreadStatus.WAITING_EVENT
@@ -639,3 +727,25 @@ class Engine:
             next_wakeup=cur.rec.wake_at if cur.rec.status != InstanceStatus.RESUMING else None,
             error=error,
         )
+
+
+def _input_schema(
+    wf: Workflow, select: str, event: str, selects: dict[str, Select | None]
+) -> dict[str, Any] | None:
+    """The input schema of ``event`` in Select ``select``; a snapshot never fails over it."""
+    if select not in selects:
+        try:
+            st = find_statement(wf, select)
+        except Exception:  # a definition that fails now is reported by resume, not get
+            log.debug("gorch: cannot find Select %r for its input schema", select, exc_info=True)
+            st = None
+        selects[select] = st if isinstance(st, Select) else None
+    st = selects[select]
+    hit = st.case(event) if st is not None else None
+    if hit is None:
+        return None
+    try:
+        types = event_types(hit[1])
+    except GorchError:
+        return None
+    return json_schema_of(types.input_type) if types.takes_input else None

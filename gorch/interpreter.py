@@ -110,12 +110,15 @@ class _ClassIndex:
     anything runs.
     """
 
-    __slots__ = ("dynamic", "hooks", "owner", "paths")
+    __slots__ = ("dags", "dynamic", "hooks", "owner", "paths")
 
     def __init__(self, cls: type) -> None:
         self.paths: dict[str, Path] | None = None
         self.owner = cls.__qualname__
         self.dynamic = False
+        #: Names of the DAGs: their graphs are checked at the start of every call,
+        #: since ``after=`` lists may come from data without changing the shape.
+        self.dags: tuple[str, ...] = ()
         #: The lifecycle hooks ``cls`` overrides: the others are never called.
         self.hooks = frozenset(
             name
@@ -141,6 +144,7 @@ class _Call:
     step_mw: list[Any] = []
     event_mw: list[Any] = []
     deferred: list[StepFailed] = []
+    restore: Callable[[], None] | None = None
     root: Section
 
     def __init__(
@@ -197,8 +201,11 @@ class _Call:
         """Validate the current build and index it (DefinitionError if invalid)."""
         if self.index.paths is not None:
             self.index.dynamic = True
-        self.index.paths = index_definition(self.root, self.index.owner)
+        paths = self.index.paths = index_definition(self.root, self.index.owner)
         self.indexed_gen = self.gen
+        self.index.dags = tuple(
+            name for name, path in paths.items() if isinstance(stmt_at(self.root, path), DAG)
+        )
 
     def find(self, name: str) -> tuple[Path, Stmt] | None:
         """Path and statement named ``name`` in the current build, or None."""
@@ -410,6 +417,7 @@ def run(
     lazy_steps: bool = False,
     middleware: Sequence[object] = (),
     reason: str = "resume",
+    restore: Callable[[], None] | None = None,
 ) -> WorkflowStatus:
     """:func:`resume`, with options for callers that save at every checkpoint.
 
@@ -418,11 +426,19 @@ def run(
     a completed step is still saved before any later step runs (so a crash
     re-runs at most the step in flight), with one save fewer per resume.
     ``reason`` tells middleware why the resume runs (start, event, timer, retry).
+    ``restore()``, when given, is called as soon as a DAG node's step fails,
+    before other threads go on: a caller that saved before every step (as
+    with ``lazy_steps``) puts back the data that step started from.
     """
     if state.status is WorkflowStatus.FINISHED:
         raise WorkflowFinishedError(state.id)
     call = _Call(wf, state, checkpoint, max_units, middleware)
     call.lazy = lazy_steps and checkpoint is not None
+    call.restore = restore
+    for name in call.index.dags:  # a cycle that data made is refused before anything runs
+        found = call.find(name)
+        if found is not None and isinstance(found[1], DAG):
+            graph_of(found[1], call.index.owner)
     hooks = call.index.hooks
     if not middleware and not hooks:
         return _run(call)
@@ -704,6 +720,11 @@ def _run_thread(call: _Call, t: Thread) -> None:
                 continue
             call.verify_at(st, frames)
             order = graph_of(st, call.index.owner).order if kind == K_DAG else ()
+            if kind == K_DAG:  # node threads are started later: their ids must be free now
+                taken = {o.id for o in state.threads}.union(o.id for o in spawned)
+                for go in st.branches:
+                    if _child_id(t, go.name) in taken:
+                        raise ThreadExists(_child_id(t, go.name), go.name)
             if kind == K_PARALLEL:
                 for go in st.branches:
                     gid = _child_id(t, go.name)
@@ -811,7 +832,10 @@ def _release_condition(call: _Call) -> bool:
             except Exception as e:
                 t.attempts += 1
                 t.error = f"{type(e).__name__}: {e}"
-                raise StepFailed(st.name, t.id, t.attempts, t.error) from e
+                err = StepFailed(st.name, t.id, t.attempts, t.error)
+                if t.parent and _node_failed(call, t, None, err, e):
+                    return True  # a DAG node failed for good: recorded, its thread ended
+                raise err from e
         t.status = _RESUMING
         t.attempts = 0
         t.error = ""
@@ -938,6 +962,8 @@ def _node_failed(call: _Call, t: Thread, policy: Any, err: StepFailed, cause: Ex
     found = _dag_of_node(call, t)
     if found is None:
         return False
+    if call.restore is not None:
+        call.restore()
     if policy is not None and not policy.exhausted(t.attempts):
         err.__cause__ = cause
         call.deferred = [*call.deferred, err]

@@ -392,7 +392,7 @@ class DAG(Stmt):
         self.branches: tuple[Go, ...] = tuple(
             Go(f"{name}.{n.name}", *(n.body if type(n) is Node else (n,)))
             for n in nodes
-            if isinstance(n, Stmt)
+            if type(n) is Node or type(n) is Step  # anything else: refused by validation
         )
 
     def children(self) -> tuple[Body, ...]:
@@ -410,9 +410,8 @@ def label_of(st: Stmt) -> str:
     name = getattr(st, "name", None)
     if isinstance(name, str) and name:
         return name
-    if isinstance(st, Section):
-        return ">>".join(filter(None, map(label_of, st.stmts)))
-    return ""
+    inner = (label_of(s) for body in st.children() for s in body if isinstance(s, Stmt))
+    return ">>".join(filter(None, inner))
 
 
 def _threads(name: str, branches: tuple[Stmt, ...]) -> tuple[Go, ...]:
