@@ -63,6 +63,11 @@ from gorch.stores.base import Record, Store
 from gorch.timers import due_events, due_time, next_wakeup
 from gorch.workflow import Workflow
 
+try:  # the ``otel`` extra: spans and metrics, no-ops until the application sets up an SDK
+    from gorch import otel as _otel
+except ImportError:  # pragma: no cover - exercised without the extra
+    _otel = None  # type: ignore[assignment]
+
 log = logging.getLogger("gorch")
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}")
@@ -274,6 +279,9 @@ class Engine:
         self.lease = _seconds(lease)
         self.conflict_retries = conflict_retries
         self.error_backoff = _seconds(error_backoff)
+        self.telemetry = None
+        if _otel is not None:  # OpenTelemetry first (outermost), unless passed explicitly
+            self.telemetry, middleware = _otel.with_telemetry(middleware)
         #: Wraps every resume, step and handler call (see :mod:`gorch.hooks`).
         self.middleware: tuple[object, ...] = tuple(middleware)
 
@@ -321,8 +329,8 @@ class Engine:
         """
         for _ in self._attempts(id):
             cur = self._load(id)
-            self._check_active(cur)
             try:
+                self._check_active(cur)
                 out = handle_event(
                     cur.wf,
                     cur.state,
@@ -332,7 +340,7 @@ class Engine:
                     pc=pc,
                     middleware=self.middleware,
                 )
-            except EventNotFound:
+            except EventNotFound as e:
                 # A resume is pending (another event's case body has not run yet, so
                 # the thread has not reached its Select): run it, then try again.
                 # If another process holds a lease (it is running the instance), wait
@@ -342,12 +350,16 @@ class Engine:
                     cur.state.status is not WorkflowStatus.RESUMING
                     or cur.rec.status != InstanceStatus.RESUMING
                 ):
+                    self._rejected(cur, event, e)
                     raise
                 if cur.rec.wake_at is not None and cur.rec.wake_at > _now():
                     continue  # leased: the next attempt reloads after a short sleep
                 with contextlib.suppress(Conflict):
                     self._drive(cur)
                 continue
+            except GorchError as e:
+                self._rejected(cur, event, e)
+                raise
             try:
                 self._write(cur, driving=not self.defer_resume)
             except Conflict:
@@ -426,6 +438,8 @@ class Engine:
                 self._write(cur, InstanceStatus.CANCELLED)
             except Conflict:
                 continue
+            if self.telemetry is not None:
+                self.telemetry.record_completed(cur.rec.workflow, "cancelled")
             return self._snapshot(cur)
         raise AssertionError("unreachable")
 
@@ -443,10 +457,12 @@ class Engine:
         """
         now = _now() if now is None else (now if now.tzinfo else now.replace(tzinfo=UTC))
         results: builtins.list[DueResult] = []
-        for rec in self.store.claim_due(now, limit, self.lease):
-            if should_stop is not None and should_stop():
-                break  # the rest stays claimed until its lease runs out
-            results.append(self._process_due(rec, now))
+        with contextlib.ExitStack() as stack:
+            due = stack.enter_context(self.telemetry.run_due_span()) if self.telemetry else None
+            for rec in self.store.claim_due(now, limit, self.lease):
+                if should_stop is not None and should_stop():
+                    break  # the rest stays claimed until its lease runs out
+                results.append(self._process_due(rec, now, due))
         return results
 
     def work(
@@ -567,7 +583,13 @@ class Engine:
             return
         if blob == rec.blob and status == rec.status and wake == rec.wake_at:
             return  # nothing changed: keep the version (an idle resume writes nothing)
-        cur.rec = self.store.save(rec.id, rec.version, status, blob, wake)
+        try:
+            cur.rec = self.store.save(rec.id, rec.version, status, blob, wake)
+        except Conflict:
+            if self.telemetry is not None:
+                store = type(self.store).__name__.removesuffix("Store").lower()
+                self.telemetry.record_conflict(store, rec.workflow)
+            raise
 
     def _wake(self, state: State, status: InstanceStatus, driving: bool) -> datetime | None:
         if status is InstanceStatus.RESUMING:
@@ -621,6 +643,8 @@ class Engine:
                 log.info("gorch: step %r of %r failed (%s); retrying", e.step, cur.rec.id, e.error)
                 return
             self._write(cur, InstanceStatus.FAILED, False)
+            if self.telemetry is not None:
+                self.telemetry.record_completed(cur.rec.workflow, "failed")
             if policy is None:
                 raise
             log.warning("gorch: step %r of %r failed for good: %s", e.step, cur.rec.id, e.error)
@@ -634,6 +658,14 @@ class Engine:
             log.error("gorch: resume of %r failed: %s", cur.rec.id, e)
             self._write(cur, InstanceStatus.RESUMING, _now() + self.error_backoff)
             raise
+
+    def _rejected(self, cur: _Loaded, event: str, e: GorchError) -> None:
+        """Count an event refused before its handler ran (invalid input is counted by it)."""
+        if self.telemetry is None or _otel is None:
+            return
+        outcome = _otel.rejection_outcome(e)
+        if outcome is not None and outcome != "invalid":
+            self.telemetry.record_event_rejected(cur.rec.workflow, event, outcome)
 
     @staticmethod
     def _restore_data(cur: _Loaded) -> None:
@@ -649,10 +681,12 @@ class Engine:
         for name in type(cur.wf).model_fields:
             object.__setattr__(cur.wf, name, getattr(saved, name))
 
-    def _process_due(self, rec: Record, now: datetime) -> DueResult:
+    def _process_due(self, rec: Record, now: datetime, due: Any = None) -> DueResult:
         action = "resume"
         try:
             wf, state = loads(rec.blob, self._cls(rec.workflow))
+            if due is not None:
+                due.link(rec.id, state)
             cur = _Loaded(rec, wf, state, lease_until=rec.wake_at)
             if rec.status not in _ACTIVE:  # nothing to do: clear the wake-up
                 self._write(cur, InstanceStatus(rec.status), False)
@@ -674,6 +708,10 @@ class Engine:
                     except (StaleEvent, EventNotFound):
                         continue  # an earlier timer of the same wait ended it
                     fired.append(req.name)
+                    due_at = due_time(req)
+                    if self.telemetry is not None and due_at is not None:
+                        lag = (_now() - due_at).total_seconds()
+                        self.telemetry.record_timer_lag(rec.workflow, req.name, lag)
                 if fired:  # save the firing first: a timer is delivered once
                     action = "timer"
                     self._write(cur, driving=True)

@@ -71,6 +71,8 @@ class EventContext:
     wf: Workflow
     input: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    state: State | None = None
+    """The state the event belongs to (tooling may keep small strings in ``state.meta``)."""
 
 
 class Middleware:

@@ -1143,7 +1143,9 @@ def _setup_new_waits(call: _Call) -> list[tuple[str, str, str]]:
 def _event_call(call: _Call, req: EventRequest, phase: str, fn: Callable[[], Any]) -> Any:
     """Run a handler's setup / teardown / handle inside the middleware chain."""
     state = call.state
-    ctx = EventContext(state.workflow, state.id, req.thread_id, req.name, req.pc, phase, call.wf)
+    ctx = EventContext(
+        state.workflow, state.id, req.thread_id, req.name, req.pc, phase, call.wf, state=state
+    )
     return chain(call.event_mw, ctx, fn)
 
 
@@ -1281,7 +1283,7 @@ def _handle(call: _Call, req: EventRequest, handler: Any, input: Any) -> Any:
     on_event = "on_event" in call.index.hooks
     state = call.state
     ctx = EventContext(
-        state.workflow, state.id, req.thread_id, req.name, req.pc, "handle", wf, input
+        state.workflow, state.id, req.thread_id, req.name, req.pc, "handle", wf, input, state=state
     )
 
     def inner() -> Any:
