@@ -24,7 +24,6 @@ Only the standard library is used for measuring.
 """
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -34,7 +33,7 @@ from datetime import timedelta
 from typing import Any
 
 import pydantic
-from benchkit import fmt, table, timed
+from benchkit import emit, fmt, table, timed
 
 import gorch
 from gorch import For, If, On, Return, S, Select, Step, Timeout
@@ -508,11 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
     args = parser.parse_args(None if argv is None else [str(a) for a in argv])
     report = run_all(Config(quick=args.quick))
-    print(render(report))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+    emit(report, render(report), args.json)
     return 0
 
 

@@ -28,7 +28,6 @@ Only the standard library is used for measuring.
 
 import argparse
 import itertools
-import json
 import logging
 import os
 import platform
@@ -39,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from benchkit import fmt, table, timed
+from benchkit import emit, fmt, table, timed
 
 import gorch
 from gorch import DAG, S, Step
@@ -404,11 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
     args = parser.parse_args(None if argv is None else [str(a) for a in argv])
     report = run_all(Config(quick=args.quick))
-    print(render(report))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+    emit(report, render(report), args.json)
     return 0
 
 

@@ -40,7 +40,6 @@ Only the standard library is used for measuring.
 import argparse
 import contextlib
 import functools
-import json
 import os
 import platform
 import shutil
@@ -57,7 +56,7 @@ from typing import Any
 
 import msgpack
 import pydantic
-from benchkit import fmt, table, timed
+from benchkit import emit, fmt, table, timed
 
 import gorch
 from gorch import On, S, Select, Step, Timeout
@@ -1006,11 +1005,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(None if argv is None else [str(a) for a in argv])
     report = run_all(Config(quick=args.quick, stores=args.stores))
-    print(render(report))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+    emit(report, render(report), args.json)
     return 0
 
 

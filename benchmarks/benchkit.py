@@ -41,3 +41,14 @@ def timed(run: Callable[[], Any]) -> float:
         return time.perf_counter() - t0
     finally:
         gc.enable()
+
+
+def emit(report: dict[str, Any], rendered: str, json_path: str | None) -> None:
+    """Print the tables; with ``--json PATH``, also write every figure there."""
+    import json
+
+    print(rendered)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, ensure_ascii=False)
+            f.write("\n")

@@ -246,6 +246,23 @@ def _now() -> datetime:
     return clock.now()
 
 
+def initial_data(
+    name: str, cls: type[Workflow], data: Mapping[str, Any] | Workflow | str | bytes | None
+) -> Workflow:
+    """A new instance of workflow ``name`` from a dict, JSON, or an instance (as is)."""
+    if isinstance(data, cls):
+        return data
+    try:
+        if isinstance(data, (bytes, str)):
+            return cls.model_validate_json(data)
+        return cls.model_validate(dict(data or {}))
+    except pydantic.ValidationError as e:
+        errors = e.errors(include_url=False, include_context=False)
+        raise InvalidWorkflowData(name, summarize_validation(errors), errors) from e
+    except (TypeError, ValueError) as e:
+        raise InvalidWorkflowData(name, str(e)) from e
+
+
 class Engine:
     """Runs registered workflow classes against a store.
 
@@ -292,7 +309,7 @@ class Engine:
     ) -> Snapshot:
         """Create an instance, run it until it blocks (unless deferred), return its snapshot."""
         cls = self._cls(name)
-        wf = self._initial_data(name, cls, data)
+        wf = initial_data(name, cls, data)
         wid = uuid4().hex if id is None else self._check_id(id)
         state = new_state(wid, name)
         if self.defer_resume:  # stored at once; run_due resumes it
@@ -504,22 +521,6 @@ class Engine:
         if not isinstance(id, str) or not _ID_RE.fullmatch(id):
             raise InvalidWorkflowId(id)
         return id
-
-    @staticmethod
-    def _initial_data(
-        name: str, cls: type[Workflow], data: Mapping[str, Any] | Workflow | None
-    ) -> Workflow:
-        if isinstance(data, cls):
-            return data
-        try:
-            if isinstance(data, (bytes, str)):
-                return cls.model_validate_json(data)
-            return cls.model_validate(dict(data or {}))
-        except pydantic.ValidationError as e:
-            errors = e.errors(include_url=False, include_context=False)
-            raise InvalidWorkflowData(name, summarize_validation(errors), errors) from e
-        except (TypeError, ValueError) as e:
-            raise InvalidWorkflowData(name, str(e)) from e
 
     def _attempts(self, id: str) -> Iterator[int]:
         """Yield attempt numbers; sleep a little, with jitter, between them."""

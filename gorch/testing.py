@@ -30,16 +30,15 @@ import pydantic
 
 from gorch.clock import use_clock
 from gorch.codec import dumps, loads
+from gorch.engine import initial_data
 from gorch.errors import (
     DAGFailed,
     GorchError,
-    InvalidWorkflowData,
     SerializationError,
     StepFailed,
     UnknownWorkflow,
     WorkflowExists,
     WorkflowNotFound,
-    summarize_validation,
 )
 from gorch.hooks import CallNext, StepContext
 from gorch.interpreter import awaited_events, handle_event
@@ -259,7 +258,7 @@ class WorkflowEnv:
             cls = self.workflows[name]
         except KeyError:
             raise UnknownWorkflow(name, list(self.workflows)) from None
-        wf = _initial_data(name, cls, data)
+        wf = initial_data(name, cls, data)
         if id is None:
             self._counter += 1
             while f"{name}-{self._counter}" in self._instances:
@@ -536,22 +535,6 @@ class WorkflowEnv:
                 f"workflow {id!r} {where}: the blob is not byte-stable "
                 "(dumps(*loads(blob)) differs; a gorch bug: please report it)"
             )
-
-
-def _initial_data(
-    name: str, cls: type[Workflow], data: Mapping[str, Any] | Workflow | str | bytes | None
-) -> Workflow:
-    if isinstance(data, cls):
-        return data
-    try:
-        if isinstance(data, (bytes, str)):
-            return cls.model_validate_json(data)
-        return cls.model_validate(dict(data or {}))
-    except pydantic.ValidationError as e:
-        errors = e.errors(include_url=False, include_context=False)
-        raise InvalidWorkflowData(name, summarize_validation(errors), errors) from e
-    except (TypeError, ValueError) as e:
-        raise InvalidWorkflowData(name, str(e)) from e
 
 
 def _same_scalar(a: Any, b: Any) -> bool:
