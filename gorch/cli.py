@@ -17,10 +17,11 @@ import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
+from gorch.codec import loads
 from gorch.engine import DueResult, Engine, Snapshot
-from gorch.errors import GorchError
+from gorch.errors import GorchError, UnknownWorkflow
 from gorch.workflow import Workflow
 
 DEFAULT_STORE = "sqlite:///gorch.db"
@@ -193,6 +194,94 @@ def cmd_migrate(args: argparse.Namespace) -> None:
         print(f"schema ready in {store.url or type(store).__name__}")
 
 
+def _env_value(var: str | None, flag: str) -> str | None:
+    """The value of the environment variable a flag names (secrets stay off the command line)."""
+    if var is None:
+        return None
+    value = os.environ.get(var)
+    if not value:
+        raise CLIError(f"{flag} names the environment variable {var!r}, which is unset or empty")
+    return value
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from gorch.http import create_app
+    except ImportError as e:
+        raise CLIError(
+            f"gorch serve needs FastAPI and uvicorn: pip install 'gorch[http]' ({e})"
+        ) from e
+    if not (args.app or os.environ.get("GORCH_APP")):
+        raise CLIError("gorch serve needs --app module:engine (or GORCH_APP)")
+    secret = _env_value(args.secret_env, "--secret-env")
+    token = _env_value(args.token_env, "--token-env")
+    if args.max_body <= 0:
+        raise CLIError(f"--max-body must be positive, got {args.max_body}")
+    engine = _engine(args)
+    app = create_app(engine, secret=secret, token=token, max_body=args.max_body)
+    guards = [name for name, on in (("token", token), ("signed requests", secret)) if on]
+    print(
+        f"gorch serve: {', '.join(engine.workflows) or 'no workflows'} on "
+        f"http://{args.host}:{args.port} (docs at /docs"
+        + (f"; {' and '.join(guards)} required" if guards else "")
+        + ")",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def _mermaid() -> Callable[..., str]:
+    try:
+        module = importlib.import_module("gorch.graph")
+    except ImportError as e:
+        raise CLIError(f"Mermaid diagrams need gorch.graph: {e}") from e
+    return cast(Callable[..., str], module.mermaid)
+
+
+def _workflow_class(args: argparse.Namespace) -> tuple[str, type[Workflow]]:
+    """TARGET as ``module:Class``, or as a workflow name registered in ``--app``."""
+    target: str = args.target
+    if ":" in target:
+        obj = _load_app(target)
+        if not (isinstance(obj, type) and issubclass(obj, Workflow)):
+            raise CLIError(f"{target!r} is not a gorch.Workflow subclass")
+        return obj.__name__, obj
+    app_spec = args.app or os.environ.get("GORCH_APP")
+    if not app_spec:
+        raise CLIError(f"{target!r} is not 'module:Class'; to name a workflow, pass --app")
+    app = _load_app(app_spec)
+    workflows = app.workflows if isinstance(app, Engine) else app
+    if not isinstance(workflows, Mapping):
+        raise CLIError(f"--app {app_spec!r} is neither a gorch.Engine nor a mapping")
+    if target not in workflows:
+        raise UnknownWorkflow(target, list(workflows))
+    return target, workflows[target]
+
+
+def cmd_graph(args: argparse.Namespace) -> None:
+    if (args.target is None) == (args.id is None):
+        raise CLIError("graph needs module:Class (or a workflow name with --app), or --id ID")
+    mermaid = _mermaid()
+    if args.id is not None:
+        engine = _engine(args)
+        rec = engine.store.load(Engine._check_id(args.id))
+        cls = engine.workflows.get(rec.workflow)
+        if cls is None:
+            raise UnknownWorkflow(rec.workflow, list(engine.workflows))
+        wf, state = loads(rec.blob, cls)  # the instance: its data may shape the definition
+        name, wid, text = rec.workflow, rec.id, mermaid(wf, state)
+    else:
+        name, cls = _workflow_class(args)
+        wid, text = None, mermaid(cls)
+    if args.json:
+        print(_json({"workflow": name, "id": wid, "mermaid": text}))
+    else:
+        print(text.rstrip("\n"))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from gorch.demo import run_demo
 
@@ -259,6 +348,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", parents=[common], help="create the store's schema")
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser(
+        "graph",
+        parents=[common],
+        help="print a Mermaid diagram of a workflow class, or of an instance with its cursors",
+    )
+    p.add_argument("target", nargs="?", help="module:Class, or a workflow name registered in --app")
+    p.add_argument("--id", help="an instance id (with --app): mark where its threads are")
+    p.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser(
+        "serve", parents=[common], help="serve the webhook and REST API (needs gorch[http])"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--secret-env",
+        metavar="VAR",
+        help="environment variable holding the HMAC secret: POST/PUT must be signed",
+    )
+    p.add_argument(
+        "--token-env",
+        metavar="VAR",
+        help="environment variable holding the bearer token every route but /healthz needs",
+    )
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

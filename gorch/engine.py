@@ -342,7 +342,9 @@ class Engine:
 
         The event is applied to the latest version exactly once (a lost
         compare-and-swap re-applies it to the new version); then the instance
-        is resumed, inline or by a worker.
+        is resumed, inline or by a worker. A step failing in that resume does
+        not make ``send`` fail: the event was delivered, and the instance shows
+        the failure (``failed``, or ``retrying`` under a retry policy).
         """
         for _ in self._attempts(id):
             cur = self._load(id)
@@ -386,6 +388,10 @@ class Engine:
                     self._drive(cur, "event")
                 except Conflict:
                     log.debug("gorch: resume of %r after %r left to a later writer", id, event)
+                except StepFailed as e:
+                    # The event is delivered and saved: its sender did its part. The
+                    # failure is the instance's (status failed, ``get`` shows the error).
+                    log.warning("gorch: %s (workflow %r, after event %r)", e, id, event)
             return out
         raise AssertionError("unreachable")
 
