@@ -54,7 +54,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pydantic
-from benchkit import fmt, table
+from benchkit import emit, fmt, table
 
 import gorch
 from gorch import On, S, Select, Step
@@ -800,11 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     cfg = Config(args.quick, args.stores, args.requests, args.concurrency, args.max_seconds)
     report = run_all(cfg)
-    print(render(report))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+    emit(report, render(report), args.json)
     return 1 if report["errors"] else 0
 
 
