@@ -113,11 +113,11 @@ class Step(Stmt):
     ) -> None:
         self.name = name
         self.fn = fn
-        # Most steps have neither: leave the slots empty (cheaper builds).
-        if retry is not None:
-            self._retry = retry
-        if after is not None:
-            self._after = _names(after)
+        if retry is not None or after is not None:  # most steps have neither: slots stay empty
+            if retry is not None:
+                self._retry = retry
+            if after is not None:
+                self._after = _names(after)
 
     @property
     def retry(self) -> Retry | None:
