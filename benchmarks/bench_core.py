@@ -28,12 +28,12 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 import pydantic
-from benchkit import emit, fmt, table, timed
+from benchkit import emit, fmt, measure, summary, table, timed
 
 import gorch
 from gorch import For, If, On, Return, S, Select, Step, Timeout
@@ -197,44 +197,6 @@ class Config:
 _timed = timed
 
 
-def _summary(per_op_seconds: list[float]) -> dict[str, float]:
-    us = [s * 1e6 for s in per_op_seconds]
-    return {"median_us": statistics.median(us), "best_us": min(us)}
-
-
-def measure(
-    prepare: Callable[[], Any],
-    op: Callable[[Any], Any],
-    count: int,
-    cfg: Config,
-    check: Callable[[Any], bool] | None = None,
-) -> dict[str, float]:
-    """Time ``op(item)`` over ``count`` items made by ``prepare()`` (untimed).
-
-    Returns the median and the best of ``cfg.repeats`` repeats, in µs per op,
-    after ``cfg.warmup`` untimed rounds. ``check(result)`` (if given) is
-    applied to every result after the timed region.
-    """
-    samples: list[float] = []
-    for r in range(cfg.warmup + cfg.repeats):
-        items = [prepare() for _ in range(count)]
-        results: list[Any] = [None] * count
-
-        def run(items: list[Any] = items, results: list[Any] = results) -> int:
-            for k, item in enumerate(items):
-                results[k] = op(item)
-            return len(items)
-
-        elapsed = _timed(run)
-        if check is not None:
-            for res in results:
-                if not check(res):
-                    raise AssertionError(f"benchmark op gave an unexpected result: {res!r}")
-        if r >= cfg.warmup:
-            samples.append(elapsed / count)
-    return _summary(samples)
-
-
 # --------------------------------------------------------------------------- benchmarks
 
 
@@ -355,7 +317,7 @@ def bench_event_loop(cfg: Config) -> dict[str, dict[str, float]]:
             totals.append(statistics.fmean(sum(it) / n for it in runs))
             first.append(statistics.fmean(statistics.fmean(it[:tenth]) for it in runs))
             last.append(statistics.fmean(statistics.fmean(it[-tenth:]) for it in runs))
-        total = _summary(totals)
+        total = summary(totals)
         first_us = statistics.median(first) * 1e6
         last_us = statistics.median(last) * 1e6
         out[str(n)] = {

@@ -32,13 +32,12 @@ import logging
 import os
 import platform
 import random
-import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from benchkit import emit, fmt, table, timed
+from benchkit import emit, fmt, measure, table
 
 import gorch
 from gorch import DAG, S, Step
@@ -137,44 +136,6 @@ class Config:
         self.dag_sizes = {100: 20, 1000: 2} if quick else {100: 200, 1000: 20, 10000: 3}
         # (b): workflows of MIDDLEWARE_STEPS steps resumed per repeat
         self.mw_count = 2 if quick else 20
-
-
-def _summary(per_op_seconds: list[float]) -> dict[str, float]:
-    us = [s * 1e6 for s in per_op_seconds]
-    return {"median_us": statistics.median(us), "best_us": min(us)}
-
-
-def measure(
-    prepare: Callable[[], Any],
-    op: Callable[[Any], Any],
-    count: int,
-    cfg: Config,
-    check: Callable[[Any], bool] | None = None,
-) -> dict[str, float]:
-    """Time ``op(item)`` over ``count`` items made by ``prepare()`` (untimed).
-
-    Median and best of ``cfg.repeats`` repeats, in µs per op, after
-    ``cfg.warmup`` untimed rounds; ``check(result)`` is applied to every
-    result after the timed region.
-    """
-    samples: list[float] = []
-    for r in range(cfg.warmup + cfg.repeats):
-        items = [prepare() for _ in range(count)]
-        results: list[Any] = [None] * count
-
-        def run(items: list[Any] = items, results: list[Any] = results) -> int:
-            for k, item in enumerate(items):
-                results[k] = op(item)
-            return len(items)
-
-        elapsed = timed(run)
-        if check is not None:
-            for res in results:
-                if not check(res):
-                    raise AssertionError(f"benchmark op gave an unexpected result: {res!r}")
-        if r >= cfg.warmup:
-            samples.append(elapsed / count)
-    return _summary(samples)
 
 
 def _resume(item: tuple[Any, gorch.State]) -> tuple[gorch.WorkflowStatus, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 
 def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
@@ -52,3 +52,51 @@ def emit(report: dict[str, Any], rendered: str, json_path: str | None) -> None:
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, ensure_ascii=False)
             f.write("\n")
+
+
+class Repeats(Protocol):
+    """What :func:`measure` needs of a benchmark's configuration."""
+
+    warmup: int
+    repeats: int
+
+
+def measure(
+    prepare: Callable[[], Any],
+    op: Callable[[Any], Any],
+    count: int,
+    cfg: Repeats,
+    check: Callable[[Any], bool] | None = None,
+) -> dict[str, float]:
+    """Time ``op(item)`` over ``count`` items made by ``prepare()`` (untimed).
+
+    Returns the median and the best of ``cfg.repeats`` repeats, in µs per op,
+    after ``cfg.warmup`` untimed rounds. ``check(result)`` (if given) is
+    applied to every result after the timed region.
+    """
+    samples: list[float] = []
+    for r in range(cfg.warmup + cfg.repeats):
+        items = [prepare() for _ in range(count)]
+        results: list[Any] = [None] * count
+
+        def run(items: list[Any] = items, results: list[Any] = results) -> int:
+            for k, item in enumerate(items):
+                results[k] = op(item)
+            return len(items)
+
+        elapsed = timed(run)
+        if check is not None:
+            for res in results:
+                if not check(res):
+                    raise AssertionError(f"benchmark op gave an unexpected result: {res!r}")
+        if r >= cfg.warmup:
+            samples.append(elapsed / count)
+    return summary(samples)
+
+
+def summary(per_op_seconds: Sequence[float]) -> dict[str, float]:
+    """Median and best of the samples, in µs."""
+    import statistics
+
+    us = [s * 1e6 for s in per_op_seconds]
+    return {"median_us": statistics.median(us), "best_us": min(us)}

@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from flow_support import Logged, new, noop
 from freezegun import freeze_time
-from pydantic import Field
 
 import gorch
 from gorch import CheckpointKind as CK
@@ -38,27 +38,6 @@ T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 # --------------------------------------------------------------------------- helpers
 
 
-class Logged(gorch.Workflow):
-    log: list[str] = Field(default_factory=list)
-    fail: list[str] = Field(default_factory=list)
-
-    def note(self, what: str) -> Any:
-        def step() -> None:
-            self.log.append(what)
-            if what in self.fail:
-                raise RuntimeError(f"{what} broke")
-
-        return step
-
-
-def noop() -> None:
-    pass
-
-
-def new(wf: gorch.Workflow) -> gorch.State:
-    return gorch.new_state(f"{type(wf).__name__}-1", type(wf).__name__)
-
-
 def threads(state: gorch.State) -> dict[str, tuple[TS, str, str]]:
     """``id -> (status, cur_step, parent)`` of every thread."""
     return {t.id: (t.status, t.cur_step, t.parent) for t in state.threads}
@@ -80,17 +59,17 @@ def deliver_all(wf: gorch.Workflow, state: gorch.State) -> None:
 class TwoBranches(Logged):
     def definition(self) -> gorch.Section:
         return S(
-            Step("start", self.note("start")),
+            Step("start", self.run("start")),
             Parallel(
                 "par",
-                Step("a", self.note("a")),
+                Step("a", self.run("a")),
                 S(
-                    Step("b1", self.note("b1")),
+                    Step("b1", self.run("b1")),
                     Select("wait b", On("go")),
-                    Step("b2", self.note("b2")),
+                    Step("b2", self.run("b2")),
                 ),
             ),
-            Step("end", self.note("end")),
+            Step("end", self.run("end")),
         )
 
 
@@ -118,10 +97,10 @@ class SameEventTwice(Logged):
         return S(
             Parallel(
                 "approvals",
-                S(Select("ask ann", On("approve")), Step("ann ok", self.note("ann"))),
-                S(Select("ask bob", On("approve")), Step("bob ok", self.note("bob"))),
+                S(Select("ask ann", On("approve")), Step("ann ok", self.run("ann"))),
+                S(Select("ask bob", On("approve")), Step("bob ok", self.run("bob"))),
             ),
-            Step("done", self.note("done")),
+            Step("done", self.run("done")),
         )
 
 
@@ -154,11 +133,11 @@ class TimedBranch(Logged):
                 "par",
                 S(
                     Select("wait", On("go"), Timeout("late", timedelta(hours=1))),
-                    Step("x", self.note("x")),
+                    Step("x", self.run("x")),
                 ),
-                Step("y", self.note("y")),
+                Step("y", self.run("y")),
             ),
-            Step("end", self.note("end")),
+            Step("end", self.run("end")),
         )
 
 
@@ -197,7 +176,7 @@ class LoopedParallel(Logged):
                 ),
                 Step("inc", self.inc),
             ),
-            Step("end", self.note("end")),
+            Step("end", self.run("end")),
         )
 
 
@@ -232,12 +211,12 @@ class NestedParallel(Logged):
                 "outer",
                 Parallel(
                     "inner",
-                    S(Select("wait i", On("go")), Step("i1", self.note("i1"))),
-                    Step("i2", self.note("i2")),
+                    S(Select("wait i", On("go")), Step("i1", self.run("i1"))),
+                    Step("i2", self.run("i2")),
                 ),
-                Step("o", self.note("o")),
+                Step("o", self.run("o")),
             ),
-            Step("end", self.note("end")),
+            Step("end", self.run("end")),
         )
 
 
@@ -266,10 +245,10 @@ class ParallelInGo(Logged):
                 "worker",
                 Parallel(
                     "par",
-                    S(Select("wait", On("go")), Step("a", self.note("a"))),
-                    Step("b", self.note("b")),
+                    S(Select("wait", On("go")), Step("a", self.run("a"))),
+                    Step("b", self.run("b")),
                 ),
-                Step("worker done", self.note("worker done")),
+                Step("worker done", self.run("worker done")),
             ),
             Select("main wait", On("stop")),
         )
@@ -293,14 +272,14 @@ def test_parallel_inside_a_go_thread_prefixes_child_ids() -> None:
 class FailingBranch(Logged):
     def definition(self) -> gorch.Section:
         return S(
-            Step("start", self.note("start")),
+            Step("start", self.run("start")),
             Parallel(
                 "par",
-                Step("ok", self.note("ok")),
-                S(Step("flaky", self.note("flaky")), Step("after flaky", self.note("after"))),
-                Step("ok2", self.note("ok2")),
+                Step("ok", self.run("ok")),
+                S(Step("flaky", self.run("flaky")), Step("after flaky", self.run("after"))),
+                Step("ok2", self.run("ok2")),
             ),
-            Step("end", self.note("end")),
+            Step("end", self.run("end")),
         )
 
 
@@ -381,7 +360,7 @@ def test_branch_threads_are_named_after_the_branch_labels() -> None:
 
 class EmptyParallel(Logged):
     def definition(self) -> gorch.Section:
-        return S(Parallel("nothing"), Step("after", self.note("after")))
+        return S(Parallel("nothing"), Step("after", self.run("after")))
 
 
 def test_empty_parallel_just_continues() -> None:
@@ -472,9 +451,9 @@ def test_derived_parallel_name_is_stable_across_builds() -> None:
 class Etl(Logged):
     def definition(self) -> gorch.Section:
         return (
-            Step("extract", self.note("extract"))
-            >> (Step("a", self.note("a")) | Step("b", self.note("b")))
-            >> Step("load", self.note("load"))
+            Step("extract", self.run("extract"))
+            >> (Step("a", self.run("a")) | Step("b", self.run("b")))
+            >> Step("load", self.run("load"))
         )
 
 
@@ -491,9 +470,9 @@ def test_operator_chain_is_a_complete_definition() -> None:
 class EtlWaiting(Logged):
     def definition(self) -> gorch.Section:
         return (
-            Step("extract", self.note("extract"))
-            >> (Step("a", self.note("a")) | (Select("wait", On("go")) >> Step("b", self.note("b"))))
-            >> Step("load", self.note("load"))
+            Step("extract", self.run("extract"))
+            >> (Step("a", self.run("a")) | (Select("wait", On("go")) >> Step("b", self.run("b"))))
+            >> Step("load", self.run("load"))
         )
 
 
@@ -586,8 +565,8 @@ def test_one_parallel_run_by_two_go_threads_keeps_their_branches_apart() -> None
 class UnnamedBranches(Logged):
     def definition(self) -> gorch.Section:
         return S(
-            If(True, Step("a", self.note("a"))) | If(True, Step("b", self.note("b"))),
-            If(True, Step("c", self.note("c"))) | If(True, Step("d", self.note("d"))),
+            If(True, Step("a", self.run("a"))) | If(True, Step("b", self.run("b"))),
+            If(True, Step("c", self.run("c"))) | If(True, Step("d", self.run("d"))),
         )
 
 
@@ -600,7 +579,7 @@ def test_two_operator_parallels_of_unnamed_branches_do_not_clash() -> None:
 def test_operator_parallel_of_unnamed_branches_alone_runs() -> None:
     class One(Logged):
         def definition(self) -> gorch.Section:
-            return S(If(True, Step("a", self.note("a"))) | If(True, Step("b", self.note("b"))))
+            return S(If(True, Step("a", self.run("a"))) | If(True, Step("b", self.run("b"))))
 
     wf = One()
     assert gorch.resume(wf, new(wf)) is WS.FINISHED

@@ -14,6 +14,7 @@ import itertools
 from typing import Any
 
 import pytest
+from flow_support import Logged, new, noop
 from pydantic import Field
 
 import gorch
@@ -28,27 +29,6 @@ MAIN = gorch.MAIN_THREAD
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class Logged(gorch.Workflow):
-    log: list[str] = Field(default_factory=list)
-    fail: list[str] = Field(default_factory=list)
-
-    def run(self, what: str) -> Any:
-        def step() -> None:
-            self.log.append(what)
-            if what in self.fail:
-                raise RuntimeError(f"{what} broke")
-
-        return step
-
-
-def noop() -> None:
-    pass
-
-
-def new(wf: gorch.Workflow) -> gorch.State:
-    return gorch.new_state(f"{type(wf).__name__}-1", type(wf).__name__)
 
 
 def roundtrip(wf: Any, state: gorch.State) -> tuple[Any, gorch.State]:
