@@ -89,13 +89,20 @@ class Middleware:
 
 
 def wrappers(middleware: Sequence[object], method: str) -> list[Callable[[Any, CallNext], Any]]:
-    """The bound ``method`` of each middleware that has its own (pass-throughs cost nothing)."""
+    """The bound ``method`` of each middleware that has its own, for one call.
+
+    Pass-through methods cost nothing, and so does a middleware whose
+    ``enabled`` attribute is False for this call (telemetry with no SDK set up).
+    """
     base = getattr(Middleware, method)
     return [
         getattr(m, method)
         for m in middleware
-        if getattr(type(m), method, base) is not base
-        or (not isinstance(m, Middleware) and hasattr(m, method))
+        if (
+            getattr(type(m), method, base) is not base
+            or (not isinstance(m, Middleware) and hasattr(m, method))
+        )
+        and getattr(m, "enabled", True) is not False
     ]
 
 

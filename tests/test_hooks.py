@@ -766,3 +766,30 @@ def test_engine_event_middleware_veto_leaves_the_stored_instance_unchanged() -> 
     after = engine.store.load("v-1")
     assert (after.version, after.blob, after.status) == (rec.version, rec.blob, rec.status)
     assert calls == [("run", "inc")]  # the handler never ran
+
+
+def test_a_middleware_whose_enabled_is_false_is_skipped_for_that_call() -> None:
+    class Switchable(gorch.Middleware):
+        enabled = False
+        seen: list[str] = []
+
+        def around_step(self, ctx: gorch.StepContext, call_next: Any) -> Any:
+            self.seen.append(ctx.step)
+            return call_next()
+
+    class Two(gorch.Workflow):
+        def definition(self) -> gorch.Section:
+            return gorch.S(gorch.Step("one", noop_step), gorch.Step("two", noop_step))
+
+    mw = Switchable()
+    wf, state = Two(), gorch.new_state("t", "two")
+    assert gorch.resume(wf, state, middleware=[mw]) is gorch.WorkflowStatus.FINISHED
+    assert mw.seen == []  # off: not even entered
+    mw.enabled = True
+    wf, state = Two(), gorch.new_state("t", "two")
+    gorch.resume(wf, state, middleware=[mw])
+    assert mw.seen == ["one", "two"]
+
+
+def noop_step() -> None:
+    pass
