@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import copy
+import json
 import logging
 import random
 import re
@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 from uuid import uuid4
 
 import pydantic
@@ -207,18 +207,23 @@ def event_types(case: On | Timeout) -> EventTypes:
     return EventTypes(True, Any if sig.input is None else sig.input.type, out)
 
 
-_schemas: dict[Any, dict[str, Any] | None] = {}
+_schemas: dict[Any, bytes | None] = {}
 
 
 def json_schema_of(tp: Any) -> dict[str, Any] | None:
-    """pydantic's JSON schema for ``tp`` (cached per type); None if it has none."""
+    """pydantic's JSON schema for ``tp`` (cached per type); None if it has none.
+
+    Cached as JSON text: every caller gets its own copy, which decoding makes
+    several times faster than a deep copy.
+    """
     try:
-        schema = _schemas[tp]
+        text = _schemas[tp]
     except KeyError:
-        schema = _schemas[tp] = _make_schema(tp)
-    except TypeError:  # unhashable annotation
         schema = _make_schema(tp)
-    return copy.deepcopy(schema)
+        text = _schemas[tp] = None if schema is None else json.dumps(schema).encode()
+    except TypeError:  # unhashable annotation
+        return _make_schema(tp)
+    return None if text is None else cast("dict[str, Any]", json.loads(text))
 
 
 def _make_schema(tp: Any) -> dict[str, Any] | None:
