@@ -89,7 +89,7 @@ def untouched(engine: Engine, *ids: str) -> Iterator[None]:
     assert stored_ids(engine) == all_before
 
 
-def error(r: httpx.Response, status: int, name: str) -> dict[str, Any]:
+def assert_error(r: httpx.Response, status: int, name: str) -> dict[str, Any]:
     """Assert an error response: its status, JSON body shape and error name."""
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
@@ -138,7 +138,7 @@ def test_a_taken_id_is_409_and_the_instance_is_untouched(
     start_order(client)
     with untouched(engine, "o-1"):
         r = client.put("/workflows/order/o-1", json={"item": "other"})
-    assert error(r, 409, "WorkflowExists")["id"] == "o-1"
+    assert assert_error(r, 409, "WorkflowExists")["id"] == "o-1"
 
 
 def test_an_unknown_workflow_is_404_listing_the_known_ones(
@@ -147,9 +147,9 @@ def test_an_unknown_workflow_is_404_listing_the_known_ones(
     with untouched(engine):
         r = client.post("/workflows/nope", json={})
         r2 = client.put("/workflows/nope/n-1", json={})
-    body = error(r, 404, "UnknownWorkflow")
+    body = assert_error(r, 404, "UnknownWorkflow")
     assert body["workflow"] == "nope" and body["known"] == ["order", "pinger", "survey"]
-    error(r2, 404, "UnknownWorkflow")
+    assert_error(r2, 404, "UnknownWorkflow")
 
 
 @pytest.mark.parametrize(
@@ -169,7 +169,7 @@ def test_invalid_initial_data_is_422_with_pydantic_errors(
         r = client.put(
             "/workflows/order/o-1", content=body, headers={"content-type": "application/json"}
         )
-    err = error(r, 422, "InvalidWorkflowData")
+    err = assert_error(r, 422, "InvalidWorkflowData")
     assert err["workflow"] == "order"
     assert [e["loc"] for e in err["errors"]] == [loc]
 
@@ -177,7 +177,7 @@ def test_invalid_initial_data_is_422_with_pydantic_errors(
 def test_initial_data_that_is_not_an_object_is_422(client: TestClient, engine: Engine) -> None:
     with untouched(engine):
         r = client.post("/workflows/survey", json=[1, 2])
-    assert "JSON object" in error(r, 422, "InvalidWorkflowData")["detail"]
+    assert "JSON object" in assert_error(r, 422, "InvalidWorkflowData")["detail"]
 
 
 def test_a_failing_first_step_still_creates_the_instance(
@@ -188,7 +188,7 @@ def test_a_failing_first_step_still_creates_the_instance(
     snap = r.json()
     assert snap["status"] == "failed" and "order book closed" in snap["error"]
     assert engine.get("o-1").status == "failed"
-    error(client.put("/workflows/order/o-1", json={"item": "x"}), 409, "WorkflowExists")
+    assert_error(client.put("/workflows/order/o-1", json={"item": "x"}), 409, "WorkflowExists")
 
 
 # --------------------------------------------------------------------------- reading
@@ -213,7 +213,7 @@ def test_the_snapshot_shows_awaited_events_with_their_input_schema(
 
 
 def test_get_of_an_unknown_id_is_404(client: TestClient, engine: Engine) -> None:
-    body = error(client.get("/workflows/nope"), 404, "WorkflowNotFound")
+    body = assert_error(client.get("/workflows/nope"), 404, "WorkflowNotFound")
     assert body["id"] == "nope"
 
 
@@ -240,7 +240,7 @@ def test_list_filters_and_pages(client: TestClient, engine: Engine) -> None:
 def test_bad_list_parameters_are_422(
     client: TestClient, engine: Engine, params: dict[str, Any]
 ) -> None:
-    body = error(client.get("/workflows", params=params), 422, "InvalidRequest")
+    body = assert_error(client.get("/workflows", params=params), 422, "InvalidRequest")
     assert body["errors"] and body["errors"][0]["loc"][0] == "query"
 
 
@@ -320,7 +320,7 @@ def test_invalid_event_input_is_422_and_changes_nothing(
     start_order(client)
     with untouched(engine, "o-1"):
         r = client.post(route, json=body) if body is not None else client.post(route)
-    err = error(r, 422, "InvalidEventInput")
+    err = assert_error(r, 422, "InvalidEventInput")
     assert err["event"] == "pay"
     assert [e["loc"] for e in err["errors"]] == [loc]
 
@@ -329,7 +329,7 @@ def test_input_for_an_event_that_takes_none_is_422(client: TestClient, engine: E
     start_order(client)
     with untouched(engine, "o-1"):
         r = client.post("/workflows/order/o-1/events/withdraw", json={"why": "changed my mind"})
-    error(r, 422, "InvalidEventInput")
+    assert_error(r, 422, "InvalidEventInput")
 
 
 def test_an_event_not_awaited_is_409_listing_the_awaited_ones(
@@ -339,7 +339,7 @@ def test_an_event_not_awaited_is_409_listing_the_awaited_ones(
     with untouched(engine, "o-1"):
         r = client.post("/workflows/o-1/events/deliver", json=["ann"])
         r2 = client.post("/workflows/o-1/events/no-such-event")
-    body = error(r, 409, "EventNotFound")
+    body = assert_error(r, 409, "EventNotFound")
     assert body["event"] == "deliver"
     assert {(a["name"], a["thread_id"]) for a in body["awaited"]} == {
         ("pay", "_main_"),
@@ -347,20 +347,20 @@ def test_an_event_not_awaited_is_409_listing_the_awaited_ones(
         ("refund", "_main_"),
         ("expire", "_main_"),
     }
-    assert error(r2, 409, "EventNotFound")["event"] == "no-such-event"
+    assert assert_error(r2, 409, "EventNotFound")["event"] == "no-such-event"
 
 
 def test_a_stale_pc_is_409(client: TestClient, engine: Engine) -> None:
     pc = start_order(client)["awaited"][0]["pc"]
     with untouched(engine, "o-1"):
         r = client.post("/workflows/order/o-1/events/pay", params={"pc": pc + 1}, json=PAY)
-    body = error(r, 409, "StaleEvent")
+    body = assert_error(r, 409, "StaleEvent")
     assert (body["pc"], body["current"]) == (pc + 1, [pc])
     r = client.post("/workflows/o-1/events/pay", params={"pc": pc}, json=PAY)
     assert r.status_code == 200, r.text
     with untouched(engine, "o-1"):  # the replay of the same webhook
         r = client.post("/workflows/o-1/events/pay", params={"pc": pc}, json=PAY)
-    error(r, 409, "StaleEvent")
+    assert_error(r, 409, "StaleEvent")
 
 
 @pytest.mark.parametrize(
@@ -372,7 +372,7 @@ def test_an_event_awaited_by_two_threads_needs_thread_id(
     assert client.put("/workflows/pinger/p-1").status_code == 201
     with untouched(engine, "p-1"):
         r = client.post(route)
-    assert error(r, 409, "AmbiguousEvent")["thread_ids"] == ["left", "right"]
+    assert assert_error(r, 409, "AmbiguousEvent")["thread_ids"] == ["left", "right"]
     r = client.post(route, params={"thread_id": "right"})
     assert (r.status_code, r.json()) == (200, "right")
     assert engine.get("p-1").data["pings"] == ["right"]
@@ -383,8 +383,8 @@ def test_a_non_integer_pc_is_422(client: TestClient, engine: Engine) -> None:
     with untouched(engine, "o-1"):
         r = client.post("/workflows/order/o-1/events/pay", params={"pc": "x"}, json=PAY)
         r2 = client.post("/workflows/o-1/events/pay", params={"pc": "x"}, json=PAY)
-    error(r, 422, "InvalidRequest")
-    error(r2, 422, "InvalidRequest")
+    assert_error(r, 422, "InvalidRequest")
+    assert_error(r2, 422, "InvalidRequest")
 
 
 def test_events_to_unknown_or_mismatched_instances_are_404(
@@ -396,9 +396,9 @@ def test_events_to_unknown_or_mismatched_instances_are_404(
         r1 = client.post("/workflows/nope/events/pay", json=PAY)
         r2 = client.post("/workflows/order/nope/events/pay", json=PAY)
         r3 = client.post("/workflows/order/s-1/events/pay", json=PAY)  # s-1 is a survey
-    assert error(r1, 404, "WorkflowNotFound")["id"] == "nope"
-    error(r2, 404, "WorkflowNotFound")
-    assert "'survey'" in error(r3, 404, "WorkflowNotFound")["detail"]
+    assert assert_error(r1, 404, "WorkflowNotFound")["id"] == "nope"
+    assert_error(r2, 404, "WorkflowNotFound")
+    assert "'survey'" in assert_error(r3, 404, "WorkflowNotFound")["detail"]
 
 
 def test_events_to_finished_or_cancelled_instances_are_409(
@@ -412,9 +412,9 @@ def test_events_to_finished_or_cancelled_instances_are_409(
         r1 = client.post("/workflows/o-1/events/pay", json=PAY)
         r2 = client.post("/workflows/order/o-2/events/pay", json=PAY)
         r3 = client.post("/workflows/o-2/cancel")
-    assert error(r1, 409, "WorkflowFinishedError")["status"] == "finished"
-    assert error(r2, 409, "WorkflowNotActive")["status"] == "cancelled"
-    error(r3, 409, "WorkflowNotActive")
+    assert assert_error(r1, 409, "WorkflowFinishedError")["status"] == "finished"
+    assert assert_error(r2, 409, "WorkflowNotActive")["status"] == "cancelled"
+    assert_error(r3, 409, "WorkflowNotActive")
 
 
 def test_cancel_returns_the_cancelled_snapshot(client: TestClient, engine: Engine) -> None:
@@ -423,14 +423,14 @@ def test_cancel_returns_the_cancelled_snapshot(client: TestClient, engine: Engin
     assert r.status_code == 200, r.text
     assert (r.json()["status"], r.json()["awaited"]) == ("cancelled", [])
     assert engine.get("o-1").status == "cancelled"
-    error(client.post("/workflows/nope/cancel"), 404, "WorkflowNotFound")
+    assert_error(client.post("/workflows/nope/cancel"), 404, "WorkflowNotFound")
 
 
 def test_a_failing_handler_is_500_and_changes_nothing(client: TestClient, engine: Engine) -> None:
     start_order(client)
     with untouched(engine, "o-1"):
         r = client.post("/workflows/o-1/events/pay", json={"amount": 1, "card": "boom"})
-    body = error(r, 500, "HandlerFailed")
+    body = assert_error(r, 500, "HandlerFailed")
     assert "card processor down" in body["detail"] and body["event"] == "pay"
 
 
@@ -443,7 +443,7 @@ def test_a_step_failing_after_an_event_is_200_and_the_instance_shows_it(
     snap = client.get("/workflows/o-1").json()
     assert "warehouse on fire" in snap["error"]
     assert (snap["status"], snap["data"]["paid"]) == ("failed", 4.5)
-    error(client.post("/workflows/o-1/events/pay", json=PAY), 409, "WorkflowNotActive")
+    assert_error(client.post("/workflows/o-1/events/pay", json=PAY), 409, "WorkflowNotActive")
 
 
 # --------------------------------------------------------------------------- malformed requests
@@ -486,7 +486,7 @@ def test_malformed_bodies_are_refused_before_anything_is_read(
     with untouched(engine, "o-1"):
         r = client.request(method.upper(), path, content=body, headers=headers)
     assert r.request.headers.get("content-type") == content_type
-    error(r, status, name)
+    assert_error(r, status, name)
 
 
 def test_a_json_suffix_media_type_is_accepted(client: TestClient, engine: Engine) -> None:
@@ -514,7 +514,7 @@ def test_oversized_bodies_are_413_by_length_and_by_stream(engine: Engine) -> Non
             r3 = c.put("/workflows/order/o-2", content=big, headers=_JSON)
         assert "content-length" not in {k.lower() for k in r2.request.headers}
         for r in (r1, r2, r3):
-            assert error(r, 413, "PayloadTooLarge")["max_body"] == 100
+            assert assert_error(r, 413, "PayloadTooLarge")["max_body"] == 100
         ok = c.post("/workflows/o-1/events/pay", json=PAY)  # under the limit: fine
         assert ok.status_code == 200, ok.text
 
@@ -548,15 +548,15 @@ def test_odd_ids_are_422_everywhere(client: TestClient, engine: Engine, bad_id: 
             client.get(f"/workflows/{bad_id}/graph"),
         ]
     for r in responses:
-        body = error(r, 422, "InvalidWorkflowId")
+        body = assert_error(r, 422, "InvalidWorkflowId")
         assert "invalid workflow id" in body["detail"]
 
 
 def test_unknown_routes_and_methods_answer_in_the_error_shape(
     client: TestClient, engine: Engine
 ) -> None:
-    error(client.get("/nothing/here"), 404, "NotFound")
-    error(client.delete("/workflows/o-1"), 405, "MethodNotAllowed")
+    assert_error(client.get("/nothing/here"), 404, "NotFound")
+    assert_error(client.delete("/workflows/o-1"), 405, "MethodNotAllowed")
 
 
 # --------------------------------------------------------------------------- signed webhooks
@@ -590,8 +590,8 @@ def test_an_unsigned_start_creates_nothing(signed: TestClient, engine: Engine) -
     with untouched(engine, "o-1"):
         r = signed.put("/workflows/order/o-2", json={"item": "x"})
         r2 = signed.post("/workflows/o-1/cancel")  # an empty body is signed too
-    error(r, 401, "InvalidSignature")
-    error(r2, 401, "InvalidSignature")
+    assert_error(r, 401, "InvalidSignature")
+    assert_error(r2, 401, "InvalidSignature")
     assert signed.post("/workflows/o-1/cancel", headers=sign(SECRET, b"")).status_code == 200
 
 
@@ -623,7 +623,7 @@ def test_badly_signed_events_are_401_and_change_nothing(
 ) -> None:
     with untouched(engine, "o-1"):
         r = _post(signed, "/workflows/o-1/events/pay", json.dumps(PAY).encode(), headers)
-    error(r, 401, "InvalidSignature")
+    assert_error(r, 401, "InvalidSignature")
 
 
 @pytest.mark.parametrize("skew", [-301, 301, -86_400])
@@ -634,7 +634,7 @@ def test_signed_requests_outside_the_tolerance_are_replays(
     headers = sign(SECRET, body, timestamp=int(time.time()) + skew)
     with untouched(engine, "o-1"):
         r = _post(signed, "/workflows/o-1/events/pay", body, headers)
-    assert "tolerance" in error(r, 401, "SignatureExpired")["detail"]
+    assert "tolerance" in assert_error(r, 401, "SignatureExpired")["detail"]
     fresh = sign(SECRET, body, timestamp=int(time.time()) - 200)  # late, but within 300 s
     assert _post(signed, "/workflows/o-1/events/pay", body, fresh).status_code == 200
 
@@ -659,7 +659,7 @@ def test_a_bearer_token_guards_every_route_but_health_and_docs(engine: Engine) -
                 c.get("/no/such/route"),  # unknown routes don't answer before the token
             ]
         for r in refused:
-            error(r, 401, "Unauthorized")
+            assert_error(r, 401, "Unauthorized")
             assert r.headers["www-authenticate"] == "Bearer"
         assert c.get("/workflows/o-1", headers=auth).json()["id"] == "o-1"
         assert c.get("/healthz").json() == {"status": "ok"}
@@ -673,8 +673,10 @@ def test_token_and_signature_together(engine: Engine) -> None:
     with client_for(engine, token=TOKEN, secret=SECRET) as c:
         body = b'{"item": "x"}'
         auth = {"Authorization": f"Bearer {TOKEN}"}
-        error(_post(c, "/workflows/order/o-1", body, sign(SECRET, body)), 401, "Unauthorized")
-        error(_post(c, "/workflows/order/o-1", body, auth), 401, "InvalidSignature")
+        assert_error(
+            _post(c, "/workflows/order/o-1", body, sign(SECRET, body)), 401, "Unauthorized"
+        )
+        assert_error(_post(c, "/workflows/order/o-1", body, auth), 401, "InvalidSignature")
         r = c.put(
             "/workflows/order/o-1", content=body, headers={**_JSON, **auth, **sign(SECRET, body)}
         )
@@ -683,10 +685,10 @@ def test_token_and_signature_together(engine: Engine) -> None:
 
 def test_docs_can_be_turned_off(engine: Engine) -> None:
     with client_for(engine, docs=False) as c:
-        error(c.get("/openapi.json"), 404, "NotFound")
-        error(c.get("/docs"), 404, "NotFound")
+        assert_error(c.get("/openapi.json"), 404, "NotFound")
+        assert_error(c.get("/docs"), 404, "NotFound")
     with client_for(engine, docs=False, token=TOKEN) as c:
-        error(c.get("/openapi.json"), 401, "Unauthorized")
+        assert_error(c.get("/openapi.json"), 401, "Unauthorized")
 
 
 def test_bad_options_are_refused(engine: Engine) -> None:
@@ -768,7 +770,7 @@ def test_the_typed_route_of_a_union_takes_either_type(client: TestClient, engine
     assert client.post("/workflows/survey/s-1/events/answer", json="red").json() == "red"
     with untouched(engine, "s-1"):  # the second Select takes an int
         r = client.post("/workflows/survey/s-1/events/answer", json="red")
-    error(r, 422, "InvalidEventInput")
+    assert_error(r, 422, "InvalidEventInput")
 
 
 def test_the_swagger_ui_is_served(client: TestClient, engine: Engine) -> None:
@@ -796,8 +798,8 @@ def test_graphs_of_classes_and_instances(client: TestClient, engine: Engine) -> 
     assert r.json()["mermaid"] != expected_class  # the instance's cursors are marked
     assert client.get("/definitions/pinger/graph").json()["mermaid"] == gorch.graph.mermaid(Pinger)
     assert client.get("/workflows/survey/graph").json()["mermaid"] == gorch.graph.mermaid(Survey)
-    error(client.get("/definitions/nope/graph"), 404, "UnknownWorkflow")
-    error(client.get("/workflows/nope/graph"), 404, "WorkflowNotFound")  # not a name: an id
+    assert_error(client.get("/definitions/nope/graph"), 404, "UnknownWorkflow")
+    assert_error(client.get("/workflows/nope/graph"), 404, "WorkflowNotFound")  # not a name: an id
 
 
 # --------------------------------------------------------------------------- health, store errors
@@ -829,7 +831,7 @@ def test_healthz(engine: Engine) -> None:
         assert c.get("/healthz").json() == {"status": "ok"}
     for store in (_DownStore(), _BrokenDriverStore()):
         with client_for(Engine(store, WORKFLOWS)) as c:
-            error(c.get("/healthz"), 503, "StoreUnavailable")
+            assert_error(c.get("/healthz"), 503, "StoreUnavailable")
 
 
 def test_an_unexpected_error_is_a_json_500_without_internals() -> None:
@@ -840,7 +842,7 @@ def test_an_unexpected_error_is_a_json_500_without_internals() -> None:
     app = create_app(Engine(Buggy(), WORKFLOWS))
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.get("/workflows/o-1")
-    body = error(r, 500, "InternalServerError")
+    body = assert_error(r, 500, "InternalServerError")
     assert "internal detail" not in body["detail"] and "KeyError" in body["detail"]
 
 
@@ -852,7 +854,7 @@ def test_a_lost_compare_and_swap_is_503_with_retry_after() -> None:
         store.contended = True
         with untouched(engine, "o-1"):
             r = c.post("/workflows/o-1/events/pay", json=PAY)
-        error(r, 503, "Conflict")
+        assert_error(r, 503, "Conflict")
         assert r.headers["retry-after"] == "1"
 
 
@@ -877,8 +879,8 @@ def test_the_app_mounts_under_a_prefix_of_an_existing_app(engine: Engine) -> Non
             == "visa"
         )
         assert c.get("/gorch/healthz").status_code == 200  # open under the prefix too
-        error(c.get("/gorch/workflows/o-1"), 401, "Unauthorized")
-        error(c.get("/gorch/workflows/..%2F..", headers=auth), 422, "InvalidWorkflowId")
+        assert_error(c.get("/gorch/workflows/o-1"), 401, "Unauthorized")
+        assert_error(c.get("/gorch/workflows/..%2F..", headers=auth), 422, "InvalidWorkflowId")
         assert "/workflows/order/{id}/events/pay" in c.get("/gorch/openapi.json").json()["paths"]
 
 
@@ -944,10 +946,10 @@ def test_gorch_serve_runs_a_real_uvicorn_server(tmp_path: Path) -> None:
 
             pay = json.dumps(PAY).encode()
             r = c.post("/workflows/order/o-1/events/pay", content=pay, headers={**_JSON, **auth})
-            error(r, 401, "InvalidSignature")
+            assert_error(r, 401, "InvalidSignature")
             old = sign(SECRET, pay, timestamp=int(time.time()) - 3600)
             r = c.post("/workflows/o-1/events/pay", content=pay, headers={**_JSON, **auth, **old})
-            error(r, 401, "SignatureExpired")
+            assert_error(r, 401, "SignatureExpired")
 
             def chunks() -> Iterator[bytes]:  # streamed without Content-Length
                 for _ in range(20):
@@ -955,7 +957,7 @@ def test_gorch_serve_runs_a_real_uvicorn_server(tmp_path: Path) -> None:
 
             big = {**_JSON, **auth, **sign(SECRET, b" " * 2000)}
             r = c.post("/workflows/o-1/events/pay", content=chunks(), headers=big)
-            error(r, 413, "PayloadTooLarge")
+            assert_error(r, 413, "PayloadTooLarge")
 
             fresh = sign(SECRET, pay, timestamp=int(time.time()))
             r = c.post(
@@ -963,7 +965,7 @@ def test_gorch_serve_runs_a_real_uvicorn_server(tmp_path: Path) -> None:
             )
             assert (r.status_code, r.json()["by"]) == (200, "visa")
             r = c.get("/workflows/%2E%2E%2F%2E%2E", headers=auth)
-            error(r, 422, "InvalidWorkflowId")
+            assert_error(r, 422, "InvalidWorkflowId")
             snap = c.get("/workflows/o-1", headers=auth).json()
             assert (snap["status"], snap["data"]["status"]) == ("waiting", "shipped")
     finally:
