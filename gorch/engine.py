@@ -646,8 +646,8 @@ class Engine:
                 restore=lambda: self._restore_data(cur),
             )
         except StepFailed as e:
-            if not isinstance(e, DAGFailed) and cur.rec.blob:
-                cur.wf = loads(cur.rec.blob, type(cur.wf))[0]
+            if not isinstance(e, DAGFailed):
+                self._restore_data(cur)
             step = find_statement(cur.wf, e.step)
             policy = getattr(step, "retry", None)
             if policy is not None and not policy.exhausted(e.attempts):

@@ -617,12 +617,8 @@ def _run_thread(call: _Call, t: Thread) -> None:
                 else:
                     st.fn()
             except Exception as e:
-                t.attempts += 1
-                t.error = f"{type(e).__name__}: {e}"
-                err = StepFailed(st.name, t.id, t.attempts, t.error)
-                if t.parent and _node_failed(call, t, st.retry, err, e):
-                    return  # a DAG node: failed for good, or retried after the others ran
-                raise err from e
+                _step_failed(call, t, st.name, st.retry, e)
+                return  # a DAG node: failed for good, or retried after the others ran
             t.status = _RESUMING
             last = (len(frames), idx)
             if t.attempts:
@@ -830,12 +826,8 @@ def _release_condition(call: _Call) -> bool:
                 else:
                     st.handler()
             except Exception as e:
-                t.attempts += 1
-                t.error = f"{type(e).__name__}: {e}"
-                err = StepFailed(st.name, t.id, t.attempts, t.error)
-                if t.parent and _node_failed(call, t, None, err, e):
-                    return True  # a DAG node failed for good: recorded, its thread ended
-                raise err from e
+                _step_failed(call, t, st.name, None, e)
+                return True  # a DAG node failed for good: recorded, its thread ended
         t.status = _RESUMING
         t.attempts = 0
         t.error = ""
@@ -858,6 +850,19 @@ def _end_thread(call: _Call, t: Thread) -> None:
         found = _dag_of_node(call, t)
         if found is not None:
             _dag_node_ended(call, found[0], found[1], t, NodeStatus.COMPLETED)
+
+
+def _step_failed(call: _Call, t: Thread, name: str, policy: Any, e: Exception) -> None:
+    """Record the failure of step (or WaitFor handler) ``name`` on ``t`` and raise StepFailed.
+
+    Returns only for a DAG node whose failure :func:`_node_failed` took care of.
+    """
+    t.attempts += 1
+    t.error = f"{type(e).__name__}: {e}"
+    err = StepFailed(name, t.id, t.attempts, t.error)
+    if t.parent and _node_failed(call, t, policy, err, e):
+        return
+    raise err from e
 
 
 def _run_step(call: _Call, t: Thread, name: str, fn: Callable[[], Any]) -> Any:
@@ -910,7 +915,8 @@ def _dag_start(call: _Call, t: Thread, dag: DAG, candidates: Sequence[str]) -> N
     """
     graph = graph_of(dag)
     nodes = t.nodes
-    if not (dag.fail_fast and NodeStatus.FAILED in nodes.values()):
+    stopped = dag.fail_fast and bool(t.node_errors)  # every failed node has its error there
+    if not stopped:
         prefix = f"{dag.name}."
         for name in candidates:
             if name in nodes:
@@ -921,7 +927,7 @@ def _dag_start(call: _Call, t: Thread, dag: DAG, candidates: Sequence[str]) -> N
                 call.state.threads.append(Thread(id=_child_id(t, go), name=go, parent=t.id))
     if len(nodes) == len(graph.order):
         _dag_over(t)
-    elif dag.fail_fast and NodeStatus.FAILED in nodes.values():
+    elif stopped:
         tid = t.id
         if not any(o.parent == tid for o in call.state.threads):
             for name in graph.order:  # nothing runs: what did not start never will
