@@ -24,7 +24,6 @@ Only the standard library is used for measuring.
 """
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ from datetime import timedelta
 from typing import Any
 
 import pydantic
-from benchkit import emit, fmt, measure, summary, table, timed
+from benchkit import emit, environment, fmt, measure, summary, table, timed
 
 import gorch
 from gorch import For, If, On, Return, S, Select, Step, Timeout
@@ -444,11 +443,7 @@ def run_all(cfg: Config) -> dict[str, Any]:
     }
     return {
         "meta": {
-            "gorch": gorch.__version__,
-            "python": platform.python_version(),
-            "implementation": platform.python_implementation(),
-            "machine": platform.machine(),
-            "platform": platform.platform(),
+            **environment(),
             "quick": cfg.quick,
             "repeats": cfg.repeats,
             "warmup": cfg.warmup,

@@ -30,14 +30,14 @@ import argparse
 import itertools
 import logging
 import os
-import platform
 import random
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from benchkit import emit, fmt, measure, table
+from bench_core import linear_class
+from benchkit import emit, environment, fmt, measure, table
 
 import gorch
 from gorch import DAG, S, Step
@@ -89,22 +89,6 @@ def dag_class(deps: list[list[int]], record: bool = False) -> type[gorch.Workflo
             self.order.append(ctx.step)
 
     return RecordingDag
-
-
-def linear_class(n: int) -> type[gorch.Workflow]:
-    """A class whose definition is always the same ``n`` steps (as in bench_core.py)."""
-
-    class StaticLinear(gorch.Workflow):
-        i: int = 0
-
-        def definition(self) -> gorch.Section:
-            inc = self.inc
-            return S(*[Step(f"step{k}", inc) for k in range(n)])
-
-        def inc(self) -> None:
-            self.i += 1
-
-    return StaticLinear
 
 
 def check_dag_order(deps: list[list[int]]) -> None:
@@ -341,11 +325,7 @@ def run_all(cfg: Config) -> dict[str, Any]:
     }
     return {
         "meta": {
-            "gorch": gorch.__version__,
-            "python": platform.python_version(),
-            "implementation": platform.python_implementation(),
-            "machine": platform.machine(),
-            "platform": platform.platform(),
+            **environment(),
             "quick": cfg.quick,
             "repeats": cfg.repeats,
             "warmup": cfg.warmup,

@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import functools
 import os
-import platform
 import shutil
 import sqlite3
 import statistics
@@ -56,7 +55,7 @@ from typing import Any
 
 import msgpack
 import pydantic
-from benchkit import emit, fmt, table, timed
+from benchkit import count_calls, emit, environment, fmt, table, timed
 
 import gorch
 from gorch import On, S, Select, Step, Timeout
@@ -540,15 +539,7 @@ def bench_approval(kind: str, cfg: Config, workdir: str) -> dict[str, dict[str, 
 def store_calls() -> dict[str, float]:
     """Store calls one approval workflow makes (start + send), counted on a MemoryStore."""
     store = open_store("memory://")
-    counts = {"create": 0, "save": 0, "load": 0}
-    for name in counts:
-        method = getattr(store, name)
-
-        def counted(*args: Any, _m: Callable[..., Any] = method, _n: str = name) -> Any:
-            counts[_n] += 1
-            return _m(*args)
-
-        setattr(store, name, counted)
+    counts = count_calls(store, ("create", "save", "load"))
     engine = Engine(store, WORKFLOWS)
     engine.start(WORKFLOW, "calls-1", {"amount": 120.0})
     writes_start = counts["create"] + counts["save"]
@@ -954,11 +945,7 @@ def run_all(cfg: Config) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
     return {
         "meta": {
-            "gorch": gorch.__version__,
-            "python": platform.python_version(),
-            "implementation": platform.python_implementation(),
-            "machine": platform.machine(),
-            "platform": platform.platform(),
+            **environment(),
             "quick": cfg.quick,
             "repeats": cfg.repeats,
             "due_repeats": cfg.due_repeats,

@@ -39,7 +39,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -54,7 +53,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pydantic
-from benchkit import emit, fmt, table
+from benchkit import count_calls, emit, environment, fmt, table
 
 import gorch
 from gorch import On, S, Select, Step
@@ -543,15 +542,7 @@ def store_calls() -> dict[str, float]:
     from gorch.http import create_app
 
     store = MemoryStore()
-    counts = {"create": 0, "load": 0, "save": 0}
-    for name in counts:
-        method = getattr(store, name)
-
-        def counted(*args: Any, _m: Callable[..., Any] = method, _n: str = name) -> Any:
-            counts[_n] += 1
-            return _m(*args)
-
-        setattr(store, name, counted)
+    counts = count_calls(store, ("create", "save", "load"))
     engine = Engine(store, WORKFLOWS)
     engine.start(WORKFLOW, "calls-direct")
     engine.start(WORKFLOW, "calls-http")
@@ -630,11 +621,7 @@ def run_all(cfg: Config) -> dict[str, Any]:
     versions = _versions()
     return {
         "meta": {
-            "gorch": gorch.__version__,
-            "python": platform.python_version(),
-            "implementation": platform.python_implementation(),
-            "machine": platform.machine(),
-            "platform": platform.platform(),
+            **environment(),
             "cpus": os.cpu_count(),
             "quick": cfg.quick,
             "stores": list(cfg.stores),

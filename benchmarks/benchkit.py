@@ -100,3 +100,32 @@ def summary(per_op_seconds: Sequence[float]) -> dict[str, float]:
 
     us = [s * 1e6 for s in per_op_seconds]
     return {"median_us": statistics.median(us), "best_us": min(us)}
+
+
+def environment() -> dict[str, Any]:
+    """Where the figures were taken: gorch, Python and the machine (each report's meta)."""
+    import platform
+
+    import gorch
+
+    return {
+        "gorch": gorch.__version__,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+    }
+
+
+def count_calls(obj: object, names: Sequence[str]) -> dict[str, int]:
+    """Wrap methods ``names`` of ``obj`` to count their calls; the counts, updated live."""
+    counts = dict.fromkeys(names, 0)
+    for name in names:
+        method = getattr(obj, name)
+
+        def counted(*args: Any, _m: Callable[..., Any] = method, _n: str = name) -> Any:
+            counts[_n] += 1
+            return _m(*args)
+
+        setattr(obj, name, counted)
+    return counts
