@@ -198,6 +198,34 @@ class ThreadExists(GorchError):
         )
 
 
+class TimerNotSendable(GorchError):
+    """A ``Timeout`` case fires only when due (``run_due``, a worker, the test kit's clock).
+
+    Sending its name as an event would let a caller skip a wait (an escalation,
+    a cart's expiry), so ``Engine.send``, ``gorch send`` and the HTTP app refuse it.
+    """
+
+    def __init__(self, workflow_id: str, event: str) -> None:
+        self.workflow_id = workflow_id
+        self.event = event
+        super().__init__(
+            f"{event!r} is a timer of workflow {workflow_id!r}: it fires when due "
+            "(run_due or a worker), it cannot be sent as an event"
+        )
+
+
+class IdempotencyKeyReused(GorchError):
+    """An idempotency key came back with a different request than the one it first named."""
+
+    def __init__(self, workflow_id: str, key: str, detail: str) -> None:
+        self.workflow_id = workflow_id
+        self.key = key
+        super().__init__(
+            f"idempotency key {key!r} of workflow {workflow_id!r} was first used for "
+            f"{detail}; use a new key for a different request"
+        )
+
+
 class SerializationError(GorchError):
     """A blob is corrupt, foreign or from an unsupported format version, or data won't load."""
 

@@ -99,6 +99,16 @@ class Store(abc.ABC):
         records that are not due.
         """
 
+    @abc.abstractmethod
+    def remember(self, key: str, until: datetime) -> bool:
+        """Record ``key`` until ``until``; False if it is already recorded and not expired.
+
+        Atomic across processes (and machines, for server stores): of concurrent
+        callers with one key, exactly one gets True. Expired keys count as absent
+        and are purged by later calls. The HTTP app uses it to refuse a replayed
+        signature in every process that shares the store.
+        """
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
