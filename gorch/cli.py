@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -107,7 +108,7 @@ def cmd_send(args: argparse.Namespace) -> None:
         except json.JSONDecodeError as e:
             raise CLIError(f"INPUT must be JSON: {e}") from e
     engine = _engine(args)
-    out = engine.send(args.id, args.event, payload, thread_id=args.thread, pc=args.pc)
+    out = engine.send(args.id, args.event, payload, thread_id=args.thread, pc=args.pc, key=args.key)
     if args.json:
         print(_json({"output": out, "workflow": engine.get(args.id).model_dump(mode="json")}))
     else:
@@ -131,21 +132,48 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 def _print_result(r: DueResult) -> None:
     fired = f" fired {r.fired}" if r.fired else ""
+    if r.outcome == "skipped":
+        print(f"{r.id}: skipped (taken over by another runner)", flush=True)
+        return
     err = f" ERROR {r.error}" if r.error else ""
     print(f"{r.id}: {r.action}{fired} -> {r.status or '?'}{err}", flush=True)
 
 
-def cmd_run_due(args: argparse.Namespace) -> None:
-    results = _engine(args).run_due(limit=args.limit)
+def _counts(results: Sequence[DueResult]) -> dict[str, int]:
+    return {
+        outcome: sum(r.outcome == outcome for r in results)
+        for outcome in ("processed", "skipped", "failed")
+    }
+
+
+def cmd_run_due(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise CLIError(f"--limit must be at least 1, got {args.limit}")
+    limit = None if args.all else (100 if args.limit is None else args.limit)
+    _log_to_stderr()
+    results = _engine(args).run_due(limit=limit)
+    counts = _counts(results)
     if args.json:
-        print(_json(results))
-        return
-    for r in results:
-        _print_result(r)
-    print(f"{len(results)} processed")
+        print(_json({"results": [r.model_dump(mode="json") for r in results], **counts}))
+    else:
+        for r in results:
+            _print_result(r)
+        print(", ".join(f"{n} {outcome}" for outcome, n in counts.items()))
+    return 1 if counts["failed"] else 0
+
+
+def _log_to_stderr() -> None:
+    """One line per warning on stderr (store errors, failed instances), no tracebacks."""
+    logger = logging.getLogger("gorch")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s gorch %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
+    _log_to_stderr()
     engine = _engine(args)
     stopping = False
 
@@ -219,13 +247,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
     token = _env_value(args.token_env, "--token-env")
     if args.max_body <= 0:
         raise CLIError(f"--max-body must be positive, got {args.max_body}")
+    if not (secret or token) and not args.insecure:
+        raise CLIError(
+            "gorch serve refuses to start without --secret-env or --token-env: anyone who "
+            "reaches the port could start, drive and read workflows; pass --insecure to "
+            "serve without them (local development only)"
+        )
     engine = _engine(args)
     app = create_app(engine, secret=secret, token=token, max_body=args.max_body)
     guards = [name for name, on in (("token", token), ("signed requests", secret)) if on]
     print(
         f"gorch serve: {', '.join(engine.workflows) or 'no workflows'} on "
         f"http://{args.host}:{args.port} (docs at /docs"
-        + (f"; {' and '.join(guards)} required" if guards else "")
+        + (
+            f"; {' and '.join(guards)} required"
+            if guards
+            else "; INSECURE: no token and no signature required"
+        )
         + ")",
         file=sys.stderr,
         flush=True,
@@ -323,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", nargs="?", help="the event's input as JSON")
     p.add_argument("--thread", help="thread id, when several threads await the event")
     p.add_argument("--pc", type=int, help="the wait's pc: refuse the event if the wait is over")
+    p.add_argument(
+        "--key",
+        help="idempotency key: sending again with the same key applies nothing twice",
+    )
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("list", parents=[common], help="list instances")
@@ -333,16 +375,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser(
-        "run-due", parents=[common], help="fire due timers, retries and resumes once"
+        "run-due",
+        parents=[common],
+        help="fire due timers, retries and resumes once",
+        description="Claim due instances one at a time and run them; print what was "
+        "processed, skipped (taken over by another runner) and failed. Exit status 1 if "
+        "any failed or the store is unavailable.",
     )
-    p.add_argument("--limit", type=int, default=100)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="process at most N due instances (default 100); the rest wait for the next run",
+    )
+    group.add_argument(
+        "--all", action="store_true", help="drain everything due now (each instance once)"
+    )
     p.set_defaults(func=cmd_run_due)
 
     p = sub.add_parser(
         "worker", parents=[common], help="run run-due in a loop until SIGTERM/SIGINT"
     )
     p.add_argument("--poll", type=float, default=1.0, help="seconds between polls when idle")
-    p.add_argument("--batch", type=int, default=10, help="instances claimed per poll")
+    p.add_argument(
+        "--batch", type=int, default=10, help="instances run per poll (each claimed just before)"
+    )
     p.add_argument("--quiet", action="store_true", help="don't print each processed instance")
     p.set_defaults(func=cmd_worker)
 
@@ -375,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
     p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve without a token or a secret (local development only)",
+    )
+    p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     p.set_defaults(func=cmd_serve)
@@ -385,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except CLIError as e:
         print(f"gorch: {e}", file=sys.stderr)
         return 2
@@ -393,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(e).split())  # one line, whatever the error's text
         print(f"gorch: {type(e).__name__}: {message}", file=sys.stderr)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import hashlib
 import json
 import logging
 import random
@@ -29,10 +30,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, cast
-from uuid import uuid4
+from typing import Any, TypeVar, cast
+from uuid import UUID, uuid4, uuid5
 
 import pydantic
+import pydantic_core
 
 from gorch import clock
 from gorch.codec import dumps, loads
@@ -41,11 +43,16 @@ from gorch.errors import (
     DAGFailed,
     EventNotFound,
     GorchError,
+    IdempotencyKeyReused,
+    InvalidIdempotencyKey,
     InvalidWorkflowData,
     InvalidWorkflowId,
     SetupError,
     StaleEvent,
     StepFailed,
+    StoreError,
+    StoreUnavailable,
+    TimerNotSendable,
     UnknownWorkflow,
     WorkflowExists,
     WorkflowFinishedError,
@@ -165,6 +172,9 @@ class DueResult(pydantic.BaseModel):
     fired: list[str] = []
     status: str = ""
     error: str = ""
+    outcome: str = "processed"
+    """``processed``; ``skipped``: another runner took the instance over (its lease
+    ran out while a step was slow); ``failed``: ``error`` says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +253,14 @@ class _Loaded:
     """Set when run_due claimed the record: our claim lasts until then."""
 
 
+_T = TypeVar("_T")
+
+
+def _sleep_backoff(n: int, base: float = 0.05, cap: float = 2.0) -> None:
+    """Sleep before retry ``n + 1``: capped exponential backoff with full jitter."""
+    time.sleep(random.uniform(0, min(cap, base * 2**n)))
+
+
 def _seconds(v: timedelta | float) -> timedelta:
     return v if isinstance(v, timedelta) else timedelta(seconds=v)
 
@@ -268,6 +286,46 @@ def initial_data(
         raise InvalidWorkflowData(name, str(e)) from e
 
 
+_KEY_PREFIX = "gorch.key:"
+"""``State.meta`` entries of idempotency keys of sends: the key → what it did."""
+_START_KEY = "gorch.start"
+"""``State.meta`` entry of the idempotency key a start was made with, and its data's digest."""
+_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
+_KEY_NAMESPACE = UUID("5b0c3f4e-2a7d-4f43-9a1e-6f1d2c9b7a10")
+
+
+def _check_key(key: object) -> str:
+    """An idempotency key is 1-255 printable ASCII characters (what an HTTP header carries)."""
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+        raise InvalidIdempotencyKey(key)
+    return key
+
+
+def key_id(name: str, key: str) -> str:
+    """The instance id a keyed start of workflow ``name`` gets: the same for the same key."""
+    return uuid5(_KEY_NAMESPACE, f"{name}\x00{_check_key(key)}").hex
+
+
+def _digest(value: Any) -> str:
+    """A short fingerprint of JSON-like data, independent of key order."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _input_digest(input: Any) -> str:
+    """The fingerprint of an event's input: JSON text and the data it parses to are alike."""
+    value = input
+    if isinstance(input, (bytes, bytearray, str)):
+        try:
+            value = json.loads(input)
+        except ValueError:
+            value = bytes(input).hex() if isinstance(input, (bytes, bytearray)) else input
+    try:
+        return _digest(pydantic_core.to_jsonable_python(value, serialize_unknown=True))
+    except (ValueError, TypeError, RecursionError):
+        return _digest(repr(value))
+
+
 class Engine:
     """Runs registered workflow classes against a store.
 
@@ -275,6 +333,11 @@ class Engine:
     ``postgresql://...``, ``redis://...``, ``memory://``). With
     ``defer_resume=True``, ``send`` only applies the event and leaves the resume
     to ``run_due`` (a worker), keeping webhook requests short.
+
+    A store that fails (a dropped connection, a lock held too long) is retried
+    ``store_retries`` times with backoff; a write whose outcome is unknown (the
+    connection dropped after the statement was sent) is settled by reading
+    the record back, so a committed write is never reported as failed.
     """
 
     def __init__(
@@ -287,6 +350,8 @@ class Engine:
         conflict_retries: int = 100,
         error_backoff: timedelta | float = 60.0,
         middleware: Sequence[object] = (),
+        store_retries: int = 3,
+        idempotency_keys: int = 100,
     ) -> None:
         if isinstance(store, str):
             from gorch.stores import open_store
@@ -301,6 +366,15 @@ class Engine:
         self.lease = _seconds(lease)
         self.conflict_retries = conflict_retries
         self.error_backoff = _seconds(error_backoff)
+        if store_retries < 0:
+            raise ValueError(f"store_retries must be 0 or more, got {store_retries}")
+        if idempotency_keys < 1:
+            raise ValueError(f"idempotency_keys must be at least 1, got {idempotency_keys}")
+        #: How often a store call that failed with ``StoreUnavailable`` is tried again
+        #: (with capped exponential backoff and jitter) before the error is reported.
+        self.store_retries = store_retries
+        #: How many idempotency keys of sends each instance remembers.
+        self.idempotency_keys = idempotency_keys
         self.telemetry = None
         if _otel is not None:  # OpenTelemetry first (outermost), unless passed explicitly
             self.telemetry, middleware = _otel.with_telemetry(middleware)
@@ -310,28 +384,71 @@ class Engine:
     # ------------------------------------------------------------------ public API
 
     def start(
-        self, name: str, id: str | None = None, data: Mapping[str, Any] | Workflow | None = None
+        self,
+        name: str,
+        id: str | None = None,
+        data: Mapping[str, Any] | Workflow | None = None,
+        *,
+        key: str | None = None,
     ) -> Snapshot:
-        """Create an instance, run it until it blocks (unless deferred), return its snapshot."""
+        """Create an instance, run it until it blocks (unless deferred), return its snapshot.
+
+        Atomic: ``start`` raises only if no record was created. The record is
+        created first, with a lease, so that a concurrent start of the same id
+        fails with ``WorkflowExists`` before any step runs; once it exists,
+        whatever happens in the first resume (a step failing, the store
+        dropping) is the instance's, and ``start`` returns its snapshot (status
+        ``failed``, or ``resuming`` for ``run_due`` to carry on).
+
+        ``key`` makes a retried start apply nothing twice: without ``id``, the
+        id is derived from ``name`` and ``key``; a repeat with the same key
+        returns the existing instance's snapshot, and the same key with other
+        data raises ``IdempotencyKeyReused``.
+        """
         cls = self._cls(name)
         wf = initial_data(name, cls, data)
-        wid = uuid4().hex if id is None else self._check_id(id)
+        if id is not None:
+            wid = self._check_id(id)
+        elif key is not None:
+            wid = key_id(name, key)
+        else:
+            wid = uuid4().hex
         state = new_state(wid, name)
-        if self.defer_resume:  # stored at once; run_due resumes it
-            rec = self.store.create(wid, name, InstanceStatus.RESUMING, dumps(wf, state), _now())
-            return self._snapshot(_Loaded(rec, wf, state))
-        # Inline: the record is created by the first save of the resume (usually
-        # the final one), saving a write. A read refuses a taken id up front;
-        # a start racing for the same id loses at that create.
-        with contextlib.suppress(WorkflowNotFound):
-            self.store.load(wid)
-            raise WorkflowExists(wid)
-        blob = dumps(wf, state)  # not stored yet: what a failed first step reverts to
-        cur = _Loaded(Record(wid, name, InstanceStatus.RESUMING, blob, 0, None), wf, state)
+        digest = ""
+        if key is not None:
+            digest = f"{_check_key(key)} {_digest(wf.model_dump(mode='json'))}"
+            state.meta[_START_KEY] = digest
+        blob = dumps(wf, state)
+        # Inline, the record is leased to this call while it runs the first steps;
+        # deferred, it is due at once for run_due.
+        wake = _now() if self.defer_resume else _now() + self.lease
         try:
-            self._drive(cur, "start")
+            rec = self._put(Record(wid, name, InstanceStatus.RESUMING, b"", 0, None), blob, wake)
+        except WorkflowExists:
+            if key is None:
+                raise
+            return self._repeated_start(wid, key, digest)
+        cur = _Loaded(rec, wf, state, lease_until=None if self.defer_resume else wake)
+        if self.defer_resume:
+            return self._snapshot(cur)
+        try:
+            self._drive(cur, "start", keep_on_error=False)
+        except StepFailed:
+            pass  # saved as failed (or retrying): the snapshot shows it
         except Conflict:  # a worker took over (our lease ran out): report what it saved
-            return self.get(wid)
+            log.warning("gorch: start of %r: another runner took it over", wid)
+            return self._last_saved(cur.rec)
+        except StoreError as e:
+            log.warning("gorch: start of %r: %s; run_due carries on after the lease", wid, e)
+            return self._last_saved(cur.rec)
+        except GorchError as e:
+            if cur.rec.version == rec.version:  # nothing ran and nothing else was saved
+                self._discard(cur.rec)
+                raise
+            log.error("gorch: start of %r: %s", wid, e)
+            with contextlib.suppress(GorchError):
+                self._write(cur, InstanceStatus.RESUMING, _now() + self.error_backoff)
+            return self._last_saved(cur.rec)
         return self._snapshot(cur)
 
     def send(
@@ -342,19 +459,38 @@ class Engine:
         *,
         thread_id: str | None = None,
         pc: int | None = None,
+        key: str | None = None,
     ) -> Any:
         """Deliver an event and return the handler's output.
 
         The event is applied to the latest version exactly once (a lost
-        compare-and-swap re-applies it to the new version); then the instance
-        is resumed, inline or by a worker. A step failing in that resume does
-        not make ``send`` fail: the event was delivered, and the instance shows
-        the failure (``failed``, or ``retrying`` under a retry policy).
+        compare-and-swap re-applies it to the new version). Once the event's
+        save has committed, ``send`` returns the output whatever happens next:
+        a step failing in the resume that follows, the store failing, another
+        runner taking over. The instance carries the outcome (``get`` shows
+        it) and, if the resume could not finish, ``run_due`` carries on when
+        the lease of this call runs out.
+
+        ``key`` (an idempotency key) makes a retried send apply nothing twice:
+        a repeated key returns the first output (as JSON-decoded data) and
+        leaves the instance alone; the same key with another event or input
+        raises ``IdempotencyKeyReused``. The last ``idempotency_keys`` keys of
+        each instance are kept in its record.
+
+        A ``Timeout`` case's name is refused with ``TimerNotSendable``: timers
+        fire when due, through ``run_due``.
         """
+        if key is not None:
+            _check_key(key)
         for _ in self._attempts(id):
             cur = self._load(id)
+            if key is not None:
+                seen = cur.state.meta.get(_KEY_PREFIX + key)
+                if seen is not None:
+                    return self._repeated_send(cur, key, seen, event, input)
             try:
                 self._check_active(cur)
+                self._refuse_timer(cur, event, thread_id, pc)
                 out = handle_event(
                     cur.wf,
                     cur.state,
@@ -384,21 +520,37 @@ class Engine:
             except GorchError as e:
                 self._rejected(cur, event, e)
                 raise
+            if key is not None:
+                self._remember_key(cur.state, key, event, input, out)
             try:
                 self._write(cur, driving=not self.defer_resume)
             except Conflict:
                 continue
+            # Committed: from here on the event is delivered, whatever happens.
             if not self.defer_resume:
-                try:
-                    self._drive(cur, "event")
-                except Conflict:
-                    log.debug("gorch: resume of %r after %r left to a later writer", id, event)
-                except StepFailed as e:
-                    # The event is delivered and saved: its sender did its part. The
-                    # failure is the instance's (status failed, ``get`` shows the error).
-                    log.warning("gorch: %s (workflow %r, after event %r)", e, id, event)
+                self._drive_after_event(cur, id, event)
             return out
         raise AssertionError("unreachable")
+
+    def _drive_after_event(self, cur: _Loaded, id: str, event: str) -> None:
+        """Resume after a committed event; report failures on the instance, not to the sender."""
+        try:
+            self._drive(cur, "event")
+        except Conflict:
+            log.debug("gorch: resume of %r after %r left to a later writer", id, event)
+        except StepFailed as e:
+            # The event is delivered and saved: its sender did its part. The
+            # failure is the instance's (status failed, ``get`` shows the error).
+            log.warning("gorch: %s (workflow %r, after event %r)", e, id, event)
+        except GorchError as e:
+            log.warning(
+                "gorch: resume of %r after event %r stopped: %s; run_due carries on",
+                id,
+                event,
+                " ".join(str(e).split()),
+            )
+        except Exception:  # a bug in middleware or a hook: still the instance's problem
+            log.exception("gorch: resume of %r after event %r failed", id, event)
 
     def resume(self, id: str) -> Snapshot:
         """Run a pending (or failed) instance until it blocks; return its snapshot."""
@@ -474,23 +626,47 @@ class Engine:
     def run_due(
         self,
         now: datetime | None = None,
-        limit: int = 100,
+        limit: int | None = 100,
         *,
         should_stop: Callable[[], bool] | None = None,
     ) -> builtins.list[DueResult]:
         """Fire due timers, retry failed steps whose backoff is over, finish pending resumes.
 
-        Call it from cron, a queue consumer or :meth:`work`. Records are claimed
-        with a lease, so concurrent callers never process the same one.
+        Call it from cron, a queue consumer or :meth:`work`. Each instance is
+        claimed with a lease just before it runs (never a batch at once, so a
+        slow step cannot make the lease of instances still waiting run out), and
+        concurrent callers never process the same one. ``limit=None`` drains
+        everything due (each instance at most once per call).
+
+        Every claimed instance gets a :class:`DueResult` whose ``outcome`` says
+        what happened: ``processed``, ``skipped`` (another runner took it over)
+        or ``failed`` (``error`` says why; the instance is left for a later
+        call). A store error while claiming is tried again with backoff; if the
+        store stays unavailable, ``StoreUnavailable`` is raised when nothing was
+        processed yet, else the results so far are returned (and the error logged).
         """
-        now = _now() if now is None else (now if now.tzinfo else now.replace(tzinfo=UTC))
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1 (or None for all), got {limit}")
+        fixed = None if now is None else (now if now.tzinfo else now.replace(tzinfo=UTC))
         results: builtins.list[DueResult] = []
+        seen: set[str] = set()
         with contextlib.ExitStack() as stack:
             due = stack.enter_context(self.telemetry.run_due_span()) if self.telemetry else None
-            for rec in self.store.claim_due(now, limit, self.lease):
+            while limit is None or len(results) < limit:
                 if should_stop is not None and should_stop():
-                    break  # the rest stays claimed until its lease runs out
-                results.append(self._process_due(rec, now, due))
+                    break
+                at = _now() if fixed is None else fixed
+                try:
+                    claimed = self._read(self.store.claim_due, at, 1, self.lease)
+                except StoreError as e:
+                    if not results:
+                        raise
+                    log.warning("gorch: run_due stopped early: %s", " ".join(str(e).split()))
+                    break
+                if not claimed or claimed[0].id in seen:
+                    break  # nothing due (or only what this call already ran, due again)
+                seen.add(claimed[0].id)
+                results.append(self._process_due(claimed[0], at, due))
         return results
 
     def work(
@@ -500,24 +676,47 @@ class Engine:
         batch: int = 10,
         should_stop: Callable[[], bool] = lambda: False,
         on_result: Callable[[DueResult], None] | None = None,
+        max_backoff: float = 30.0,
     ) -> int:
         """Loop on :meth:`run_due` until ``should_stop()``; return how many were processed.
 
         ``should_stop`` is checked between instances, so a stop request never
-        leaves one half-saved.
+        leaves one half-saved. A store that fails does not end the loop: the
+        error is logged (one line) and polling goes on with capped exponential
+        backoff and jitter (up to ``max_backoff`` seconds) until the store answers.
         """
         done = 0
+        failures = 0
         while not should_stop():
-            results = self.run_due(limit=batch, should_stop=should_stop)
+            try:
+                results = self.run_due(limit=batch, should_stop=should_stop)
+            except StoreError as e:
+                failures += 1
+                wait = random.uniform(0.5, 1.0) * min(max_backoff, poll * 2 ** min(failures, 16))
+                log.warning(
+                    "gorch: worker: store error (%s); retrying in %.1f s",
+                    " ".join(str(e).split()),
+                    wait,
+                )
+                self._pause(wait, should_stop)
+                continue
+            if failures:
+                log.warning("gorch: worker: the store answers again")
+                failures = 0
             for r in results:
                 if on_result is not None:
                     on_result(r)
-            done += len(results)
+            done += sum(r.outcome == "processed" for r in results)
             if not results:
-                deadline = time.monotonic() + poll
-                while not should_stop() and time.monotonic() < deadline:
-                    time.sleep(min(0.05, poll))
+                self._pause(poll, should_stop)
         return done
+
+    @staticmethod
+    def _pause(seconds: float, should_stop: Callable[[], bool]) -> None:
+        """Sleep ``seconds``, waking early when asked to stop."""
+        deadline = time.monotonic() + seconds
+        while not should_stop() and time.monotonic() < deadline:
+            time.sleep(min(0.05, seconds))
 
     # ------------------------------------------------------------------ internals
 
@@ -542,9 +741,131 @@ class Engine:
         raise Conflict(id, -1, None)
 
     def _load(self, id: str) -> _Loaded:
-        rec = self.store.load(self._check_id(id))
+        rec = self._read(self.store.load, self._check_id(id))
         wf, state = loads(rec.blob, self._cls(rec.workflow))
         return _Loaded(rec, wf, state)
+
+    def _read(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """A store read, tried again with backoff while the store is unavailable (reads are
+        safe to repeat)."""
+        for n in range(self.store_retries + 1):
+            try:
+                return fn(*args)
+            except StoreUnavailable:
+                if n == self.store_retries:
+                    raise
+                _sleep_backoff(n)
+        raise AssertionError("unreachable")
+
+    def _put(self, rec: Record, blob: bytes, wake: datetime | None) -> Record:
+        """Create (``rec.version == 0``) or compare-and-swap ``rec`` with ``blob`` and ``wake``.
+
+        A write that fails with ``StoreUnavailable`` may still have committed (the
+        connection dropped after the statement reached the server). The record is
+        read back: if it holds our blob, the write happened and its record is
+        returned; if it is unchanged, the write is tried again; if another writer
+        changed it, ``Conflict`` (or ``WorkflowExists`` for a create). Only when
+        the store stays unavailable is ``StoreUnavailable`` raised, and then the
+        outcome is unknown to the caller.
+        """
+        status = rec.status
+        for n in range(self.store_retries + 1):
+            try:
+                if not rec.version:
+                    return self.store.create(rec.id, rec.workflow, status, blob, wake)
+                return self.store.save(rec.id, rec.version, status, blob, wake)
+            except StoreUnavailable as e:
+                if n == self.store_retries:
+                    raise
+                log.warning("gorch: saving %r: %s; trying again", rec.id, " ".join(str(e).split()))
+            _sleep_backoff(n)
+            try:
+                now = self.store.load(rec.id)
+            except WorkflowNotFound:
+                if rec.version:
+                    raise Conflict(rec.id, rec.version, None) from None
+                continue  # the create did not happen: try it again
+            except StoreUnavailable:
+                continue
+            if now.blob == blob and now.version > rec.version:
+                return now  # it did commit (a claim may have bumped the version since)
+            if now.version != rec.version:
+                if not rec.version:
+                    raise WorkflowExists(rec.id)
+                raise Conflict(rec.id, rec.version, now.version)
+        raise AssertionError("unreachable")
+
+    def _discard(self, rec: Record) -> None:
+        """Delete a record this call created and nothing else touched (a start that failed)."""
+        try:
+            if self.store.load(rec.id).version == rec.version:
+                self.store.delete(rec.id)
+        except GorchError as e:
+            log.warning("gorch: could not remove the record of failed start %r: %s", rec.id, e)
+
+    def _last_saved(self, rec: Record) -> Snapshot:
+        """The snapshot of what is stored, when the in-memory state may be ahead of it."""
+        with contextlib.suppress(GorchError):
+            rec = self.store.load(rec.id)
+        wf, state = loads(rec.blob, self._cls(rec.workflow))
+        return self._snapshot(_Loaded(rec, wf, state))
+
+    def _repeated_start(self, wid: str, key: str, digest: str) -> Snapshot:
+        cur = self._load(wid)
+        first = cur.state.meta.get(_START_KEY)
+        if first != digest:
+            what = "other data" if first and first.split(" ")[0] == key else "another start"
+            raise IdempotencyKeyReused(wid, key, what)
+        return self._snapshot(cur)
+
+    def _remember_key(self, state: State, key: str, event: str, input: Any, out: Any) -> None:
+        """Keep what a keyed send did, in the state it saves (so both commit together)."""
+        meta = state.meta
+        keys = [k for k in meta if k.startswith(_KEY_PREFIX)]
+        for old in keys[: max(0, len(keys) - self.idempotency_keys + 1)]:
+            del meta[old]  # oldest first: dicts keep insertion order, and so does the codec
+        try:
+            output = pydantic_core.to_jsonable_python(out, serialize_unknown=True)
+        except (ValueError, TypeError, RecursionError):
+            output = None
+        record = {"event": event, "input": _input_digest(input), "output": output}
+        meta[_KEY_PREFIX + key] = json.dumps(record, separators=(",", ":"), default=str)
+
+    def _repeated_send(self, cur: _Loaded, key: str, seen: str, event: str, input: Any) -> Any:
+        first = json.loads(seen)
+        if first.get("event") != event:
+            raise IdempotencyKeyReused(cur.rec.id, key, f"event {first.get('event')!r}")
+        if first.get("input") != _input_digest(input):
+            raise IdempotencyKeyReused(cur.rec.id, key, f"event {event!r} with other input")
+        log.info(
+            "gorch: %r to %r repeats idempotency key %r: not applied again", event, cur.rec.id, key
+        )
+        return first.get("output")
+
+    def _refuse_timer(
+        self, cur: _Loaded, event: str, thread_id: str | None, pc: int | None
+    ) -> None:
+        """``TimerNotSendable`` if the awaited ``event`` is a ``Timeout`` case."""
+        waits = [
+            we
+            for t in cur.state.threads
+            if t.status is ThreadStatus.WAITING_EVENT and (thread_id is None or t.id == thread_id)
+            for we in t.wait_events
+            if we.req.name == event
+            and we.status in ACTIVE_EVENT
+            and (pc is None or we.req.pc == pc)
+        ]
+        if waits and all(self._is_timer(cur.wf, we.select, event) for we in waits):
+            raise TimerNotSendable(cur.rec.id, event)
+
+    @staticmethod
+    def _is_timer(wf: Workflow, select: str, event: str) -> bool:
+        try:
+            st = find_statement(wf, select)
+        except GorchError:
+            return False
+        hit = st.case(event) if isinstance(st, Select) else None
+        return hit is not None and isinstance(hit[1], Timeout)
 
     @staticmethod
     def _check_active(cur: _Loaded) -> None:
@@ -590,13 +911,12 @@ class Engine:
             wake = None
         blob = dumps(cur.wf, state)
         rec = cur.rec
-        if not rec.version:  # started inline and not stored yet
-            cur.rec = self.store.create(rec.id, rec.workflow, status, blob, wake)
-            return
         if blob == rec.blob and status == rec.status and wake == rec.wake_at:
             return  # nothing changed: keep the version (an idle resume writes nothing)
         try:
-            cur.rec = self.store.save(rec.id, rec.version, status, blob, wake)
+            cur.rec = self._put(
+                Record(rec.id, rec.workflow, status, rec.blob, rec.version, rec.wake_at), blob, wake
+            )
         except Conflict:
             if self.telemetry is not None:
                 store = type(self.store).__name__.removesuffix("Store").lower()
@@ -620,12 +940,16 @@ class Engine:
             wake = retry_at if wake is None else min(wake, retry_at)
         return wake
 
-    def _drive(self, cur: _Loaded, reason: str = "resume") -> None:
+    def _drive(self, cur: _Loaded, reason: str = "resume", *, keep_on_error: bool = True) -> None:
         """Resume with a save at every checkpoint; apply retry policies to failed steps.
 
         A failed step (or a hook around it) may have changed the data before
         raising: the data saved with the failure is the data the step started
         from (every earlier change was saved before the step ran).
+
+        ``keep_on_error=False`` leaves a definition problem to the caller
+        instead of saving the instance for a later look (``start`` removes
+        a record that nothing ran on).
         """
 
         def checkpoint(kind: CheckpointKind) -> None:
@@ -663,9 +987,11 @@ class Engine:
         except SetupError as e:
             # The final checkpoint saved the state; its wake-up retries the setups.
             log.warning("gorch: %s (workflow %r)", e, cur.rec.id)
-        except Conflict:
+        except (Conflict, StoreError):
             raise
         except GorchError as e:
+            if not keep_on_error:
+                raise
             # A definition or code-change problem: keep the state, look again later.
             log.error("gorch: resume of %r failed: %s", cur.rec.id, e)
             self._write(cur, InstanceStatus.RESUMING, _now() + self.error_backoff)
@@ -730,9 +1056,20 @@ class Engine:
             if state.status is not WorkflowStatus.FINISHED:
                 self._drive(cur, "retry" if action == "retry" else "timer" if fired else "resume")
             return DueResult(id=rec.id, action=action, fired=fired, status=cur.rec.status)
+        except Conflict:
+            log.info("gorch: run_due: %r was taken over by another runner", rec.id)
+            return DueResult(id=rec.id, action=action, outcome="skipped")
+        except GorchError as e:
+            message = " ".join(str(e).split())
+            log.warning("gorch: run_due could not process %r: %s", rec.id, message)
+            return DueResult(
+                id=rec.id, action=action, outcome="failed", error=f"{type(e).__name__}: {message}"
+            )
         except Exception as e:
             log.exception("gorch: run_due could not process %r", rec.id)
-            return DueResult(id=rec.id, action=action, error=f"{type(e).__name__}: {e}")
+            return DueResult(
+                id=rec.id, action=action, outcome="failed", error=f"{type(e).__name__}: {e}"
+            )
 
     def _snapshot(self, cur: _Loaded) -> Snapshot:
         state = cur.state

@@ -214,6 +214,17 @@ class TimerNotSendable(GorchError):
         )
 
 
+class InvalidIdempotencyKey(GorchError):
+    """An idempotency key must be 1-255 printable ASCII characters."""
+
+    def __init__(self, key: object) -> None:
+        self.key = key
+        super().__init__(
+            f"invalid idempotency key {key!r}: use 1-255 printable ASCII characters "
+            "(a UUID is a good choice)"
+        )
+
+
 class IdempotencyKeyReused(GorchError):
     """An idempotency key came back with a different request than the one it first named."""
 

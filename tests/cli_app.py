@@ -30,6 +30,8 @@ class Ticket(gorch.Workflow):
 
 WORKFLOWS: dict[str, type[gorch.Workflow]] = {"expense": DemoExpense, "ticket": Ticket}
 
+NONE: dict[str, type[gorch.Workflow]] = {}
+
 engine = Engine(os.environ.get("GORCH_STORE") or "memory://", WORKFLOWS)
 
 not_an_app = 42

@@ -272,13 +272,42 @@ def test_run_due_finishes_deferred_resumes(cli: Any, store_url: str) -> None:
 
     run = cli("run-due", "--json", *APP)
     assert run.code == 0
-    assert [(r["id"], r["action"], r["status"], r["error"]) for r in run.json()] == [
+    report = run.json()
+    assert [(r["id"], r["action"], r["status"], r["error"]) for r in report["results"]] == [
         ("exp-d", "resume", "waiting", "")
     ]
+    assert (report["processed"], report["skipped"], report["failed"]) == (1, 0, 0)
     assert deferred.get("exp-d").data["history"] == ["manager asked to approve 5.00"]
-    assert cli("run-due", "--json", *APP).json() == []
+    assert cli("run-due", "--json", *APP).json() == {
+        "results": [],
+        "processed": 0,
+        "skipped": 0,
+        "failed": 0,
+    }
     human = cli("run-due", *APP)
-    assert human.out.splitlines() == ["0 processed"]
+    assert human.out.splitlines() == ["0 processed, 0 skipped, 0 failed"]
+
+
+def test_run_due_limit_and_all(cli: Any, store_url: str) -> None:
+    deferred = Engine(store_url, cli_app.WORKFLOWS, defer_resume=True)
+    for i in range(5):
+        deferred.start("expense", f"exp-{i}", {"amount": i + 1})
+    assert "--limit N" in cli("run-due", "--help").out and "--all" in cli("run-due", "--help").out
+    first = cli("run-due", "--limit", "2", *APP)
+    assert first.out.splitlines()[-1] == "2 processed, 0 skipped, 0 failed"
+    rest = cli("run-due", "--all", *APP)
+    assert rest.out.splitlines()[-1] == "3 processed, 0 skipped, 0 failed"
+    assert cli("run-due", "--limit", "0", *APP).code == 2
+
+
+def test_run_due_exits_1_when_an_instance_failed(cli: Any, store_url: str) -> None:
+    engine = Engine(store_url, cli_app.WORKFLOWS, defer_resume=True)
+    engine.start("expense", "exp-x", {"amount": 5})
+    # An app that does not know the instance's workflow (say, a deploy that dropped it).
+    run = cli("run-due", "--store", store_url, "--app", "cli_app:NONE")
+    assert run.code == 1
+    assert run.out.splitlines()[-1] == "0 processed, 0 skipped, 1 failed"
+    assert "UnknownWorkflow" in run.out
 
 
 def test_migrate_on_sqlite_has_nothing_to_do(cli: Any, store_url: str) -> None:

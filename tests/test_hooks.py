@@ -259,12 +259,9 @@ def test_through_the_engine_a_raising_hook_saves_the_data_from_before_the_step(
             return S(Step("bump", self.bump), Step("work", self.work, retry=retry))
 
     engine = gorch.Engine("memory://", {"hooked": EngineHook})
-    if retry is None:
-        with pytest.raises(gorch.StepFailed):
-            engine.start("hooked", "e-1", {"where": hook, "mutate": True})
-    else:
-        engine.start("hooked", "e-1", {"where": hook, "mutate": True})
+    started = engine.start("hooked", "e-1", {"where": hook, "mutate": True})
     snap = engine.get("e-1")
+    assert started == snap  # start reports the failed instance; it does not raise
     assert snap.status is (IS.FAILED if retry is None else IS.RETRYING)
     assert snap.threads[0].cur_step == "work" and snap.threads[0].attempts == 1
     assert f"{hook} broke" in snap.error
@@ -666,8 +663,7 @@ def test_engine_middleware_sees_the_retry_reason_and_can_veto() -> None:
             raise PermissionError("vetoed")
 
     engine = gorch.Engine("memory://", {"flaky": Flaky}, middleware=[Recording("A")])
-    with pytest.raises(gorch.StepFailed):
-        engine.start("flaky", "f-1")
+    assert engine.start("flaky", "f-1").status is IS.FAILED
     assert engine.get("f-1").status is IS.FAILED
     calls.clear()
     with pytest.raises(gorch.StepFailed):
