@@ -2,7 +2,8 @@
 
 Records live in a dict guarded by one lock, so every operation is atomic with
 respect to other threads; nothing survives the process and other processes
-cannot see it.
+cannot see it. Remembered keys expire by :func:`gorch.clock.now`, so a test
+clock (``gorch.testing``) moves them too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from bisect import bisect_right, insort
 from dataclasses import replace
 from datetime import datetime, timedelta
 
+from gorch import clock
 from gorch.errors import Conflict, WorkflowExists, WorkflowNotFound
 from gorch.stores._common import check_limit, matches, opt_utc, page_cursor, to_utc
 from gorch.stores.base import Page, Record, Store
@@ -36,6 +38,8 @@ class MemoryStore(Store):
         self._ids: list[str] = []  # sorted, for paging in id order
         self._wakeups: list[_Wakeup] = []
         self._scheduled = 0  # records whose wake_at is not None
+        self._seen: dict[str, datetime] = {}  # remembered key -> until
+        self._expiries: list[tuple[datetime, str]] = []  # heap, to purge expired keys
 
     def create(
         self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
@@ -123,6 +127,25 @@ class MemoryStore(Store):
             for record in claimed:
                 heapq.heappush(heap, (until, record.id))
         return claimed
+
+    def remember(self, key: str, until: datetime) -> bool:
+        until = to_utc(until)
+        now = clock.now()
+        with self._lock:
+            heap = self._expiries
+            while heap and heap[0][0] <= now:  # purge: each key is dropped at most once
+                expired, old = heapq.heappop(heap)
+                if self._seen.get(old) == expired:
+                    del self._seen[old]
+            current = self._seen.get(key)
+            if current is not None and current > now:
+                return False
+            if until > now:  # a key that is already expired is not worth keeping
+                self._seen[key] = until
+                heapq.heappush(heap, (until, key))
+            else:
+                self._seen.pop(key, None)
+            return True
 
     def _schedule(self, old: Record | None, new: Record) -> None:
         """Keep the heap and the live count in step with a record's new ``wake_at``."""

@@ -8,16 +8,24 @@ rows between them instead of queueing on the same ones.
 
 ``id`` uses the "C" collation so that pages come in code-point order, as in
 the other stores, whatever the database's default collation is.
+
+Writes run in explicit transactions (``BEGIN`` ... ``COMMIT``). A connection
+lost before ``COMMIT`` was sent cannot have applied anything (the server rolls
+back the transaction of a session that ends), so the write is tried once more
+on a new connection; only a connection lost *during* ``COMMIT`` leaves the
+outcome unknown, and ``StoreUnavailable`` says so. Remembered keys live in a
+second table, ``{table}_seen``, and expire by the server's clock.
 """
 
 from __future__ import annotations
 
 import builtins
 import threading
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+import time
+import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -37,7 +45,13 @@ from gorch.stores._common import (
 from gorch.stores.base import Page, Record, Store
 
 _Conn = psycopg.Connection[TupleRow]
-_LOST = (psycopg.OperationalError, psycopg.InterfaceError)  # the connection is gone or unusable
+_T = TypeVar("_T")
+_FAULTS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.InternalError)
+"""Driver errors that mean the store cannot be used now: connection lost or refused, disk
+full, out of memory, lock or statement timeout, server shutting down, read-only server."""
+_FAULT_STATES = frozenset({"42501", "42P01"})  # permission denied, table dropped under us
+_PURGE_EVERY = 30.0  # seconds between two purges of expired keys by one store
+_PURGE_BATCH = 1000
 
 DEFAULT_TABLE = "gorch_workflows"
 DEFAULT_CONNECT_TIMEOUT = 10
@@ -55,6 +69,12 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS {wake_idx} ON {t} (wake_at, id) WHERE wake_at IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS {workflow_idx} ON {t} (workflow, id)",
     "CREATE INDEX IF NOT EXISTS {status_idx} ON {t} (status, id)",
+    """CREATE TABLE IF NOT EXISTS {seen} (
+        key text COLLATE "C" PRIMARY KEY,
+        token text NOT NULL,
+        until timestamptz NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS {seen_idx} ON {seen} (until)",
 )
 _COLUMNS = sql.SQL("id, workflow, status, blob, version, wake_at")
 
@@ -68,8 +88,14 @@ def _record(row: TupleRow) -> Record:
     return Record(id, workflow, status, bytes(blob), version, _utc(wake_at))
 
 
+def _is_fault(exc: psycopg.Error) -> bool:
+    """Whether a driver error means the store is unusable now, rather than a bug of ours."""
+    return isinstance(exc, _FAULTS) or exc.sqlstate in _FAULT_STATES
+
+
 class PostgresStore(Store):
-    """A store in one PostgreSQL table (``gorch_workflows`` unless ``table`` says otherwise).
+    """A store in one PostgreSQL table (``gorch_workflows`` unless ``table`` says otherwise),
+    and ``{table}_seen`` for :meth:`remember`.
 
     The schema is created on first use (or ahead of time with :meth:`migrate`).
     Each thread uses its own connection, in autocommit mode with explicit
@@ -95,6 +121,7 @@ class PostgresStore(Store):
         self._lock = threading.Lock()
         self._migrated = False
         self._q = self._queries(parts)
+        self._next_purge = 0.0  # time.monotonic() after which remember() purges expired keys
 
     @staticmethod
     def _queries(parts: builtins.list[str]) -> dict[str, sql.Composed]:
@@ -106,6 +133,8 @@ class PostgresStore(Store):
             "wake_idx": sql.Identifier(f"{base}_wake_at_idx"),
             "workflow_idx": sql.Identifier(f"{base}_workflow_idx"),
             "status_idx": sql.Identifier(f"{base}_status_idx"),
+            "seen": sql.Identifier(*parts[:-1], f"{base}_seen"),
+            "seen_idx": sql.Identifier(f"{base}_seen_until_idx"),
         }
         texts = {
             **{f"schema{i}": text for i, text in enumerate(_SCHEMA)},
@@ -123,6 +152,15 @@ class PostgresStore(Store):
             " UPDATE {t} AS w SET wake_at = %s, version = w.version + 1, updated_at = now()"
             " FROM due WHERE w.id = due.id"
             " RETURNING w.id, w.workflow, w.status, w.blob, w.version, due.wake_at",
+            # A live key is left alone (no row returned); an absent or expired one is
+            # taken. Concurrent callers queue on the key's row lock: one wins.
+            "remember": "INSERT INTO {seen} AS s (key, token, until) VALUES (%s, %s, %s)"
+            " ON CONFLICT (key) DO UPDATE SET token = EXCLUDED.token, until = EXCLUDED.until"
+            " WHERE s.until <= clock_timestamp() RETURNING token",
+            "token": "SELECT token FROM {seen} WHERE key = %s",
+            # SKIP LOCKED: a purge never waits for (or deadlocks with) a remember().
+            "purge": "DELETE FROM {seen} WHERE key IN (SELECT key FROM {seen}"
+            " WHERE until <= clock_timestamp() ORDER BY until LIMIT %s FOR UPDATE SKIP LOCKED)",
         }
         return {key: sql.SQL(text).format(**names) for key, text in texts.items()}
 
@@ -137,53 +175,105 @@ class PostgresStore(Store):
         except psycopg.Error as exc:
             self._fail(exc)
 
-    def _fail(self, exc: BaseException) -> NoReturn:
+    def _fail(self, exc: BaseException, context: str = "") -> NoReturn:
         message = scrub(" ".join(str(exc).split()), self._dsn)  # libpq's text spans lines
-        raise StoreUnavailable(f"PostgreSQL store {self.url} is unavailable: {message}") from exc
+        raise StoreUnavailable(
+            f"PostgreSQL store {self.url} is unavailable: {message}{context}"
+        ) from exc
 
-    @contextmanager
-    def _tx(self) -> Iterator[_Conn]:
-        """A transaction on this thread's connection; a lost connection is dropped and reported."""
-        if not self._migrated:
-            self._migrate(self._conns.get(), again=False)
-        try:
-            with ExitStack() as stack:
-                yield self._begin(stack)
-        except _LOST as exc:
-            self._conns.discard()
-            self._fail(exc)
-
-    def _begin(self, stack: ExitStack) -> _Conn:
-        """BEGIN, reconnecting once if the connection died while idle (a server restart, an
-        idle timeout): nothing of the operation has run yet, so the retry cannot apply it twice.
-        """
-        try:
+    def _read(self, query: sql.Composed, params: tuple[Any, ...]) -> builtins.list[TupleRow]:
+        """One SELECT in autocommit; tried once more on a new connection if this one was
+        lost (a restart, an idle timeout, a dropped network): a read is safe to repeat."""
+        self._ensure_schema()
+        for attempt in (1, 2):
             conn = self._conns.get()
-            stack.enter_context(conn.transaction())
-            return conn
-        except _LOST:
+            try:
+                return conn.execute(query, params).fetchall()
+            except psycopg.Error as exc:
+                lost = self._lost(conn)
+                if not _is_fault(exc):
+                    raise
+                if not lost or attempt == 2:
+                    self._fail(exc)
+        raise AssertionError("unreachable")
+
+    def _write(self, work: Callable[[_Conn], _T], *, idempotent: bool = False) -> _T:
+        """``work`` in one transaction, so that a failure before COMMIT applies nothing.
+
+        A connection lost before COMMIT was sent (idle, at BEGIN, in the middle of
+        a statement) is replaced and ``work`` runs once more: its transaction ended
+        with the session, uncommitted. A connection lost during COMMIT may or may
+        not have committed: ``StoreUnavailable`` says the outcome is unknown (read
+        the record back to settle it), unless ``work`` is ``idempotent`` (running
+        it again after it committed gives the same answer), when it is run again.
+        Other faults (disk full, a lock timeout) roll back, and
+        ``StoreUnavailable`` says nothing was written.
+        """
+        self._ensure_schema()
+        for attempt in (1, 2):
+            conn = self._conns.get()
+            committing = False
+            try:
+                with conn.transaction():
+                    result = work(conn)
+                    committing = True  # leaving the block sends COMMIT
+                return result
+            except psycopg.Error as exc:
+                lost = self._lost(conn)
+                if not _is_fault(exc):
+                    raise
+                if lost and committing and not idempotent:
+                    self._fail(
+                        exc,
+                        "; the connection was lost during COMMIT, so the write may or may"
+                        " not have been applied",
+                    )
+                if not lost or attempt == 2:
+                    self._fail(exc, "; nothing was written")
+        raise AssertionError("unreachable")
+
+    def _lost(self, conn: _Conn) -> bool:
+        """Whether ``conn`` is gone; if so, drop it so that the next call opens a new one."""
+        if conn.broken or conn.closed:
             self._conns.discard()
-        conn = self._conns.get()
-        stack.enter_context(conn.transaction())
-        return conn
+            return True
+        return False
+
+    def _ensure_schema(self) -> None:
+        if self._migrated:
+            return
+        for attempt in (1, 2):  # a connection that died while idle is replaced once
+            conn = self._conns.get()
+            try:
+                self._migrate(conn, again=False)
+                return
+            except psycopg.Error as exc:
+                lost = self._lost(conn)
+                if not _is_fault(exc):
+                    raise
+                if not lost or attempt == 2:
+                    self._fail(exc)
 
     def migrate(self) -> None:
-        """Create the table and its indexes if they are missing (safe to run concurrently)."""
-        self._migrate(self._conns.get(), again=True)
+        """Create the tables and their indexes if they are missing (safe to run concurrently)."""
+        conn = self._conns.get()
+        try:
+            self._migrate(conn, again=True)
+        except psycopg.Error as exc:
+            self._lost(conn)
+            if not _is_fault(exc):
+                raise
+            self._fail(exc)
 
     def _migrate(self, conn: _Conn, *, again: bool) -> None:
         with self._lock:
             if self._migrated and not again:
                 return  # another thread did it while this one waited
-            try:
-                with conn.transaction():
-                    # CREATE ... IF NOT EXISTS still races on the catalog; serialise it.
-                    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
-                    for i in range(len(_SCHEMA)):
-                        conn.execute(self._q[f"schema{i}"])
-            except _LOST as exc:
-                self._conns.discard()
-                self._fail(exc)
+            with conn.transaction():
+                # CREATE ... IF NOT EXISTS still races on the catalog; serialise it.
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
+                for i in range(len(_SCHEMA)):
+                    conn.execute(self._q[f"schema{i}"])
             self._migrated = True
 
     # -- the protocol -----------------------------------------------------------------
@@ -192,18 +282,17 @@ class PostgresStore(Store):
         self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
     ) -> Record:
         wake = opt_utc(wake_at)
-        with self._tx() as conn:
-            row = conn.execute(self._q["insert"], (id, workflow, status, blob, wake)).fetchone()
+        params = (id, workflow, status, blob, wake)
+        row = self._write(lambda conn: conn.execute(self._q["insert"], params).fetchone())
         if row is None:
             raise WorkflowExists(id)
         return Record(id, workflow, status, bytes(blob), 1, wake)
 
     def load(self, id: str) -> Record:
-        with self._tx() as conn:
-            row = conn.execute(self._q["load"], (id,)).fetchone()
-        if row is None:
+        rows = self._read(self._q["load"], (id,))
+        if not rows:
             raise WorkflowNotFound(id)
-        return _record(row)
+        return _record(rows[0])
 
     def save(
         self,
@@ -214,19 +303,21 @@ class PostgresStore(Store):
         wake_at: datetime | None,
     ) -> Record:
         wake = opt_utc(wake_at)
-        with self._tx() as conn:
+
+        def work(conn: _Conn) -> TupleRow:
             row = conn.execute(
                 self._q["save"], (status, blob, wake, id, expected_version)
             ).fetchone()
             if row is None:
                 current = conn.execute(self._q["version"], (id,)).fetchone()
                 raise Conflict(id, expected_version, None if current is None else current[0])
-        workflow, version = row
+            return row
+
+        workflow, version = self._write(work)
         return Record(id, workflow, status, bytes(blob), version, wake)
 
     def delete(self, id: str) -> None:
-        with self._tx() as conn:
-            row = conn.execute(self._q["delete"], (id,)).fetchone()
+        row = self._write(lambda conn: conn.execute(self._q["delete"], (id,)).fetchone())
         if row is None:
             raise WorkflowNotFound(id)
 
@@ -255,9 +346,7 @@ class PostgresStore(Store):
         if where:
             query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
         query += sql.SQL(" ORDER BY id LIMIT %s")
-        with self._tx() as conn:
-            rows = conn.execute(query, (*params, limit + 1)).fetchall()
-        records = [_record(row) for row in rows]
+        records = [_record(row) for row in self._read(query, (*params, limit + 1))]
         return Page(records[:limit], page_cursor([r.id for r in records], limit))
 
     def claim_due(self, now: datetime, limit: int, lease: timedelta) -> builtins.list[Record]:
@@ -265,14 +354,38 @@ class PostgresStore(Store):
             return []
         now = to_utc(now)
         until = now + lease
-        with self._tx() as conn:
-            rows = conn.execute(self._q["claim"], (now, limit, until)).fetchall()
+        params = (now, limit, until)
+        rows = self._write(lambda conn: conn.execute(self._q["claim"], params).fetchall())
         # UPDATE ... RETURNING has no order: restore "earliest first" from the old wake_at.
         rows.sort(key=lambda row: (row[5], row[0]))
         return [
             Record(id, workflow, status, bytes(blob), version, until)
             for id, workflow, status, blob, version, _ in rows
         ]
+
+    def remember(self, key: str, until: datetime) -> bool:
+        token = uuid.uuid4().hex  # tells our own earlier, committed attempt from a rival's
+
+        def work(conn: _Conn) -> bool:
+            if conn.execute(self._q["remember"], (key, token, to_utc(until))).fetchone():
+                return True
+            row = conn.execute(self._q["token"], (key,)).fetchone()
+            return row is not None and row[0] == token
+
+        recorded = self._write(work, idempotent=True)
+        if time.monotonic() >= self._next_purge:
+            self._next_purge = time.monotonic() + _PURGE_EVERY
+            self.purge_expired()
+        return recorded
+
+    def purge_expired(self, limit: int = _PURGE_BATCH) -> int:
+        """Delete up to ``limit`` expired keys of :meth:`remember`; how many went.
+
+        ``remember`` calls it every half minute or so; a cron job may call it too.
+        """
+        return self._write(
+            lambda conn: conn.execute(self._q["purge"], (limit,)).rowcount, idempotent=True
+        )
 
     def close(self) -> None:
         """Close the connections this process opened, in every thread."""

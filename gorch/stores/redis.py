@@ -14,6 +14,9 @@ Keys, all under ``prefix``::
     {prefix}:idx:st:{status}                ... of the ids in one status
     {prefix}:idx:ws:{len}:{workflow}:{status}  ... of both (len: workflow's UTF-8 byte length)
 
+Remembered keys are ``{prefix}:seen:{key}``, expired by Redis itself (``PXAT``,
+by the server's clock).
+
 The id sets let ``list`` page through any filter with ``ZRANGEBYLEX`` instead
 of scanning. ``wake_at`` is kept exactly (integer microseconds) in the hash;
 the score is only for ordering. Scripts derive some key names from data, so
@@ -24,13 +27,23 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -130,6 +143,35 @@ return out
 """
 
 
+# KEYS: seen; ARGV: token until_ms. True if taken now, or earlier by this very token (a retry).
+_REMEMBER = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PXAT', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+return 0
+"""
+
+_T = TypeVar("_T")
+_LOST = (RedisConnectionError, RedisTimeoutError)
+"""The connection was refused, dropped or timed out (includes a failed AUTH, LOADING)."""
+_SERVER_FAULTS = (
+    OutOfMemoryError,
+    ReadOnlyError,
+    NoPermissionError,
+    MasterDownError,
+    TryAgainError,
+    ClusterDownError,
+)
+"""Replies that mean the server cannot serve the store now: full (maxmemory), a replica
+after a failover, an ACL that forbids the commands."""
+_FAULT_PREFIXES = ("MISCONF", "BUSY", "NOREPLICAS", "MASTERDOWN")  # refused, nothing applied
+
+
+def _is_fault(exc: RedisError) -> bool:
+    if isinstance(exc, _LOST + _SERVER_FAULTS):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_FAULT_PREFIXES)
+
+
 def _score(micros: int) -> str:
     """Epoch seconds as Redis parses them back to the same double (repr round-trips)."""
     return repr(micros / 1_000_000)
@@ -143,8 +185,12 @@ class RedisStore(Store):
     """A store in Redis under ``prefix`` (default ``gorch``).
 
     redis-py's client is thread-safe and re-opens its connections after a
-    ``fork``. Commands are never retried: a re-sent compare-and-swap whose
-    first attempt did land would report a false ``Conflict``.
+    ``fork``; a pooled connection that died while idle is replaced before use.
+    Reads (and ``remember``, made idempotent by a token) are tried once more when
+    the connection drops. Writes are not: once a command is sent, a dropped
+    connection cannot tell whether it ran, and a re-sent compare-and-swap whose
+    first attempt did land would report a false ``Conflict``; ``StoreUnavailable``
+    says the outcome is unknown, and the caller settles it by reading back.
     """
 
     def __init__(
@@ -171,6 +217,7 @@ class RedisStore(Store):
         self._save = self._client.register_script(_SAVE)
         self._delete = self._client.register_script(_DELETE)
         self._claim = self._client.register_script(_CLAIM)
+        self._remember = self._client.register_script(_REMEMBER)
         self._wake = f"{prefix}:wake"
         self._all = f"{prefix}:idx:all"
 
@@ -189,14 +236,34 @@ class RedisStore(Store):
             return f"{self.prefix}:idx:st:{status}"
         return self._all
 
-    @contextmanager
-    def _guard(self) -> Iterator[None]:
-        """Turn a lost or refused connection into ``StoreUnavailable`` naming the safe URL."""
-        try:
-            yield
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            message = scrub(" ".join(str(exc).split()), self._url)
-            raise StoreUnavailable(f"Redis store {self.url} is unavailable: {message}") from exc
+    def _call(self, fn: Callable[[], _T], *, retry: bool = False) -> _T:
+        """Run ``fn``, turning driver faults into ``StoreUnavailable`` naming the safe URL.
+
+        ``retry``: ``fn`` is safe to repeat (a read), so a dropped connection is
+        replaced and ``fn`` runs once more before the error is reported.
+        """
+        for attempt in (1, 2):
+            try:
+                return fn()
+            except RedisError as exc:
+                if not _is_fault(exc):
+                    raise
+                if retry and attempt == 1 and isinstance(exc, _LOST):
+                    continue
+                self._fail(exc, retry)
+        raise AssertionError("unreachable")
+
+    def _fail(self, exc: RedisError, read: bool) -> NoReturn:
+        message = scrub(" ".join(str(exc).split()), self._url)
+        if not isinstance(exc, _LOST):
+            context = "; nothing was written"  # the server refused the command
+        elif read:
+            context = ""
+        else:
+            context = "; a write in flight may or may not have been applied"
+        raise StoreUnavailable(
+            f"Redis store {self.url} is unavailable: {type(exc).__name__}: {message}{context}"
+        ) from exc
 
     # -- the protocol -----------------------------------------------------------------
 
@@ -224,15 +291,15 @@ class RedisStore(Store):
             score,
             _now_micros(),
         ]
-        with self._guard():
-            created = self._create(keys=keys, args=args)
+        created = self._call(lambda: self._create(keys=keys, args=args))
         if not created:
             raise WorkflowExists(id)
         return Record(id, workflow, status, bytes(blob), 1, wake)
 
     def load(self, id: str) -> Record:
-        with self._guard():
-            fields = cast(dict[bytes, bytes], self._client.hgetall(self._rec(id)))
+        fields = cast(
+            dict[bytes, bytes], self._call(lambda: self._client.hgetall(self._rec(id)), retry=True)
+        )
         if not fields:
             raise WorkflowNotFound(id)
         return _record(id, fields)
@@ -258,19 +325,20 @@ class RedisStore(Store):
             score,
             _now_micros(),
         ]
-        with self._guard():
-            result = cast(
-                builtins.list[Any], self._save(keys=[self._rec(id), self._wake], args=args)
-            )
+        result = cast(
+            builtins.list[Any],
+            self._call(lambda: self._save(keys=[self._rec(id), self._wake], args=args)),
+        )
         if result[0] == 0:
             raise Conflict(id, expected_version, int(result[1]) if len(result) > 1 else None)
         return Record(id, result[2].decode(), status, bytes(blob), int(result[1]), wake)
 
     def delete(self, id: str) -> None:
-        with self._guard():
-            deleted = self._delete(
+        deleted = self._call(
+            lambda: self._delete(
                 keys=[self._rec(id), self._wake, self._all], args=[self.prefix, id]
             )
+        )
         if not deleted:
             raise WorkflowNotFound(id)
 
@@ -284,18 +352,22 @@ class RedisStore(Store):
     ) -> Page:
         check_limit(limit)
         low = b"-" if after is None else b"(" + after.encode()
-        with self._guard():
+        index = self._index(workflow, status)
+
+        def fetch() -> tuple[builtins.list[bytes], builtins.list[dict[bytes, bytes]]]:
             raw = cast(
                 builtins.list[bytes],
-                self._client.zrangebylex(
-                    self._index(workflow, status), low, b"+", start=0, num=limit + 1
-                ),
+                self._client.zrangebylex(index, low, b"+", start=0, num=limit + 1),
             )
-            ids = [i.decode() for i in raw]
+            if not raw:
+                return raw, []
             pipe = self._client.pipeline(transaction=True)
-            for id in ids[:limit]:
-                pipe.hgetall(self._rec(id))
-            hashes = cast(builtins.list[dict[bytes, bytes]], pipe.execute()) if ids else []
+            for id in raw[:limit]:
+                pipe.hgetall(self._rec(id.decode()))
+            return raw, cast(builtins.list[dict[bytes, bytes]], pipe.execute())
+
+        raw, hashes = self._call(fetch, retry=True)
+        ids = [i.decode() for i in raw]
         # A record may change between the two round trips: re-check it still belongs here.
         records = [
             record
@@ -318,14 +390,20 @@ class RedisStore(Store):
             _score(until_us),
             _now_micros(),
         ]
-        with self._guard():
-            rows = cast(
-                builtins.list[builtins.list[Any]], self._claim(keys=[self._wake], args=args)
-            )
+        rows = cast(
+            builtins.list[builtins.list[Any]],
+            self._call(lambda: self._claim(keys=[self._wake], args=args)),
+        )
         return [
             Record(id.decode(), wf.decode(), st.decode(), bytes(blob), int(version), until)
             for id, wf, st, blob, version in rows
         ]
+
+    def remember(self, key: str, until: datetime) -> bool:
+        until_ms = max(1, -(-to_micros(until) // 1000))  # rounded up: never expire early
+        args: builtins.list[EncodableT] = [uuid.uuid4().hex, until_ms]
+        keys = [f"{self.prefix}:seen:{key}"]
+        return bool(self._call(lambda: self._remember(keys=keys, args=args), retry=True))
 
     def close(self) -> None:
         """Release the client's connection pool."""

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
+from gorch import clock
 from gorch.errors import Conflict, StoreUnavailable, WorkflowExists, WorkflowNotFound
 from gorch.stores._common import (
     PerThread,
@@ -32,8 +33,8 @@ from gorch.stores._common import (
 )
 from gorch.stores.base import Page, Record, Store
 
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS gorch_workflows (
+_SCHEMA = {  # every table and index, by name
+    "gorch_workflows": """CREATE TABLE IF NOT EXISTS gorch_workflows (
         id TEXT PRIMARY KEY,
         workflow TEXT NOT NULL,
         status TEXT NOT NULL,
@@ -42,11 +43,19 @@ _SCHEMA = (
         wake_at INTEGER,
         updated_at INTEGER NOT NULL
     )""",
-    """CREATE INDEX IF NOT EXISTS gorch_workflows_wake_at
+    "gorch_workflows_wake_at": """CREATE INDEX IF NOT EXISTS gorch_workflows_wake_at
         ON gorch_workflows (wake_at, id) WHERE wake_at IS NOT NULL""",
-    "CREATE INDEX IF NOT EXISTS gorch_workflows_workflow ON gorch_workflows (workflow, id)",
-    "CREATE INDEX IF NOT EXISTS gorch_workflows_status ON gorch_workflows (status, id)",
-)
+    "gorch_workflows_workflow": "CREATE INDEX IF NOT EXISTS gorch_workflows_workflow"
+    " ON gorch_workflows (workflow, id)",
+    "gorch_workflows_status": "CREATE INDEX IF NOT EXISTS gorch_workflows_status"
+    " ON gorch_workflows (status, id)",
+    "gorch_seen": """CREATE TABLE IF NOT EXISTS gorch_seen (
+        key TEXT PRIMARY KEY,
+        until INTEGER NOT NULL
+    )""",
+    "gorch_seen_until": "CREATE INDEX IF NOT EXISTS gorch_seen_until ON gorch_seen (until)",
+}
+_PURGE_BATCH = 100  # expired keys removed per remember(): bounded work, and enough to keep up
 _COLUMNS = "id, workflow, status, blob, version, wake_at"
 
 
@@ -100,22 +109,51 @@ class SQLiteStore(Store):
                 check_same_thread=False,  # so close() can close every thread's connection
             )
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
             if not self._schema_ready:
                 with self._lock:
                     if not self._schema_ready:
+                        self._enable_wal(conn)
                         self._create_schema(conn)
                         self._schema_ready = True
         except sqlite3.Error as exc:
             if conn is not None:
                 conn.close()
+            if not _is_fault(exc):
+                raise
             raise self._unavailable(exc) from exc
         return conn
 
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL (persistent: once per process is enough).
+
+        Changing the journal mode does not wait on the busy handler, so while
+        another process opens the same new file it may answer "locked" at
+        once: retry until the busy timeout has passed.
+        """
+        deadline = time.monotonic() + self.timeout
+        delay = 0.001
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
     def _create_schema(self, conn: sqlite3.Connection) -> None:
+        """Create what is missing; skipped without the write lock when everything exists,
+        so readers can open the store while another process holds a long write."""
+        marks = ", ".join("?" * len(_SCHEMA))
+        found = conn.execute(
+            f"SELECT count(*) FROM sqlite_master WHERE name IN ({marks})", tuple(_SCHEMA)
+        ).fetchone()[0]
+        if found == len(_SCHEMA):
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _SCHEMA:
+            for statement in _SCHEMA.values():
                 conn.execute(statement)
         except BaseException:
             conn.execute("ROLLBACK")
@@ -123,30 +161,60 @@ class SQLiteStore(Store):
         conn.execute("COMMIT")
 
     def _unavailable(self, exc: sqlite3.Error) -> StoreUnavailable:
-        return StoreUnavailable(f"SQLite store {self.url} failed: {exc}")
+        """``StoreUnavailable`` saying what went wrong and what to do about it."""
+        name = getattr(exc, "sqlite_errorname", "")
+        if name.startswith("SQLITE_BUSY") or "database is locked" in str(exc):
+            reason = (
+                f"the database is locked: another connection held its write lock longer than"
+                f" the busy timeout ({self.timeout:g} s); nothing was written, try again later"
+                " (or open the store with a longer timeout)"
+            )
+        elif name == "SQLITE_FULL":
+            reason = (
+                "the database or disk is full (or the process hit its file-size limit);"
+                " nothing was written, free some space and try again"
+            )
+        else:
+            reason = str(exc)
+        return StoreUnavailable(f"SQLite store {self.url} is unavailable: {reason}")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction holding the database's write lock from its first statement."""
+        """A write transaction holding the database's write lock from its first statement.
+
+        SQLite rolls back whatever fails, so a failed write never leaves half a record:
+        ``StoreUnavailable`` from here means nothing was written.
+        """
         conn = self._conns.get()
         try:
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:
+            if not _is_fault(exc):
+                raise
             raise self._unavailable(exc) from exc
         try:
             yield conn
             conn.execute("COMMIT")
         except BaseException as exc:
-            if conn.in_transaction:  # SQLite may already have rolled back (disk full, I/O)
-                conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError):
+            self._rollback(conn)
+            if isinstance(exc, sqlite3.Error) and _is_fault(exc):
                 raise self._unavailable(exc) from exc
             raise
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        """Undo an open transaction; a connection that cannot even roll back is dropped."""
+        try:
+            if conn.in_transaction:  # SQLite may already have rolled back (disk full, I/O)
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            self._conns.discard()  # closing it rolls back whatever is left
 
     def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         try:
             return self._conns.get().execute(sql, params).fetchall()
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:
+            if not _is_fault(exc):
+                raise
             raise self._unavailable(exc) from exc
 
     # -- the protocol -----------------------------------------------------------------
@@ -255,6 +323,27 @@ class SQLiteStore(Store):
             for id, workflow, status, blob, version, _ in rows
         ]
 
+    def remember(self, key: str, until: datetime) -> bool:
+        now_us = to_micros(clock.now())
+        with self._write() as conn:
+            conn.execute(  # purge a bounded batch of expired keys, oldest first
+                "DELETE FROM gorch_seen WHERE key IN"
+                " (SELECT key FROM gorch_seen WHERE until <= ? ORDER BY until LIMIT ?)",
+                (now_us, _PURGE_BATCH),
+            )
+            cur = conn.execute(
+                "INSERT INTO gorch_seen (key, until) VALUES (?, ?) ON CONFLICT (key)"
+                " DO UPDATE SET until = excluded.until WHERE gorch_seen.until <= ?",
+                (key, to_micros(until), now_us),
+            )
+            return cur.rowcount == 1
+
     def close(self) -> None:
         """Close the connections this process opened, in every thread."""
         self._conns.close_all()
+
+
+def _is_fault(exc: sqlite3.Error) -> bool:
+    """Whether a driver error means the database cannot be used now (locked, full, I/O,
+    unopenable, "file is not a database") rather than misuse (a bug), left as it is."""
+    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError

@@ -409,3 +409,73 @@ def test_concurrent_processes_claim_each_record_once(shared_spec: StoreSpec) -> 
         assert sorted(claimed) == ids
         assert {r.version for r in _walk(store, 100)} == {2}
         assert store.claim_due(NOW, 10, LEASE) == []
+
+
+# -- remember ------------------------------------------------------------------------------
+
+
+def _soon(seconds: float) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+def test_remember_is_true_once_per_key(store: Store) -> None:
+    until = _soon(3600)
+    assert store.remember("msg-1", until) is True
+    assert store.remember("msg-1", until) is False
+    assert store.remember("msg-1", _soon(7200)) is False  # a later ``until`` does not renew it
+    assert store.remember("msg-2", until) is True
+    assert store.remember("ünï/çødé:key 1", until) is True
+    assert store.remember("ünï/çødé:key 1", until) is False
+
+
+def test_a_remembered_key_counts_as_absent_once_expired(store: Store) -> None:
+    assert store.remember("short", _soon(0.3)) is True
+    assert store.remember("short", _soon(3600)) is False
+    time.sleep(0.45)
+    assert store.remember("short", _soon(3600)) is True  # expired: taken again, for an hour
+    assert store.remember("short", _soon(3600)) is False
+
+
+def test_remember_with_an_until_already_past_records_nothing(store: Store) -> None:
+    past = datetime.now(UTC) - timedelta(seconds=5)
+    assert store.remember("late", past) is True
+    assert store.remember("late", past) is True
+    assert store.remember("late", _soon(3600)) is True
+    assert store.remember("late", _soon(3600)) is False
+
+
+def test_remember_takes_naive_datetimes_as_utc(store: Store) -> None:
+    naive_in_an_hour = (datetime.now(UTC) + timedelta(hours=1)).replace(tzinfo=None)
+    assert store.remember("naive", naive_in_an_hour) is True
+    assert store.remember("naive", naive_in_an_hour) is False
+    # Naive and a minute ago, read as UTC: already expired, whatever the machine's zone.
+    naive_past = (datetime.now(UTC) - timedelta(minutes=1)).replace(tzinfo=None)
+    assert store.remember("naive-past", naive_past) is True
+    assert store.remember("naive-past", _soon(3600)) is True
+
+
+def test_remember_keys_are_apart_from_records(store: Store) -> None:
+    store.create("same", "expense", "running", b"x", None)
+    assert store.remember("same", _soon(3600)) is True
+    assert store.load("same").blob == b"x"
+    assert [r.id for r in store.list().records] == ["same"]
+    store.delete("same")
+    assert store.remember("same", _soon(3600)) is False
+
+
+def test_concurrent_threads_remember_a_key_once(store: Store) -> None:
+    until = _soon(3600)
+    for round in range(5):
+        results = _run_threads(8, lambda round=round: store.remember(f"race-{round}", until))
+        assert sorted(results) == [False] * 7 + [True]
+
+
+def _remember_race(store: Store) -> list[bool]:
+    until = datetime.now(UTC) + timedelta(hours=1)
+    return [store.remember(f"race-{i}", until) for i in range(20)]
+
+
+def test_concurrent_processes_remember_a_key_once(shared_spec: StoreSpec) -> None:
+    outcomes = _run_processes(shared_spec, 4, _remember_race)
+    for i in range(20):
+        assert sum(results[i] for results in outcomes) == 1, f"race-{i}"
