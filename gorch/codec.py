@@ -14,13 +14,14 @@ can be checked by comparing bytes.
 from __future__ import annotations
 
 import json
+import reprlib
 from typing import Any, TypeVar
 
 import msgpack
 import pydantic
 import pydantic_core
 
-from gorch.errors import SerializationError
+from gorch.errors import SerializationError, summarize_validation
 from gorch.state import (
     EventRequest,
     EventStatus,
@@ -36,6 +37,11 @@ from gorch.workflow import Workflow
 MAGIC = "gorch"
 FORMAT_VERSION = 1
 
+#: The deepest nesting of maps and lists a blob's data may have (the data map is level 1).
+#: pydantic serialises at most about 255 levels, so ``dumps`` never writes deeper data;
+#: ``loads`` refuses it instead of letting Python's recursion limit decide.
+MAX_DATA_DEPTH = 256
+
 W = TypeVar("W", bound=Workflow)
 
 _WF_STATUS = list(WorkflowStatus)
@@ -46,6 +52,21 @@ _ND_CODE = {s: i for i, s in enumerate(_ND_STATUS)}
 _WF_CODE = {s: i for i, s in enumerate(_WF_STATUS)}
 _TH_CODE = {s: i for i, s in enumerate(_TH_STATUS)}
 _EV_CODE = {s: i for i, s in enumerate(_EV_STATUS)}
+
+
+_short = reprlib.Repr()
+_short.maxlevel = 3
+_short.maxstring = 60
+_short.maxother = 60
+_short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 6
+
+
+def short_repr(value: Any) -> str:
+    """A bounded repr for error messages: data from users may be huge or nested deep."""
+    try:
+        return _short.repr(value)
+    except Exception:  # a deep model's own __repr__ recursing, or a broken __repr__
+        return f"<{type(value).__name__} object>"
 
 
 def canonical_data(wf: Workflow) -> dict[str, Any]:
@@ -59,8 +80,14 @@ def canonical_data(wf: Workflow) -> dict[str, Any]:
             _sort_sets(again, data)
         return data
     except pydantic.ValidationError as e:
+        errors = summarize_validation(e.errors(include_url=False, include_input=False))
         raise SerializationError(
-            f"the data of {cls.__name__} {wf!r} would not load back: {e}"
+            f"the data of {cls.__name__} {short_repr(wf)} would not load back: {errors}"
+        ) from e
+    except RecursionError as e:
+        raise SerializationError(
+            f"the data of {cls.__name__} is nested too deep to serialise "
+            f"(at most {MAX_DATA_DEPTH} levels)"
         ) from e
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as e:
         hint = ""
@@ -272,17 +299,34 @@ def _unpack_state(raw: Any) -> State:
     return state
 
 
-_SCALARS = (str, int, float, bool, type(None))
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
-def _plain(value: Any) -> bool:
-    """Whether ``value`` holds only what a JSON-mode dump writes (no msgpack Timestamp, bytes)."""
-    t = type(value)
-    if t is dict:
-        return all(type(k) is str and _plain(v) for k, v in value.items())
-    if t is list:
-        return all(_plain(v) for v in value)
-    return t in _SCALARS
+def _check_plain(data: dict[str, Any]) -> None:
+    """Refuse data holding what a JSON-mode dump never writes, or nested too deep.
+
+    Iterative, so that no blob can reach Python's recursion limit.
+    """
+    scalars = _SCALARS
+    todo: list[tuple[Any, int]] = [(data, 1)]
+    pop, push = todo.pop, todo.append
+    while todo:
+        value, depth = pop()
+        if depth > MAX_DATA_DEPTH:
+            raise _Bad(f"the workflow data is nested deeper than {MAX_DATA_DEPTH} levels")
+        if type(value) is dict:
+            for k, v in value.items():
+                if type(k) is not str:
+                    raise _Bad("the workflow data holds a map key that is not a str")
+                if type(v) in scalars:
+                    continue
+                push((v, depth + 1))
+        elif type(value) is list:
+            for v in value:
+                if type(v) not in scalars:
+                    push((v, depth + 1))
+        elif type(value) not in scalars:
+            raise _Bad("the workflow data holds a non-JSON value")
 
 
 def loads(blob: bytes, cls: type[W]) -> tuple[W, State]:
@@ -297,6 +341,11 @@ def loads(blob: bytes, cls: type[W]) -> tuple[W, State]:
         )
     except SerializationError:
         raise
+    except msgpack.StackError:
+        raise SerializationError(
+            f"corrupt gorch blob: nested deeper than msgpack reads "
+            f"(gorch data has at most {MAX_DATA_DEPTH} levels)"
+        ) from None
     except Exception as e:  # msgpack's own errors: truncated, extra data, bad format
         raise SerializationError(f"not a gorch blob (corrupt msgpack: {e})") from e
     if type(obj) is not list or len(obj) != 4 or obj[0] != MAGIC:
@@ -318,10 +367,75 @@ def loads(blob: bytes, cls: type[W]) -> tuple[W, State]:
     data = obj[3]
     if type(data) is not dict:
         raise SerializationError("corrupt gorch blob: the workflow data is not a map")
-    if not _plain(data):
-        raise SerializationError("corrupt gorch blob: the workflow data holds a non-JSON value")
+    try:
+        _check_plain(data)
+    except _Bad as e:
+        raise SerializationError(f"corrupt gorch blob: {e}") from None
     try:
         wf = cls.model_validate(data)
     except pydantic.ValidationError as e:
-        raise SerializationError(f"the blob's data does not validate as {cls.__name__}: {e}") from e
+        errors = summarize_validation(e.errors(include_url=False, include_input=False))
+        raise SerializationError(
+            f"the blob's data does not validate as {cls.__name__}: {errors}"
+        ) from e
+    except Exception as e:  # a validator of the class raising something else
+        raise SerializationError(
+            f"the blob's data does not load as {cls.__name__}: a validator raised "
+            f"{type(e).__name__}: {short_repr(e)}"
+        ) from e
     return wf, state
+
+
+# --------------------------------------------------------------------------- changes of data
+
+#: One change found by :func:`diff_data`: (path of keys, "set" | "del" | "add", value).
+Change = tuple[tuple[str, ...], str, Any]
+
+
+def diff_data(base: Any, after: Any, path: tuple[str, ...] = ()) -> list[Change]:
+    """The changes that turn JSON-mode data ``base`` into ``after``.
+
+    Maps are compared key by key; a list that only grew at its end is an
+    ``add`` of the new items (so two branches appending to one list both keep
+    their items); anything else that differs is a ``set`` of the new value.
+    """
+    if type(base) is dict and type(after) is dict:
+        out: list[Change] = []
+        for k, v in after.items():
+            if k not in base:
+                out.append(((*path, k), "set", v))
+            elif base[k] != v:
+                out.extend(diff_data(base[k], v, (*path, k)))
+        out.extend(((*path, k), "del", None) for k in base if k not in after)
+        return out
+    if base == after and type(base) is type(after):
+        return []
+    if type(base) is list and type(after) is list and after[: len(base)] == base:
+        return [(path, "add", after[len(base) :])]
+    return [(path, "set", after)]
+
+
+def apply_changes(data: dict[str, Any], changes: list[Change]) -> set[str]:
+    """Apply :func:`diff_data` changes to ``data`` in place; return the top-level keys touched.
+
+    Where ``data`` no longer has the shape a change was made against (another
+    change replaced a map with a value), the change's whole top-level key is
+    not merged deeper: the value there is set.
+    """
+    touched: set[str] = set()
+    for path, op, value in changes:
+        touched.add(path[0])
+        parent: Any = data
+        for k in path[:-1]:
+            nxt = parent.get(k) if type(parent) is dict else None
+            if type(nxt) is not dict:
+                nxt = parent[k] = {}
+            parent = nxt
+        key = path[-1]
+        if op == "del":
+            parent.pop(key, None)
+        elif op == "add" and type(parent.get(key)) is list:
+            parent[key] = [*parent[key], *value]
+        else:
+            parent[key] = value
+    return touched

@@ -20,8 +20,14 @@ from typing import Annotated, Any, get_args, get_origin, is_typeddict
 import pydantic
 
 from gorch import clock
+from gorch.codec import short_repr
 from gorch.errors import DefinitionError, InvalidEventInput, summarize_validation
 from gorch.state import EventRequest
+
+#: The deepest nesting of containers an event's input may have. Stored data may
+#: nest at most :data:`gorch.codec.MAX_DATA_DEPTH` levels, and a handler usually
+#: keeps its input a few levels down in the workflow's data.
+MAX_INPUT_DEPTH = 128
 
 
 class Handler:
@@ -74,6 +80,175 @@ def _wants_json_str(tp: Any) -> bool:
     )
 
 
+# --------------------------------------------------------------------------- async callables
+
+#: Code flags of functions whose call returns an awaitable (or an async iterator).
+_ASYNC_CODE = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+#: How to use the async API, for error messages of the sync one.
+ASYNC_API_HINT = (
+    "the sync gorch.resume / gorch.handle_event / gorch.Engine cannot run it: use "
+    "`await gorch.aresume(...)` and `await gorch.ahandle_event(...)`, or gorch.AsyncEngine"
+)
+
+
+def is_async(fn: object) -> bool:
+    """Whether calling ``fn`` gives something to await: ``async def``, also behind a
+    bound method, ``functools.partial`` or an object whose ``__call__`` is async.
+
+    Cheap for functions and bound methods (one code-flag test), the common case
+    checked for every step of a definition. A plain function that returns an
+    awaitable is not detected here: the interpreter checks what calls return.
+    """
+    try:
+        return bool(fn.__code__.co_flags & _ASYNC_CODE)  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    if isinstance(fn, functools.partial):
+        return is_async(fn.func)
+    if inspect.ismethod(fn):
+        return is_async(fn.__func__)
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        return True  # e.g. marked with inspect.markcoroutinefunction
+    if inspect.isroutine(fn) or isinstance(fn, type):
+        return False  # builtins, and classes (calling one makes an instance)
+    call = type(fn).__dict__.get("__call__") or getattr(type(fn), "__call__", None)  # noqa: B004
+    return call is not None and is_async(call)
+
+
+def describe(fn: object) -> str:
+    """A callable as a user recognises it in a message: ``Expense.notify``, ``partial(f)``."""
+    if isinstance(fn, functools.partial):
+        return f"functools.partial({describe(fn.func)})"
+    name = getattr(fn, "__qualname__", None)
+    if isinstance(name, str):
+        return name
+    return f"{type(fn).__qualname__} object"
+
+
+def is_awaitable(value: object) -> bool:
+    """Whether a call's result is something to await (or an async generator never run)."""
+    return inspect.isawaitable(value) or inspect.isasyncgen(value)
+
+
+def discard(value: object) -> None:
+    """Close a coroutine or async generator that will never run (no 'never awaited' warning)."""
+    close = getattr(value, "close", None) if inspect.iscoroutine(value) else None
+    if close is not None:
+        close()
+    elif inspect.isasyncgen(value):
+        value.aclose().close()
+
+
+class SyncCallRefused(DefinitionError):
+    """The sync API met something to await; nothing was recorded as done."""
+
+
+def refuse_awaitable(value: object, what: str) -> SyncCallRefused:
+    """The error for a plain callable that returned an awaitable under the sync API."""
+    discard(value)
+    return SyncCallRefused(
+        f"{what} returned an awaitable ({type(value).__name__}) instead of a result; "
+        f"it is async, and {ASYNC_API_HINT}"
+    )
+
+
+_HANDLER_METHODS = ("setup", "handle", "teardown")
+_async_handler_methods: dict[type, tuple[str, ...]] = {}
+
+
+def async_handler_methods(handler: Handler) -> tuple[str, ...]:
+    """The methods of a :class:`Handler` subclass that are async (cached per class)."""
+    cls = type(handler)
+    found = _async_handler_methods.get(cls)
+    if found is None:
+        found = _async_handler_methods[cls] = tuple(
+            m for m in _HANDLER_METHODS if is_async(getattr(cls, m))
+        )
+    return found
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+_LEAVES = frozenset({int, float, bool, type(None), bytes, bytearray})
+
+
+def _surrogate_at(s: str) -> int:
+    """Index of the first lone surrogate in ``s`` (which UTF-8 cannot encode), or -1."""
+    if s.isascii():
+        return -1
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return -1
+
+
+def _children(value: Any) -> Iterable[Any] | None:
+    """The values inside a container of input, None for a leaf."""
+    if isinstance(value, dict):
+        return [*value.keys(), *value.values()]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return value
+    if isinstance(value, pydantic.BaseModel):
+        extra = value.__pydantic_extra__
+        return [*value.__dict__.values(), *(extra.values() if extra else ())]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [getattr(value, f.name) for f in dataclasses.fields(value)]
+    return None
+
+
+def check_input(event: str, value: Any) -> None:
+    """Refuse input that no store could keep: lone surrogates, or nesting too deep.
+
+    Checked before any handler runs (typed or not), so such input is the
+    caller's error (:class:`InvalidEventInput`), never a failure to save later.
+    Iterative: a cycle or a million levels cost no recursion.
+    """
+    t = type(value)
+    if t in _LEAVES:
+        return
+    if t is str:
+        at = _surrogate_at(value)
+        if at >= 0:
+            raise InvalidEventInput(event, _surrogate_message(value, at))
+        return
+    seen: dict[int, int] = {}  # container id -> the deepest level it was checked at
+    todo: list[tuple[Any, int]] = [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        kind = type(item)
+        if kind in _LEAVES:
+            continue
+        if kind is str or isinstance(item, str):
+            at = _surrogate_at(item)
+            if at >= 0:
+                raise InvalidEventInput(event, _surrogate_message(item, at))
+            continue
+        inner = _children(item)
+        if inner is None:
+            continue
+        if depth >= MAX_INPUT_DEPTH:
+            raise InvalidEventInput(
+                event,
+                f"the input is nested deeper than {MAX_INPUT_DEPTH} levels "
+                "(lists, maps and models inside each other)",
+            )
+        key = id(item)
+        if seen.get(key, -1) >= depth:
+            continue
+        seen[key] = depth
+        todo.extend((v, depth + 1) for v in inner)
+
+
+def _surrogate_message(s: str, at: int) -> str:
+    return (
+        f"a string holds a lone surrogate {s[at]!r} at index {at} "
+        f"({short_repr(s)}): text must be valid Unicode"
+    )
+
+
 class InputType:
     """A validator for one input annotation: dict / model / JSON bytes or str."""
 
@@ -103,13 +278,16 @@ class InputType:
     def validate(self, event: str, value: Any) -> Any:
         try:
             if isinstance(value, (bytes, bytearray, memoryview)):
-                return self.adapter.validate_json(bytes(value))
-            if isinstance(value, str) and self.json_str:
-                return self.adapter.validate_json(value)
-            return self.adapter.validate_python(value)
+                out = self.adapter.validate_json(bytes(value))
+            elif isinstance(value, str) and self.json_str:
+                out = self.adapter.validate_json(value)
+            else:
+                return self.adapter.validate_python(value)
         except pydantic.ValidationError as e:
             errors = e.errors(include_url=False, include_context=False)
             raise InvalidEventInput(event, summarize_validation(errors), errors) from e
+        check_input(event, out)  # parsed from JSON: its nesting was not checked yet
+        return out
 
 
 class _Signature:
@@ -125,7 +303,9 @@ class _Signature:
     def validate(self, event: str, value: Any) -> Any:
         if not self.takes_input:
             if value is not None:
-                raise InvalidEventInput(event, f"the handler takes no input, got {value!r}")
+                raise InvalidEventInput(
+                    event, f"the handler takes no input, got {short_repr(value)}"
+                )
             return None
         return self.input.validate(event, value) if self.input is not None else value
 
@@ -222,7 +402,7 @@ def validate_input(handler: Handler | None, event: str, value: Any) -> Any:
     if handler is None:
         if value is not None:
             raise InvalidEventInput(
-                event, f"the event has no handler and takes no input, got {value!r}"
+                event, f"the event has no handler and takes no input, got {short_repr(value)}"
             )
         return None
     if handler.input_type is not None:
@@ -237,9 +417,12 @@ def call_handler(obj: Any, event: str, req: EventRequest, input: Any) -> Any:
     handler itself are wrapped in :class:`HandlerCallError`.
     """
     if obj is None or isinstance(obj, Handler):
-        value = validate_input(obj, event, input)
-        if obj is None:
+        if obj is None:  # takes no input: refused by validate_input
+            validate_input(obj, event, input)
             return None
+        if input is not None:
+            check_input(event, input)
+        value = validate_input(obj, event, input)
         try:
             return obj.handle(req, value)
         except Exception as e:
@@ -249,6 +432,8 @@ def call_handler(obj: Any, event: str, req: EventRequest, input: Any) -> Any:
             f"handler of event {event!r} must be a gorch.Handler or a callable, got {obj!r}"
         )
     sig = signature_of(obj)
+    if input is not None and sig.takes_input:  # no input: refused by validate
+        check_input(event, input)
     value = sig.validate(event, input)
     try:
         return obj(value) if sig.takes_input else obj()

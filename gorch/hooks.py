@@ -11,15 +11,26 @@ retry (call it again). Middleware run in registration order, outermost first:
 An exception raised by a middleware around a step is the step's own failure
 (``StepFailed``, the error recorded on the thread); around a handler it is
 the handler's (``HandlerFailed``, the state unchanged).
+
+Under the async API (``gorch.aresume`` / ``gorch.ahandle_event``) a method
+may be ``async def``: its ``call_next()`` then returns an awaitable. A
+plain method gets from ``call_next()`` whatever the rest of the chain gives:
+the result when everything inside is plain, else an awaitable that it must
+return as it is. A middleware that wants to time or log async calls too
+defines ``around_step_async`` (``around_resume_async``, ``around_event_async``)
+next to its plain method: the async API uses it instead (see
+:class:`LoggingMiddleware`). The sync API refuses ``async def`` methods.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
+
+from gorch.handlers import is_async, is_awaitable
 
 if TYPE_CHECKING:
     from gorch.state import State
@@ -88,13 +99,27 @@ class Middleware:
         return call_next()
 
 
-def wrappers(middleware: Sequence[object], method: str) -> list[Callable[[Any, CallNext], Any]]:
+def wrappers(
+    middleware: Sequence[object], method: str, asynchronous: bool = False
+) -> list[Callable[[Any, CallNext], Any]]:
     """The bound ``method`` of each middleware that has its own, for one call.
 
     Pass-through methods cost nothing, and so does a middleware whose
     ``enabled`` attribute is False for this call (telemetry with no SDK set up).
+    For the async API (``asynchronous``), ``<method>_async`` is preferred.
     """
     base = getattr(Middleware, method)
+    if asynchronous:
+        return [
+            getattr(m, f"{method}_async", None) or getattr(m, method)
+            for m in middleware
+            if (
+                hasattr(m, f"{method}_async")
+                or getattr(type(m), method, base) is not base
+                or (not isinstance(m, Middleware) and hasattr(m, method))
+            )
+            and getattr(m, "enabled", True) is not False
+        ]
     return [
         getattr(m, method)
         for m in middleware
@@ -106,17 +131,40 @@ def wrappers(middleware: Sequence[object], method: str) -> list[Callable[[Any, C
     ]
 
 
-def chain(wrapped: Sequence[Callable[[Any, CallNext], Any]], ctx: Any, inner: CallNext) -> Any:
-    """Run ``inner`` inside every wrapper (the first one outermost)."""
+def chain(
+    wrapped: Sequence[Callable[[Any, CallNext], Any]],
+    ctx: Any,
+    inner: CallNext,
+    asynchronous: bool = False,
+) -> Any:
+    """Run ``inner`` inside every wrapper (the first one outermost).
+
+    With ``asynchronous``, ``inner`` and plain wrappers may return awaitables,
+    and an ``async def`` wrapper always gets an awaitable from ``call_next()``;
+    the result is a value or an awaitable.
+    """
     if not wrapped:
         return inner()
+    n = len(wrapped)
 
     def at(i: int) -> Any:
-        if i == len(wrapped):
+        if i == n:
             return inner()
-        return wrapped[i](ctx, lambda: at(i + 1))
+        w = wrapped[i]
+        if asynchronous and is_async(w):
+            return w(ctx, lambda: awaitable(at(i + 1)))
+        return w(ctx, lambda: at(i + 1))
 
     return at(0)
+
+
+def awaitable(value: Any) -> Awaitable[Any]:
+    """``value`` itself when it is awaitable, else an awaitable giving ``value``."""
+    return value if is_awaitable(value) else _ready(value)
+
+
+async def _ready(value: Any) -> Any:
+    return value
 
 
 class LoggingMiddleware(Middleware):
@@ -133,14 +181,34 @@ class LoggingMiddleware(Middleware):
         self.level = level
 
     def around_resume(self, ctx: ResumeContext, call_next: CallNext) -> Any:
+        return self._timed(*self._resume_what(ctx), call_next)
+
+    def around_step(self, ctx: StepContext, call_next: CallNext) -> Any:
+        return self._timed(*self._step_what(ctx), call_next)
+
+    def around_event(self, ctx: EventContext, call_next: CallNext) -> Any:
+        return self._timed(*self._event_what(ctx), call_next)
+
+    async def around_resume_async(self, ctx: ResumeContext, call_next: CallNext) -> Any:
+        return await self._atimed(*self._resume_what(ctx), call_next)
+
+    async def around_step_async(self, ctx: StepContext, call_next: CallNext) -> Any:
+        return await self._atimed(*self._step_what(ctx), call_next)
+
+    async def around_event_async(self, ctx: EventContext, call_next: CallNext) -> Any:
+        return await self._atimed(*self._event_what(ctx), call_next)
+
+    @staticmethod
+    def _resume_what(ctx: ResumeContext) -> tuple[str, dict[str, Any]]:
         extra = {
             "gorch_workflow": ctx.workflow,
             "gorch_workflow_id": ctx.workflow_id,
             "gorch_reason": ctx.reason,
         }
-        return self._timed(f"resume of {ctx.workflow} {ctx.workflow_id!r}", extra, call_next)
+        return f"resume of {ctx.workflow} {ctx.workflow_id!r}", extra
 
-    def around_step(self, ctx: StepContext, call_next: CallNext) -> Any:
+    @staticmethod
+    def _step_what(ctx: StepContext) -> tuple[str, dict[str, Any]]:
         extra = {
             "gorch_workflow": ctx.workflow,
             "gorch_workflow_id": ctx.workflow_id,
@@ -149,9 +217,10 @@ class LoggingMiddleware(Middleware):
             "gorch_attempt": ctx.attempt,
         }
         what = f"step {ctx.step!r} of {ctx.workflow} {ctx.workflow_id!r} (attempt {ctx.attempt})"
-        return self._timed(what, extra, call_next)
+        return what, extra
 
-    def around_event(self, ctx: EventContext, call_next: CallNext) -> Any:
+    @staticmethod
+    def _event_what(ctx: EventContext) -> tuple[str, dict[str, Any]]:
         extra = {
             "gorch_workflow": ctx.workflow,
             "gorch_workflow_id": ctx.workflow_id,
@@ -159,8 +228,28 @@ class LoggingMiddleware(Middleware):
             "gorch_event": ctx.event,
             "gorch_phase": ctx.phase,
         }
-        what = f"{ctx.phase} of event {ctx.event!r} of {ctx.workflow} {ctx.workflow_id!r}"
-        return self._timed(what, extra, call_next)
+        return f"{ctx.phase} of event {ctx.event!r} of {ctx.workflow} {ctx.workflow_id!r}", extra
+
+    async def _atimed(self, what: str, extra: dict[str, Any], call_next: CallNext) -> Any:
+        if not self.logger.isEnabledFor(min(self.level, logging.WARNING)):
+            return await call_next()
+        t0 = time.perf_counter()
+        try:
+            out = await call_next()
+        except Exception as e:
+            self._failed(what, extra, t0, e)
+            raise
+        self._ok(what, extra, t0)
+        return out
+
+    def _failed(self, what: str, extra: dict[str, Any], t0: float, e: Exception) -> None:
+        extra["gorch_duration"] = time.perf_counter() - t0
+        extra["gorch_error"] = f"{type(e).__name__}: {e}"
+        self.logger.warning("%s failed: %s", what, extra["gorch_error"], extra=extra)
+
+    def _ok(self, what: str, extra: dict[str, Any], t0: float) -> None:
+        extra["gorch_duration"] = duration = time.perf_counter() - t0
+        self.logger.log(self.level, "%s ok in %.6fs", what, duration, extra=extra)
 
     def _timed(self, what: str, extra: dict[str, Any], call_next: CallNext) -> Any:
         if not self.logger.isEnabledFor(min(self.level, logging.WARNING)):
@@ -169,10 +258,7 @@ class LoggingMiddleware(Middleware):
         try:
             out = call_next()
         except Exception as e:
-            extra["gorch_duration"] = time.perf_counter() - t0
-            extra["gorch_error"] = f"{type(e).__name__}: {e}"
-            self.logger.warning("%s failed: %s", what, extra["gorch_error"], extra=extra)
+            self._failed(what, extra, t0, e)
             raise
-        extra["gorch_duration"] = duration = time.perf_counter() - t0
-        self.logger.log(self.level, "%s ok in %.6fs", what, duration, extra=extra)
+        self._ok(what, extra, t0)
         return out

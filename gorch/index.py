@@ -14,6 +14,14 @@ from datetime import timedelta
 from typing import Any
 
 from gorch.errors import DefinitionError
+from gorch.handlers import (
+    _ASYNC_CODE,
+    Handler,
+    async_handler_methods,
+    describe,
+    is_async,
+    signature_of,
+)
 from gorch.statements import (
     DAG,
     K_BREAK,
@@ -21,6 +29,7 @@ from gorch.statements import (
     K_DAG,
     K_FOR,
     K_GO,
+    K_IF,
     K_NODE,
     K_PARALLEL,
     K_SELECT,
@@ -52,18 +61,26 @@ _KIND_LABEL = {
 }
 
 
-def index_definition(root: Section, owner: str) -> dict[str, Path]:
+def index_definition(root: Section, owner: str, asyncs: list[str] | None = None) -> dict[str, Path]:
     """Validate ``root`` and return the path of every named statement.
 
-    Raises :class:`DefinitionError` naming the offending statement.
+    Raises :class:`DefinitionError` naming the offending statement. Every async
+    callable found (step, condition, Go id, WaitFor or event handler) is
+    described in ``asyncs``: the sync API refuses such a definition up front.
     """
     paths: dict[str, Path] = {}
-    _visit(root.stmts, (), paths, owner, in_for=False, nodes=set())
+    _visit(root.stmts, (), paths, owner, False, set(), [] if asyncs is None else asyncs)
     return paths
 
 
 def _visit(
-    body: Any, prefix: Path, paths: dict[str, Path], owner: str, in_for: bool, nodes: set[int]
+    body: Any,
+    prefix: Path,
+    paths: dict[str, Path],
+    owner: str,
+    in_for: bool,
+    nodes: set[int],
+    asyncs: list[str],
 ) -> None:
     """Validate ``body``; ``nodes`` holds the ids of the DAG nodes seen (Step(after=) is one)."""
     if not isinstance(body, tuple):
@@ -71,12 +88,14 @@ def _visit(
     for i, st in enumerate(body):
         if type(st) is Step:  # the common case, kept short: definitions are re-validated
             name = st.name
+            code = getattr(st.fn, "__code__", None)  # a function or bound method
             if (
                 type(name) is str
                 and name
                 and name not in paths
-                and callable(st.fn)
-                and (getattr(st, "_after", None) is None or id(st) in nodes)
+                and code is not None
+                and not code.co_flags & _ASYNC_CODE
+                and (st._after is None or id(st) in nodes)
             ):
                 paths[name] = (*prefix, i)
                 continue
@@ -104,6 +123,8 @@ def _visit(
         if kind == K_STEP:
             if not callable(st.fn):  # type: ignore[attr-defined]
                 raise DefinitionError(f"{owner}: Step {st.name!r} needs a callable, got {st.fn!r}")  # type: ignore[attr-defined]
+            if is_async(st.fn):  # type: ignore[attr-defined]
+                asyncs.append(f"Step {st.name!r} ({describe(st.fn)})")  # type: ignore[attr-defined]
             if st.after and id(st) not in nodes:  # type: ignore[attr-defined]
                 raise DefinitionError(
                     f"{owner}: Step {st.name!r} has after= but is not a node of a DAG; "  # type: ignore[attr-defined]
@@ -117,23 +138,41 @@ def _visit(
             graph_of(st, owner)  # type: ignore[arg-type]
             nodes.update(id(n) for n in st.nodes)  # type: ignore[attr-defined]
         elif kind == K_SELECT:
-            _check_select(st, owner)  # type: ignore[arg-type]
+            _check_select(st, owner, asyncs)  # type: ignore[arg-type]
         elif kind == K_SWITCH:
             for c in st.cases:  # type: ignore[attr-defined]
                 if not isinstance(c, Case):
                     raise DefinitionError(f"{owner}: Switch takes Case/Default, got {c!r}")
+                _check_cond(c.cond, "a Case of a Switch", asyncs)
         elif kind == K_WAITFOR:
             h = st.handler  # type: ignore[attr-defined]
             if h is not None and not callable(h):
                 raise DefinitionError(
                     f"{owner}: WaitFor {st.name!r} handler must be callable, got {h!r}"  # type: ignore[attr-defined]
                 )
+            _check_cond(st.cond, f"WaitFor {st.name!r}", asyncs)  # type: ignore[attr-defined]
+            if h is not None and is_async(h):
+                asyncs.append(f"the handler of WaitFor {st.name!r} ({describe(h)})")  # type: ignore[attr-defined]
+        elif kind == K_IF:
+            for cond, _ in st.branches:  # type: ignore[attr-defined]
+                _check_cond(cond, "an If", asyncs)
+        elif kind == K_FOR:
+            _check_cond(st.cond, f"For {st.name!r}", asyncs)  # type: ignore[attr-defined]
+        elif kind == K_GO:
+            gid = st.id  # type: ignore[attr-defined]
+            if gid is not None and type(gid) is not str and is_async(gid):
+                asyncs.append(f"the id of Go {st.name!r} ({describe(gid)})")  # type: ignore[attr-defined]
         elif kind in (K_BREAK, K_CONTINUE) and not in_for:
             raise DefinitionError(f"{owner}: {st!r} outside a For loop (of the same thread)")
         children = st.children()
         inner_for = True if kind == K_FOR else (False if kind == K_GO else in_for)
         for c, child in enumerate(children):
-            _visit(child, (*path, c), paths, owner, inner_for, nodes)
+            _visit(child, (*path, c), paths, owner, inner_for, nodes, asyncs)
+
+
+def _check_cond(cond: Any, where: str, asyncs: list[str]) -> None:
+    if type(cond) is not bool and callable(cond) and is_async(cond):
+        asyncs.append(f"the condition of {where} ({describe(cond)})")
 
 
 class DagGraph:
@@ -226,7 +265,7 @@ def _find_cycle(graph: DagGraph) -> list[str]:
     return []
 
 
-def _check_select(st: Select, owner: str) -> None:
+def _check_select(st: Select, owner: str, asyncs: list[str]) -> None:
     if not st.cases:
         raise DefinitionError(f"{owner}: Select {st.name!r} has no cases")
     seen: set[str] = set()
@@ -251,20 +290,25 @@ def _check_select(st: Select, owner: str) -> None:
                     f"got {after!r}"
                 )
         else:
-            _check_handler(c.handler, c.event, st.name, owner)
+            _check_handler(c.handler, c.event, st.name, owner, asyncs)
 
 
-def _check_handler(h: Any, event: str, select: str, owner: str) -> None:
-    from gorch.handlers import Handler, signature_of
-
-    if h is None or isinstance(h, Handler):
+def _check_handler(h: Any, event: str, select: str, owner: str, asyncs: list[str]) -> None:
+    if h is None:
+        return
+    where = f"of event {event!r} in Select {select!r}"
+    if isinstance(h, Handler):
+        asyncs.extend(
+            f"the {m} {where} ({type(h).__qualname__}.{m})" for m in async_handler_methods(h)
+        )
         return
     if not callable(h):
         raise DefinitionError(
-            f"{owner}: handler of event {event!r} in Select {select!r} must be a "
-            f"gorch.Handler or a callable, got {h!r}"
+            f"{owner}: handler {where} must be a gorch.Handler or a callable, got {h!r}"
         )
     signature_of(h)  # raises DefinitionError for more than one required argument
+    if is_async(h):
+        asyncs.append(f"the handler {where} ({describe(h)})")
 
 
 def stmt_at(root: Section, path: Path) -> Stmt | None:

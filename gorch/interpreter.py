@@ -22,15 +22,44 @@ A *unit* is either running one step or walking from a cursor to the next
 blocking point (a Step, a Select, a WaitFor, or the thread's end). A walk
 commits its result (new cursor, spawned threads, awaited events) only when it
 ends, so an error raised while walking leaves the state as it was before.
+
+Sync and async: one walk
+------------------------
+Every function of the walk that calls user code (steps, conditions, handlers,
+hooks, middleware, checkpoints) is a generator. It calls the function
+directly; only when the call returns an awaitable does the walk ``yield`` it.
+The sync API (:func:`resume`, :func:`handle_event`) refuses awaitables at
+that point (:class:`gorch.handlers.SyncCallRefused`, before anything is
+recorded), so its walks never yield and run to their end in one ``send``.
+The async API (:func:`aresume`, :func:`ahandle_event`) drives the same
+generators with :func:`_adrive`, which awaits what they yield and sends the
+result back. So a plain step costs the same under both, and there is one
+interpreter.
+
+Under the async API, an async step whose thread is not alone (another thread
+is runnable, or has a step in flight) is not awaited in place: the walk
+yields a :class:`_Launch`, and the scheduler starts the step as an asyncio
+task on a private copy of the workflow (at most ``concurrency`` at a time)
+and moves on to the next runnable thread. Steps in flight are committed one
+by one, round robin in thread order, each only when its turn comes: its
+changes to the data (a diff of the copy's JSON data against what it started
+from) are applied to the live workflow, then its thread's walk resumes and
+records the step (cursor, checkpoint). Sync steps run in place, on the live
+data, in that same order. Which data a step sees and the order of every
+change are thus a function of the workflow alone, never of timing, and a
+save at any checkpoint holds only committed changes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Executor
+from typing import Any, TypeVar
 
+from gorch.codec import Change, apply_changes, diff_data
 from gorch.errors import (
     AmbiguousEvent,
     CursorNotFound,
@@ -46,7 +75,19 @@ from gorch.errors import (
     ThreadExists,
     WorkflowFinishedError,
 )
-from gorch.handlers import Handler, HandlerCallError, TimerHandler, call_handler
+from gorch.handlers import (
+    ASYNC_API_HINT,
+    Handler,
+    HandlerCallError,
+    SyncCallRefused,
+    TimerHandler,
+    async_handler_methods,
+    call_handler,
+    describe,
+    is_async,
+    is_awaitable,
+    refuse_awaitable,
+)
 from gorch.hooks import EventContext, ResumeContext, StepContext, chain, wrappers
 from gorch.index import Path, graph_of, index_definition, stmt_at
 from gorch.state import (
@@ -82,6 +123,7 @@ from gorch.statements import (
     On,
     Section,
     Select,
+    Step,
     Stmt,
     Timeout,
     WaitFor,
@@ -94,6 +136,13 @@ Checkpoint = Callable[[CheckpointKind], Any]
 Frame = list[Any]  # [body: tuple[Stmt, ...], index: int, owner: Stmt | None, child: int]
 
 DEFAULT_MAX_UNITS = 100_000
+
+#: How many steps ``aresume`` runs at once by default (``concurrency=``).
+DEFAULT_CONCURRENCY = 16
+
+T = TypeVar("T")
+#: A walk: yields awaitables (and :class:`_Launch` requests) under the async API.
+Walk = Generator[Any, Any, T]
 
 _RESUMING = ThreadStatus.RESUMING
 _EXECUTING = ThreadStatus.EXECUTING
@@ -110,7 +159,7 @@ class _ClassIndex:
     anything runs.
     """
 
-    __slots__ = ("dags", "dynamic", "hooks", "owner", "paths")
+    __slots__ = ("async_hooks", "asyncs", "dags", "dynamic", "hooks", "owner", "paths")
 
     def __init__(self, cls: type) -> None:
         self.paths: dict[str, Path] | None = None
@@ -119,11 +168,18 @@ class _ClassIndex:
         #: Names of the DAGs: their graphs are checked at the start of every call,
         #: since ``after=`` lists may come from data without changing the shape.
         self.dags: tuple[str, ...] = ()
+        #: The async callables of the indexed build (the sync API refuses them).
+        self.asyncs: tuple[str, ...] = ()
         #: The lifecycle hooks ``cls`` overrides: the others are never called.
         self.hooks = frozenset(
             name
             for name in (*STEP_HOOKS, "on_event", "on_waiting", "on_finish")
             if getattr(cls, name, None) is not getattr(Workflow, name)
+        )
+        self.async_hooks = tuple(
+            f"the hook {cls.__qualname__}.{name}"
+            for name in sorted(self.hooks)
+            if is_async(getattr(cls, name))
         )
 
 
@@ -144,7 +200,19 @@ class _Call:
     step_mw: list[Any] = []
     event_mw: list[Any] = []
     deferred: list[StepFailed] = []
-    restore: Callable[[], None] | None = None
+    restore: Callable[[], Any] | None = None
+    #: A call of the sync API: awaitables are refused where they are met.
+    sync = True
+    #: Refuse, up front, a workflow with async callables (sync API; not for tooling).
+    check = True
+    # Async API only: steps in flight by thread id, and how the scheduler goes on.
+    flights: dict[str, _Flight] = {}
+    stop = False  # a step failed while others were in flight: start no new step
+    failure: StepFailed | None = None
+    halted: set[str] = set()  # joining threads of fail_fast DAGs whose node failed
+    turn = -1  # position in state.threads of the thread committed last
+    executor: Executor | None = None
+    limit: asyncio.Semaphore
     root: Section
 
     def __init__(
@@ -154,14 +222,23 @@ class _Call:
         checkpoint: Checkpoint | None,
         max_units: int,
         middleware: Sequence[object] = (),
+        *,
+        sync: bool = True,
+        check: bool = True,
     ) -> None:
         cls = type(wf)
         index = _indexes.get(cls)
         if index is None:
             index = _indexes[cls] = _ClassIndex(cls)
+        if not check:
+            self.check = False
+        if not sync:
+            self.sync = False
+            self.flights = {}
+            self.halted = set()
         if middleware:
-            self.step_mw = wrappers(middleware, "around_step")
-            self.event_mw = wrappers(middleware, "around_event")
+            self.step_mw = wrappers(middleware, "around_step", not sync)
+            self.event_mw = wrappers(middleware, "around_event", not sync)
         if self.step_mw or (index.hooks and not index.hooks.isdisjoint(STEP_HOOKS)):
             self.wrap_steps = True
         self.wf = wf
@@ -173,6 +250,28 @@ class _Call:
         self.rebuild()
         if index.dynamic and self.indexed_gen != self.gen:
             self.reindex()
+        if (
+            check
+            and sync
+            and (index.asyncs or index.async_hooks or middleware or checkpoint is not None)
+        ):
+            self.refuse_async(middleware)
+
+    def refuse_async(self, middleware: Sequence[object]) -> None:
+        """Raise DefinitionError if the sync API would meet anything async (before it runs)."""
+        index = self.index
+        found = [*index.asyncs, *index.async_hooks]
+        for method in ("around_resume", "around_step", "around_event"):
+            found.extend(
+                f"the middleware {type(m.__self__).__qualname__}.{method}"  # type: ignore[attr-defined]
+                for m in (wrappers(middleware, method) if middleware else ())
+                if is_async(m)
+            )
+        if self.checkpoint is not None and is_async(self.checkpoint):
+            found.append(f"the checkpoint callback {describe(self.checkpoint)}")
+        if found:
+            shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+            raise DefinitionError(f"{index.owner}: {shown} is async; {ASYNC_API_HINT}")
 
     def rebuild(self) -> None:
         """Call ``definition()`` again: values read from now on reflect current data."""
@@ -184,14 +283,7 @@ class _Call:
             raise DefinitionError(
                 f"{self.index.owner}.definition() raised {type(e).__name__}: {e}"
             ) from e
-        if not isinstance(root, Section):
-            if not isinstance(root, Stmt):
-                raise DefinitionError(
-                    f"{self.index.owner}.definition() must return a statement such as S(...), "
-                    f"got {root!r}"
-                )
-            root = Section(root)
-        self.root = root
+        self.root = root if type(root) is Section else _as_root(root, self.index.owner)
         self.gen += 1
         self.dirty = False
         if self.index.paths is None:
@@ -199,13 +291,18 @@ class _Call:
 
     def reindex(self) -> None:
         """Validate the current build and index it (DefinitionError if invalid)."""
-        if self.index.paths is not None:
-            self.index.dynamic = True
-        paths = self.index.paths = index_definition(self.root, self.index.owner)
+        index = self.index
+        if index.paths is not None:
+            index.dynamic = True
+        asyncs: list[str] = []
+        paths = index.paths = index_definition(self.root, index.owner, asyncs)
         self.indexed_gen = self.gen
-        self.index.dags = tuple(
+        index.dags = tuple(
             name for name, path in paths.items() if isinstance(stmt_at(self.root, path), DAG)
         )
+        index.asyncs = tuple(asyncs)
+        if asyncs and self.sync and self.check:
+            self.refuse_async(())
 
     def find(self, name: str) -> tuple[Path, Stmt] | None:
         """Path and statement named ``name`` in the current build, or None."""
@@ -257,9 +354,99 @@ class _Call:
             return
         self.verify(st)
 
-    def save(self, kind: CheckpointKind) -> None:
+    def save(self, kind: CheckpointKind) -> Any:
+        """Call the checkpoint callback; an awaitable it returns is for the walk to yield."""
         if self.checkpoint is not None:
-            self.checkpoint(kind)
+            out = self.checkpoint(kind)
+            if out is not None and is_awaitable(out):
+                if self.sync:
+                    raise refuse_awaitable(out, "the checkpoint callback")
+                return out
+        return None
+
+    def wait(self, value: Any, what: str) -> Walk[Any]:
+        """``yield from call.wait(aw, what)``: await ``aw`` (async API) or refuse it (sync)."""
+        if self.sync:
+            raise refuse_awaitable(value, what)
+        return (yield value)
+
+    def run(self, walk: Walk[T]) -> Any:
+        """Run a walk: to its end now (sync API), or as a coroutine to await (async API)."""
+        if self.sync:
+            return _finish(walk)
+        return _adrive(walk)
+
+    def chain(self, wrapped: Sequence[Callable[[Any, Any], Any]], ctx: Any, inner: Any) -> Any:
+        return chain(wrapped, ctx, inner, not self.sync)
+
+    def call_fn(self, fn: Callable[[], Any]) -> Any:
+        """Call a step's function (async API): a plain one goes to the executor if one is set."""
+        if self.executor is not None and not is_async(fn):
+            return asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        return fn()
+
+
+def _build(wf: Workflow, owner: str) -> Section:
+    """``wf.definition()`` as a Section, or DefinitionError."""
+    try:
+        root = wf.definition()
+    except GorchError:
+        raise
+    except Exception as e:
+        raise DefinitionError(f"{owner}.definition() raised {type(e).__name__}: {e}") from e
+    return root if type(root) is Section else _as_root(root, owner)
+
+
+def _as_root(root: Any, owner: str) -> Section:
+    """What ``definition()`` returned, when not a Section: wrapped, or refused."""
+    if not isinstance(root, Section):
+        if is_awaitable(root):
+            refuse_awaitable(root, "")  # closes it
+            raise DefinitionError(
+                f"{owner}.definition() is async: it must be a plain method "
+                "returning S(...); steps and handlers may be async"
+            )
+        if not isinstance(root, Stmt):
+            raise DefinitionError(
+                f"{owner}.definition() must return a statement such as S(...), got {root!r}"
+            )
+        return Section(root)
+    return root
+
+
+def _finish(walk: Walk[T]) -> T:
+    """Run a walk of the sync API to its end (it never yields: awaitables are refused)."""
+    try:
+        walk.send(None)
+    except StopIteration as e:
+        return e.value  # type: ignore[no-any-return]
+    walk.close()
+    raise AssertionError("a walk of the sync API waited for something")
+
+
+def _exhaust(walk: Walk[Any]) -> None:
+    """:func:`_finish` for walks whose result is not needed (no StopIteration to catch)."""
+    for _ in walk:
+        walk.close()
+        raise AssertionError("a walk of the sync API waited for something")
+
+
+async def _adrive(walk: Walk[T]) -> T:
+    """Run a walk under the async API: await what it yields, send the result back."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            item = walk.send(value) if error is None else walk.throw(error)
+        except StopIteration as e:
+            return e.value  # type: ignore[no-any-return]
+        finally:
+            error = None  # no reference cycle through the traceback
+        try:
+            value = await item
+        except BaseException as e:  # thrown into the walk, which decides (cancellation too)
+            value = None
+            error = e
 
 
 # --------------------------------------------------------------------------- cursors
@@ -430,36 +617,139 @@ def run(
     before other threads go on: a caller that saved before every step (as
     with ``lazy_steps``) puts back the data that step started from.
     """
+    call = _start(wf, state, checkpoint, max_units, lazy_steps, middleware, restore, True)
+    if not middleware and not call.index.hooks:
+        for _ in _run(call):
+            raise AssertionError("a walk of the sync API waited for something")
+        return state.status
+    out = _resume_call(call, middleware, reason)
+    return _plain_result(out, "the middleware around_resume")  # type: ignore[no-any-return]
+
+
+async def aresume(
+    wf: Workflow,
+    state: State,
+    checkpoint: Checkpoint | None = None,
+    *,
+    max_units: int = DEFAULT_MAX_UNITS,
+    middleware: Sequence[object] = (),
+    concurrency: int = DEFAULT_CONCURRENCY,
+    executor: Executor | None = None,
+) -> WorkflowStatus:
+    """:func:`resume` for async workflows: ``await gorch.aresume(wf, state)``.
+
+    Steps, handlers' setup and teardown, hooks, middleware and ``checkpoint``
+    may be ``async def`` or plain (plain ones are called directly). The async
+    steps of independent threads (``Go``, ``Parallel``, ``|``, ready DAG nodes)
+    run concurrently, at most ``concurrency`` at a time, each on a private
+    copy of the data whose changes are applied in thread order (see the
+    module's docstring); with ``executor``, plain steps run there too.
+    Checkpoints, results and errors are those of :func:`resume`. A step that
+    fails does not cancel the steps of other threads already running: they
+    finish and are recorded, then ``StepFailed`` is raised (a node of a
+    ``DAG(..., fail_fast=True)`` that fails cancels its sibling nodes' running
+    steps: those nodes count as skipped). Cancelling the task leaves every
+    running step's thread on that step, with none of its changes.
+    """
+    return await arun(
+        wf,
+        state,
+        checkpoint,
+        max_units=max_units,
+        middleware=middleware,
+        concurrency=concurrency,
+        executor=executor,
+    )
+
+
+async def arun(
+    wf: Workflow,
+    state: State,
+    checkpoint: Checkpoint | None = None,
+    *,
+    max_units: int = DEFAULT_MAX_UNITS,
+    lazy_steps: bool = False,
+    middleware: Sequence[object] = (),
+    reason: str = "resume",
+    restore: Callable[[], Any] | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    executor: Executor | None = None,
+) -> WorkflowStatus:
+    """:func:`run` for the async API (the options of :func:`aresume` and :func:`run`)."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(
+            f"concurrency must be an int of at least 1 (steps run at once), got {concurrency!r}"
+        )
+    call = _start(wf, state, checkpoint, max_units, lazy_steps, middleware, restore, False)
+    call.limit = asyncio.Semaphore(concurrency)
+    call.executor = executor
+    try:
+        out = _resume_call(call, middleware, reason)
+        if is_awaitable(out):
+            out = await out
+        return out  # type: ignore[no-any-return]
+    finally:
+        if call.flights:  # an error or a cancellation: no step may go on unseen
+            await _abandon(call)
+
+
+def _start(
+    wf: Workflow,
+    state: State,
+    checkpoint: Checkpoint | None,
+    max_units: int,
+    lazy_steps: bool,
+    middleware: Sequence[object],
+    restore: Callable[[], Any] | None,
+    sync: bool,
+) -> _Call:
+    """The checks both APIs make before anything runs, and the call they run."""
     if state.status is WorkflowStatus.FINISHED:
         raise WorkflowFinishedError(state.id)
-    call = _Call(wf, state, checkpoint, max_units, middleware)
+    call = _Call(wf, state, checkpoint, max_units, middleware, sync=sync)
     call.lazy = lazy_steps and checkpoint is not None
     call.restore = restore
     for name in call.index.dags:  # a cycle that data made is refused before anything runs
         found = call.find(name)
         if found is not None and isinstance(found[1], DAG):
             graph_of(found[1], call.index.owner)
-    hooks = call.index.hooks
-    if not middleware and not hooks:
-        return _run(call)
+    return call
 
-    def inner() -> WorkflowStatus:
-        status = _run(call)
-        try:
-            if status is WorkflowStatus.FINISHED:
-                if "on_finish" in hooks:
-                    wf.on_finish()
-            elif status is WorkflowStatus.WAITING and "on_waiting" in hooks:
-                wf.on_waiting([we.req for t in state.threads for we in _active(t)])
-        except Exception:  # the state is saved: there is nothing to undo
-            log.exception("gorch: a lifecycle hook of workflow %r raised", state.id)
-        return status
 
-    around = wrappers(middleware, "around_resume")
+def _resume_call(call: _Call, middleware: Sequence[object], reason: str) -> Any:
+    """Run the resume inside ``around_resume``: its status, or (async API) an awaitable."""
+    if not middleware and not call.index.hooks:
+        return call.run(_run(call))
+
+    def inner() -> Any:
+        return call.run(_run_hooked(call))
+
+    around = wrappers(middleware, "around_resume", not call.sync)
     if not around:
         return inner()
-    ctx = ResumeContext(state.workflow, state.id, reason, wf, state)
-    return chain(around, ctx, inner)  # type: ignore[no-any-return]
+    state = call.state
+    ctx = ResumeContext(state.workflow, state.id, reason, call.wf, state)
+    return call.chain(around, ctx, inner)
+
+
+def _run_hooked(call: _Call) -> Walk[WorkflowStatus]:
+    """:func:`_run`, then ``on_finish`` / ``on_waiting`` (what they raise is logged)."""
+    status = yield from _run(call)
+    hooks = call.index.hooks
+    state = call.state
+    try:
+        out = None
+        if status is WorkflowStatus.FINISHED:
+            if "on_finish" in hooks:
+                out = _hook(call.wf, "on_finish")()
+        elif status is WorkflowStatus.WAITING and "on_waiting" in hooks:
+            awaited = [we.req for t in state.threads for we in _active(t)]
+            out = _hook(call.wf, "on_waiting")(awaited)
+        if out is not None and is_awaitable(out):
+            yield from call.wait(out, "a lifecycle hook")
+    except Exception:  # the state is saved: there is nothing to undo
+        log.exception("gorch: a lifecycle hook of workflow %r raised", state.id)
+    return status
 
 
 def _active(t: Thread) -> list[WaitEvent]:
@@ -468,7 +758,8 @@ def _active(t: Thread) -> list[WaitEvent]:
     return [we for we in t.wait_events if we.status in ACTIVE_EVENT]
 
 
-def _run(call: _Call) -> WorkflowStatus:
+def _run(call: _Call) -> Walk[WorkflowStatus]:
+    """Steps 2 to 5 of a resume (see SPEC §2): teardowns, the threads, setups, status."""
     state = call.state
     for t in state.threads:  # every cursor must exist before anything changes
         if t.cur_step:
@@ -477,18 +768,54 @@ def _run(call: _Call) -> WorkflowStatus:
             found = call.find(t.name)
             if found is None or not isinstance(found[1], Go):
                 raise CursorNotFound(t.id, t.name, "the Go that started the thread is gone")
-    _teardown_finished_waits(call)
-    if _schedule(call):
-        call.pending = False  # AFTER_RESUME saves the last step too
-        call.save(CheckpointKind.AFTER_RESUME)
-        return state.status
-    failures = _setup_new_waits(call)
+    for t in state.threads:
+        if t.wait_events:  # maybe events to tear down
+            yield from _teardown_finished_waits(call)
+            break
+    # Advance the earliest-created runnable thread until none can; then release
+    # WaitFors. Under the async API, a thread whose step is in flight is passed
+    # over until that step is committed (see _commit_next).
+    sync = call.sync
+    while True:
+        for t in state.threads:
+            if t.status is _RESUMING or t.status is _EXECUTING:
+                if call.deferred and any(d.thread_id == t.id for d in call.deferred):
+                    continue  # failed in this resume: retried by a later one
+                if sync:
+                    yield from _run_thread(call, t)
+                else:
+                    if call.stop or t.id in call.flights:
+                        continue
+                    yield from _advance(call, t, _run_thread(call, t))
+                    if call.halted:
+                        yield from _halt_nodes(call)
+                break
+        else:
+            if call.flights:
+                yield from _commit_next(call)
+                if call.halted:
+                    yield from _halt_nodes(call)
+            elif call.failure is not None:
+                raise call.failure
+            elif not _waits_condition(state) or not (yield from _release_condition(call)):
+                break
+        if state.status is WorkflowStatus.FINISHED:
+            if call.flights:  # the main thread ended: the others are cancelled
+                yield from _cancel_flights(call, list(call.flights.values()))
+            call.pending = False  # AFTER_RESUME saves the last step too
+            aw = call.save(CheckpointKind.AFTER_RESUME)
+            if aw is not None:
+                yield aw
+            return state.status
+    failures = (yield from _setup_new_waits(call)) if _awaits_setup(state) else []
     state.status = WorkflowStatus.WAITING
     for t in state.threads:
         if t.status is _RESUMING or t.status is _EXECUTING:
             state.status = WorkflowStatus.RESUMING
     call.pending = False
-    call.save(CheckpointKind.AFTER_RESUME)
+    aw = call.save(CheckpointKind.AFTER_RESUME)
+    if aw is not None:
+        yield aw
     if call.deferred:
         raise call.deferred[0]
     if failures:
@@ -496,24 +823,223 @@ def _run(call: _Call) -> WorkflowStatus:
     return state.status
 
 
-def _schedule(call: _Call) -> bool:
-    """Advance the earliest-created runnable thread until none can; then release WaitFors.
+def _waits_condition(state: State) -> bool:
+    return any(t.status is _WAITING_CONDITION for t in state.threads)
 
-    Returns True when the workflow finished.
+
+def _awaits_setup(state: State) -> bool:
+    """Whether an event waits for its setup (or a retry of it)."""
+    for t in state.threads:
+        for we in t.wait_events:
+            if we.status is EventStatus.PENDING_SETUP or we.status is EventStatus.SETUP_ERROR:
+                return True
+    return False
+
+
+# --------------------------------------------------------------------------- steps in flight
+
+
+class _Launch:
+    """What a walk yields to have its step run concurrently (async API only)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _Flight:
+    """A step running as a task on a copy of the workflow, and the walk waiting for it."""
+
+    __slots__ = ("task", "thread", "walk")
+
+    def __init__(self, thread: Thread, walk: Walk[None], task: asyncio.Task[list[Change]]) -> None:
+        self.thread = thread
+        self.walk = walk
+        self.task = task
+
+
+def _concurrent(call: _Call, t: Thread) -> bool:
+    """Whether anything else could run while ``t``'s step does (else it is awaited in place)."""
+    if call.flights:
+        return True
+    for o in call.state.threads:
+        if o is not t and (o.status is _RESUMING or o.status is _EXECUTING):
+            if call.deferred and any(d.thread_id == o.id for d in call.deferred):
+                continue
+            return True
+    return False
+
+
+def _advance(
+    call: _Call,
+    t: Thread,
+    walk: Walk[None],
+    value: Any = None,
+    error: BaseException | None = None,
+) -> Walk[None]:
+    """Run thread ``t``'s walk until it ends, blocks, or puts its step in flight.
+
+    What the walk waits for in place is passed up to the driver. A step that
+    fails while others are in flight stops the scheduling of new steps; the
+    failure is raised once those have been committed.
     """
-    state = call.state
     while True:
-        for t in state.threads:
-            if t.status is _RESUMING or t.status is _EXECUTING:
-                if call.deferred and any(d.thread_id == t.id for d in call.deferred):
-                    continue  # failed in this resume: retried by a later one
-                _run_thread(call, t)
-                if state.status is WorkflowStatus.FINISHED:
-                    return True
-                break
-        else:
-            if not _release_condition(call):
-                return False
+        try:
+            item = walk.send(value) if error is None else walk.throw(error)
+        except StopIteration:
+            return
+        except StepFailed as e:
+            if not call.flights:
+                raise
+            call.stop = True
+            if call.failure is None:
+                call.failure = e
+            return
+        finally:
+            error = None
+        if type(item) is _Launch:
+            call.flights[t.id] = _launch(call, t, item, walk)
+            return
+        try:
+            value = yield item
+        except GeneratorExit:
+            raise
+        except BaseException as e:
+            value = None
+            error = e
+
+
+def _launch(call: _Call, t: Thread, launch: _Launch, walk: Walk[None]) -> _Flight:
+    """Start ``t``'s step as a task on a copy of the data as it is now (a fixed point)."""
+    wf = call.wf
+    base = _data(wf)
+    try:
+        copy = wf.model_copy(deep=True)
+    except Exception:  # something in it cannot be deep-copied: a copy from the data
+        copy = type(wf).model_validate(base)
+    task = asyncio.get_running_loop().create_task(_isolated(call, t, launch.name, copy, base))
+    return _Flight(t, walk, task)
+
+
+async def _isolated(
+    call: _Call, t: Thread, name: str, copy: Workflow, base: dict[str, Any]
+) -> list[Change]:
+    """Run step ``name`` on ``copy``; return its changes to the data it started from."""
+    async with call.limit:
+        fn = _step_fn(call, copy, name)
+        out = _run_step(call, copy, t, name, fn) if call.wrap_steps else call.call_fn(fn)
+        if out is not None and is_awaitable(out):
+            await out
+    return diff_data(base, _data(copy))
+
+
+def _step_fn(call: _Call, wf: Workflow, name: str) -> Callable[[], Any]:
+    """The function of step ``name`` in a build of ``wf`` (bound to that workflow)."""
+    root = _build(wf, call.index.owner)
+    paths = call.index.paths
+    path = paths.get(name) if paths is not None else None
+    st = stmt_at(root, path) if path is not None else None
+    if type(st) is not Step or st.name != name:  # another shape: index this build
+        path = index_definition(root, call.index.owner).get(name)
+        st = stmt_at(root, path) if path is not None else None
+    if type(st) is not Step:
+        raise DefinitionError(f"{call.index.owner}: Step {name!r} is not in a build of its data")
+    return st.fn
+
+
+def _data(wf: Workflow) -> dict[str, Any]:
+    return wf.model_dump(mode="json", round_trip=True, warnings=False)
+
+
+def _merge(call: _Call, changes: list[Change]) -> None:
+    """Apply a committed step's changes to the live workflow (its untouched fields stay)."""
+    if not changes:
+        return
+    wf = call.wf
+    cls = type(wf)
+    data = _data(wf)
+    touched = apply_changes(data, changes)
+    merged = cls.model_validate(data)
+    for name in touched:
+        if name in cls.model_fields:
+            setattr(wf, name, getattr(merged, name))
+    call.dirty = True
+
+
+def _next_flight(call: _Call) -> _Flight:
+    """The flight whose turn it is: round robin over the threads, in thread order."""
+    threads = call.state.threads
+    n = len(threads)
+    flights = call.flights
+    for k in range(n):
+        i = (call.turn + 1 + k) % n
+        f = flights.get(threads[i].id)
+        if f is not None and f.thread is threads[i]:
+            call.turn = i
+            return f
+    raise AssertionError("a step in flight belongs to no thread")
+
+
+def _commit_next(call: _Call) -> Walk[None]:
+    """Wait for the step whose turn it is, apply its changes, and resume its thread's walk."""
+    f = _next_flight(call)
+    error: BaseException | None = None
+    try:
+        changes = yield f.task
+    except GeneratorExit:
+        raise
+    except BaseException as e:  # the step raised (or was cancelled)
+        error = e
+    else:
+        try:
+            _merge(call, changes)
+        except Exception as e:  # its changes do not validate with the others: its failure
+            error = e
+    del call.flights[f.thread.id]
+    yield from _advance(call, f.thread, f.walk, None, error)
+
+
+def _cancel_flights(call: _Call, flights: list[_Flight]) -> Walk[None]:
+    """Cancel steps in flight: their threads stay on their steps, their changes are dropped."""
+    for f in flights:
+        f.task.cancel()
+        f.walk.close()
+        del call.flights[f.thread.id]
+    yield asyncio.gather(*(f.task for f in flights), return_exceptions=True)
+
+
+def _halt_nodes(call: _Call) -> Walk[None]:
+    """A node of a fail_fast DAG failed: cancel its sibling nodes' running steps.
+
+    Those nodes count as skipped (nothing of their step was kept), so the DAG
+    fails as soon as nothing of it runs any more; a retry runs them again.
+    """
+    halted, call.halted = call.halted, set()
+    stopped = [f for f in call.flights.values() if f.thread.parent in halted]
+    if not stopped:
+        return
+    yield from _cancel_flights(call, stopped)
+    for f in stopped:
+        t = f.thread
+        found = _dag_of_node(call, t)
+        if t.wait_events:
+            yield from _drop_waits(call, t)
+        call.state.threads.remove(t)
+        if found is not None:
+            parent, dag = found
+            parent.nodes[t.name[len(dag.name) + 1 :]] = NodeStatus.SKIPPED
+            _dag_start(call, parent, dag, ())
+
+
+async def _abandon(call: _Call) -> None:
+    """The call ends with steps in flight (an error, a cancellation): cancel and reap them."""
+    flights = list(call.flights.values())
+    call.flights.clear()
+    for f in flights:
+        f.task.cancel()
+        f.walk.close()
+    await asyncio.gather(*(f.task for f in flights), return_exceptions=True)
 
 
 def _refresh(call: _Call, t: Thread, last: tuple[int, int] | None) -> list[Frame]:
@@ -542,7 +1068,7 @@ def _refresh(call: _Call, t: Thread, last: tuple[int, int] | None) -> list[Frame
     return _position(call, t)
 
 
-def _run_thread(call: _Call, t: Thread) -> None:
+def _run_thread(call: _Call, t: Thread) -> Walk[None]:
     """Run ``t`` unit by unit until it blocks or ends.
 
     Running ``t`` never makes an earlier thread runnable, so advancing it to its
@@ -573,6 +1099,8 @@ def _run_thread(call: _Call, t: Thread) -> None:
                     again = cond
                 else:
                     again = _truth(cond, owner.name)
+                    if type(again) is not bool:
+                        again = yield from _await_truth(call, again, owner.name)
                 if again:
                     loops += 1
                     if call.units + loops > call.max_units:
@@ -581,6 +1109,8 @@ def _run_thread(call: _Call, t: Thread) -> None:
                     continue
             if len(frames) == 1:  # the thread's own body ended
                 _commit(state, spawned, call, loops)
+                if _ending_waits(state, t):
+                    yield from _drop_ending_waits(call, t)
                 _end_thread(call, t)
                 return
             frames.pop()
@@ -609,16 +1139,31 @@ def _run_thread(call: _Call, t: Thread) -> None:
                 t.case = ""
             if call.pending:  # lazy_steps: save the last step before this one runs
                 call.pending = False
-                call.save(CheckpointKind.AFTER_STEP)
+                aw = call.save(CheckpointKind.AFTER_STEP)
+                if aw is not None:
+                    yield aw
             call.dirty = True  # the step may change data, even when it fails
-            try:
-                if call.wrap_steps:
-                    _run_step(call, t, st.name, st.fn)
-                else:
-                    st.fn()
-            except Exception as e:
-                _step_failed(call, t, st.name, st.retry, e)
-                return  # a DAG node: failed for good, or retried after the others ran
+            if call.sync:
+                try:
+                    out = (
+                        _run_step(call, call.wf, t, st.name, st.fn) if call.wrap_steps else st.fn()
+                    )
+                    if out is not None and is_awaitable(out):
+                        raise refuse_awaitable(out, f"Step {st.name!r}")
+                except SyncCallRefused:
+                    raise
+                except Exception as e:
+                    yield from _step_failed(call, t, st.name, st.retry, e)
+                    return  # a DAG node: failed for good, or retried after the others ran
+            else:
+                done = yield from _async_step(call, t, st)
+                if done is not _DONE:
+                    if done is _STOPPED:
+                        return
+                    # Other threads rebuilt the definition: find t's step in this build.
+                    frames, paths = _position(call, t), call.index.paths
+                    top = frames[-1]
+                    idx = top[1]
             t.status = _RESUMING
             last = (len(frames), idx)
             if t.attempts:
@@ -628,7 +1173,9 @@ def _run_thread(call: _Call, t: Thread) -> None:
                 if call.lazy:
                     call.pending = True
                 else:
-                    call.checkpoint(CheckpointKind.AFTER_STEP)
+                    aw = call.checkpoint(CheckpointKind.AFTER_STEP)
+                    if aw is not None and is_awaitable(aw):
+                        yield from call.wait(aw, "the checkpoint callback")
             top[1] = idx + 1
             continue
 
@@ -648,6 +1195,9 @@ def _run_thread(call: _Call, t: Thread) -> None:
                     truth = cond
                 else:
                     truth = _truth(cond, "If" if kind == K_IF else "Switch")
+                    if type(truth) is not bool:
+                        where = "If" if kind == K_IF else "Switch"
+                        truth = yield from _await_truth(call, truth, where)
                 if truth:
                     chosen = bi
                     frames.append([branch, 0, st, bi])
@@ -700,6 +1250,8 @@ def _run_thread(call: _Call, t: Thread) -> None:
                     raise DefinitionError(
                         f"the id of Go {st.name!r} raised {type(e).__name__}: {e}"
                     ) from e
+                if is_awaitable(gid):
+                    gid = yield from _await_id(call, gid, st.name)
             if type(gid) is not str or not gid:
                 raise DefinitionError(
                     f"Go {st.name!r}: a thread id must be a non-empty str, got {gid!r}"
@@ -747,6 +1299,8 @@ def _run_thread(call: _Call, t: Thread) -> None:
 
         if kind == K_RETURN:
             _commit(state, spawned, call, loops)
+            if _ending_waits(state, t):
+                yield from _drop_ending_waits(call, t)
             _end_thread(call, t)
             return
 
@@ -763,7 +1317,37 @@ def _run_thread(call: _Call, t: Thread) -> None:
         raise DefinitionError(f"unknown statement {st!r}")
 
 
-def _truth(cond: Any, where: str) -> bool:
+_DONE, _MOVED, _STOPPED = "done", "moved", "stopped"
+
+
+def _async_step(call: _Call, t: Thread, st: Step) -> Walk[str]:
+    """Run a step under the async API: in place, or in flight when other threads can go on.
+
+    Returns ``_DONE``; ``_MOVED`` when other threads rebuilt the definition
+    meanwhile (the walk finds ``t`` again); ``_STOPPED`` when the walk must
+    end: a DAG node's failure was recorded, or a step of another thread failed.
+    """
+    if call.stop:  # a step of another thread failed: this one waits for the next resume
+        return _STOPPED
+    fn = st.fn
+    gen = call.gen
+    isolated = False
+    try:
+        if (call.executor is not None or is_async(fn)) and _concurrent(call, t):
+            isolated = True
+            yield _Launch(st.name)  # resumed when its turn to commit comes
+        else:
+            out = _run_step(call, call.wf, t, st.name, fn) if call.wrap_steps else call.call_fn(fn)
+            if out is not None and is_awaitable(out):
+                yield out
+    except Exception as e:
+        yield from _step_failed(call, t, st.name, st.retry, e, isolated)
+        return _STOPPED  # a DAG node: failed for good, or retried after the others ran
+    return _DONE if call.gen == gen else _MOVED
+
+
+def _truth(cond: Any, where: str) -> Any:
+    """A callable condition's value as a bool, or the awaitable an async one returned."""
     if not callable(cond):
         raise DefinitionError(
             f"condition of {where!r} must be a bool or a zero-argument callable, got {cond!r}"
@@ -772,9 +1356,30 @@ def _truth(cond: Any, where: str) -> bool:
         value = cond()
     except Exception as e:
         raise DefinitionError(f"condition of {where!r} raised {type(e).__name__}: {e}") from e
-    if type(value) is not bool:
+    if type(value) is not bool and not is_awaitable(value):
         value = bool(value)
     return value
+
+
+def _await_truth(call: _Call, value: Any, where: str) -> Walk[bool]:
+    """Await an async condition (async API; the sync one refuses it)."""
+    try:
+        out = yield from call.wait(value, f"the condition of {where!r}")
+    except SyncCallRefused:
+        raise
+    except Exception as e:
+        raise DefinitionError(f"condition of {where!r} raised {type(e).__name__}: {e}") from e
+    return bool(out)
+
+
+def _await_id(call: _Call, value: Any, go: str) -> Walk[Any]:
+    """Await an async Go id (async API; the sync one refuses it)."""
+    try:
+        return (yield from call.wait(value, f"the id of Go {go!r}"))
+    except SyncCallRefused:
+        raise
+    except Exception as e:
+        raise DefinitionError(f"the id of Go {go!r} raised {type(e).__name__}: {e}") from e
 
 
 def _commit(state: State, spawned: list[Thread], call: _Call, loops: int) -> None:
@@ -784,7 +1389,7 @@ def _commit(state: State, spawned: list[Thread], call: _Call, loops: int) -> Non
     call.units += loops
 
 
-def _release_condition(call: _Call) -> bool:
+def _release_condition(call: _Call) -> Walk[bool]:
     """Release the earliest thread whose WaitFor condition holds or whose Parallel joined.
 
     Returns False if none can be released. A DAG's thread is released by its
@@ -803,14 +1408,20 @@ def _release_condition(call: _Call) -> bool:
                 continue
             t.status = _RESUMING
             call.units += 1
-            call.save(CheckpointKind.AFTER_CONDITION)
+            aw = call.save(CheckpointKind.AFTER_CONDITION)
+            if aw is not None:
+                yield aw
             return True
         if call.dirty:  # the condition must be read from a build of current data
             call.rebuild()
             _, st = _locate(call, t)
         assert isinstance(st, WaitFor)
         cond = st.cond
-        if not (cond if type(cond) is bool else _truth(cond, st.name)):
+        if type(cond) is not bool:
+            cond = _truth(cond, st.name)
+            if type(cond) is not bool:
+                cond = yield from _await_truth(call, cond, st.name)
+        if not cond:
             continue
         call.units += 1
         if call.units > call.max_units:
@@ -818,33 +1429,57 @@ def _release_condition(call: _Call) -> bool:
         if st.handler is not None:
             if call.pending:
                 call.pending = False
-                call.save(CheckpointKind.AFTER_STEP)
+                aw = call.save(CheckpointKind.AFTER_STEP)
+                if aw is not None:
+                    yield aw
             call.dirty = True
+            handler = st.handler
             try:
                 if call.wrap_steps:
-                    _run_step(call, t, st.name, st.handler)
+                    out = _run_step(call, call.wf, t, st.name, handler)
                 else:
-                    st.handler()
+                    out = handler() if call.sync else call.call_fn(handler)
+                if out is not None and is_awaitable(out):
+                    yield from call.wait(out, f"the handler of WaitFor {st.name!r}")
+            except SyncCallRefused:
+                raise
             except Exception as e:
-                _step_failed(call, t, st.name, None, e)
+                yield from _step_failed(call, t, st.name, None, e)
                 return True  # a DAG node failed for good: recorded, its thread ended
         t.status = _RESUMING
         t.attempts = 0
         t.error = ""
-        call.save(CheckpointKind.AFTER_CONDITION)
+        aw = call.save(CheckpointKind.AFTER_CONDITION)
+        if aw is not None:
+            yield aw
         return True
     return False
 
 
+def _ending_waits(state: State, t: Thread) -> bool:
+    """Whether ``t``'s end leaves events to drop (the main thread's: any thread's)."""
+    if t.id == MAIN_THREAD:
+        return any(o.wait_events for o in state.threads)
+    return bool(t.wait_events)
+
+
+def _drop_ending_waits(call: _Call, t: Thread) -> Walk[None]:
+    """Tear down what ``t``'s end cancels (before :func:`_end_thread`)."""
+    for other in call.state.threads if t.id == MAIN_THREAD else (t,):
+        if other.wait_events:
+            yield from _drop_waits(call, other)
+
+
 def _end_thread(call: _Call, t: Thread) -> None:
+    """Thread ``t`` ended (its events dropped): the main thread's end finishes the workflow."""
     state = call.state
     if t.id == MAIN_THREAD:
         for other in state.threads:  # the main thread's end cancels the others
-            _drop_waits(call, other)
+            other.wait_events = []
         state.threads = []
         state.status = WorkflowStatus.FINISHED
         return
-    _drop_waits(call, t)
+    t.wait_events = []
     state.threads.remove(t)
     if t.parent:
         found = _dag_of_node(call, t)
@@ -852,41 +1487,75 @@ def _end_thread(call: _Call, t: Thread) -> None:
             _dag_node_ended(call, found[0], found[1], t, NodeStatus.COMPLETED)
 
 
-def _step_failed(call: _Call, t: Thread, name: str, policy: Any, e: Exception) -> None:
+def _step_failed(
+    call: _Call, t: Thread, name: str, policy: Any, e: Exception, isolated: bool = False
+) -> Walk[None]:
     """Record the failure of step (or WaitFor handler) ``name`` on ``t`` and raise StepFailed.
 
     Returns only for a DAG node whose failure :func:`_node_failed` took care of.
+    ``isolated``: the step ran on a copy, so the live data never saw it.
     """
     t.attempts += 1
     t.error = f"{type(e).__name__}: {e}"
     err = StepFailed(name, t.id, t.attempts, t.error)
-    if t.parent and _node_failed(call, t, policy, err, e):
+    if t.parent and (yield from _node_failed(call, t, policy, err, e, isolated)):
         return
     raise err from e
 
 
-def _run_step(call: _Call, t: Thread, name: str, fn: Callable[[], Any]) -> Any:
-    """Run a step's function inside the class hooks and the middleware chain."""
-    wf = call.wf
-    hooks = call.index.hooks
+def _run_step(call: _Call, wf: Workflow, t: Thread, name: str, fn: Callable[[], Any]) -> Any:
+    """Run a step's function on ``wf`` inside the class hooks and the middleware chain.
+
+    Returns its result, or (async API) an awaitable of it.
+    """
     ctx = StepContext(call.state.workflow, call.state.id, t.id, name, t.attempts + 1, wf)
 
     def inner() -> Any:
-        try:
-            if "on_step_start" in hooks:
-                wf.on_step_start(ctx)
-            out = fn()
-            if "on_step_end" in hooks:
-                wf.on_step_end(ctx)
-        except Exception as e:
-            if "on_step_error" in hooks:
-                wf.on_step_error(ctx, e)
-            raise
-        return out
+        return call.run(_hooked_step(call, wf, ctx, name, fn))
 
     if not call.step_mw:
         return inner()
-    return chain(call.step_mw, ctx, inner)
+    return call.chain(call.step_mw, ctx, inner)
+
+
+def _hooked_step(
+    call: _Call, wf: Workflow, ctx: StepContext, name: str, fn: Callable[[], Any]
+) -> Walk[Any]:
+    """A step inside ``on_step_start`` / ``on_step_end`` / ``on_step_error``."""
+    hooks = call.index.hooks
+    try:
+        if "on_step_start" in hooks:
+            out = _hook(wf, "on_step_start")(ctx)
+            if out is not None and is_awaitable(out):
+                yield from call.wait(out, "the hook on_step_start")
+        out = fn() if call.sync else call.call_fn(fn)
+        if out is not None and is_awaitable(out):
+            out = yield from call.wait(out, f"Step {name!r}")
+        if "on_step_end" in hooks:
+            end = _hook(wf, "on_step_end")(ctx)
+            if end is not None and is_awaitable(end):
+                yield from call.wait(end, "the hook on_step_end")
+    except SyncCallRefused:
+        raise
+    except Exception as e:
+        if "on_step_error" in hooks:
+            err = _hook(wf, "on_step_error")(ctx, e)
+            if err is not None and is_awaitable(err):
+                yield from call.wait(err, "the hook on_step_error")
+        raise
+    return out
+
+
+def _hook(wf: Workflow, name: str) -> Callable[..., Any]:
+    """A lifecycle hook of ``wf``; what it returns is checked (it may be async)."""
+    return getattr(wf, name)  # type: ignore[no-any-return]
+
+
+def _plain_result(out: Any, what: str) -> Any:
+    """``out``, unless a plain callable returned an awaitable (refused by the sync API)."""
+    if out is not None and is_awaitable(out):
+        raise refuse_awaitable(out, what)
+    return out
 
 
 # --------------------------------------------------------------------------- Parallel and DAG
@@ -957,7 +1626,9 @@ def _dag_node_ended(call: _Call, parent: Thread, dag: DAG, t: Thread, status: No
         _dag_start(call, parent, dag, graph.dependents[node])
 
 
-def _node_failed(call: _Call, t: Thread, policy: Any, err: StepFailed, cause: Exception) -> bool:
+def _node_failed(
+    call: _Call, t: Thread, policy: Any, err: StepFailed, cause: Exception, isolated: bool
+) -> Walk[bool]:
     """A step of thread ``t`` failed: True when ``t`` is a DAG node and that is handled here.
 
     A node whose step has a :class:`gorch.Retry` with attempts left stays on
@@ -968,15 +1639,21 @@ def _node_failed(call: _Call, t: Thread, policy: Any, err: StepFailed, cause: Ex
     found = _dag_of_node(call, t)
     if found is None:
         return False
-    if call.restore is not None:
-        call.restore()
+    if call.restore is not None and not isolated:
+        out = call.restore()
+        if out is not None and is_awaitable(out):
+            yield from call.wait(out, "the restore callback")
     if policy is not None and not policy.exhausted(t.attempts):
         err.__cause__ = cause
         call.deferred = [*call.deferred, err]
         return True
-    _drop_waits(call, t)
+    if t.wait_events:
+        yield from _drop_waits(call, t)
     call.state.threads.remove(t)
-    _dag_node_ended(call, found[0], found[1], t, NodeStatus.FAILED)
+    parent, dag = found
+    _dag_node_ended(call, parent, dag, t, NodeStatus.FAILED)
+    if dag.fail_fast and call.flights:
+        call.halted.add(parent.id)
     return True
 
 
@@ -1036,7 +1713,7 @@ def _needs_setup(case: On | Timeout) -> bool:
     return isinstance(case, Timeout) or _overrides(case.handler, "setup")
 
 
-def _teardown(call: _Call, we: WaitEvent) -> bool:
+def _teardown(call: _Call, we: WaitEvent) -> Walk[bool]:
     """Tear ``we`` down; True when done (or nothing to do), False when teardown raised."""
     if call.dirty:  # handler objects come from current data
         call.rebuild()
@@ -1055,9 +1732,15 @@ def _teardown(call: _Call, we: WaitEvent) -> bool:
     call.dirty = True  # a handler may change the workflow's data
     try:
         if call.event_mw:
-            _event_call(call, we.req, "teardown", lambda: handler.teardown(we.req, we.handled))
+            out = _event_call(
+                call, we.req, "teardown", lambda: handler.teardown(we.req, we.handled)
+            )
         else:
-            handler.teardown(we.req, we.handled)
+            out = _teardown_of(handler)(we.req, we.handled)
+        if out is not None and is_awaitable(out):
+            yield from call.wait(out, f"the teardown of event {we.req.name!r}")
+    except SyncCallRefused:
+        raise
     except Exception as e:
         we.status = EventStatus.TEARDOWN_ERROR
         we.error = f"{type(e).__name__}: {e}"
@@ -1065,11 +1748,17 @@ def _teardown(call: _Call, we: WaitEvent) -> bool:
     return True
 
 
-def _teardown_finished_waits(call: _Call) -> None:
+def _teardown_of(handler: Handler) -> Callable[[EventRequest, bool], Any]:
+    return handler.teardown  # typed to return None, yet an override may be async
+
+
+def _teardown_finished_waits(call: _Call) -> Walk[None]:
     """Step 2 of resume: tear down events of waits that ``handle_event`` ended."""
     for t in call.state.threads:
+        if not t.wait_events:
+            continue
         for we in [we for we in t.wait_events if we.status in TEARDOWN_EVENT]:
-            if _teardown(call, we):
+            if (yield from _teardown(call, we)):
                 t.wait_events.remove(we)  # before the checkpoint: the save must show it done
             else:
                 log.warning(
@@ -1080,16 +1769,18 @@ def _teardown_finished_waits(call: _Call) -> None:
                     t.id,
                     we.error,
                 )
-            call.save(CheckpointKind.AFTER_TEARDOWN)
+            aw = call.save(CheckpointKind.AFTER_TEARDOWN)
+            if aw is not None:
+                yield aw
 
 
-def _drop_waits(call: _Call, t: Thread) -> None:
+def _drop_waits(call: _Call, t: Thread) -> Walk[None]:
     """A thread ends or is cancelled: tear down what was set up; failures are logged."""
     for we in t.wait_events:
         if we.status is EventStatus.SETUP or we.status in TEARDOWN_EVENT:
             if we.status is EventStatus.SETUP:
                 we.handled = False
-            if not _teardown(call, we):
+            if not (yield from _teardown(call, we)):
                 log.warning(
                     "gorch: teardown of event %r (workflow %r, thread %r) failed as the "
                     "thread ended; dropped: %s",
@@ -1101,7 +1792,7 @@ def _drop_waits(call: _Call, t: Thread) -> None:
     t.wait_events = []
 
 
-def _setup_new_waits(call: _Call) -> list[tuple[str, str, str]]:
+def _setup_new_waits(call: _Call) -> Walk[list[tuple[str, str, str]]]:
     """Step 4 of resume: ``setup`` every newly awaited event (and retry failed ones)."""
     failures: list[tuple[str, str, str]] = []
     for t in call.state.threads:
@@ -1132,9 +1823,13 @@ def _setup_new_waits(call: _Call) -> list[tuple[str, str, str]]:
                     )
                 else:
                     data = handler.setup(we.req)
+                if data is not None and is_awaitable(data):
+                    data = yield from call.wait(data, f"the setup of event {we.req.name!r}")
                 if data is not None and not isinstance(data, str):
                     raise TypeError(f"setup must return a str or None, got {data!r}")
                 we.req.setup_data = data
+            except SyncCallRefused:
+                raise
             except Exception as e:
                 we.status = EventStatus.SETUP_ERROR
                 we.error = f"{type(e).__name__}: {e}"
@@ -1142,7 +1837,9 @@ def _setup_new_waits(call: _Call) -> list[tuple[str, str, str]]:
             else:
                 we.status = EventStatus.SETUP
                 we.error = ""
-            call.save(CheckpointKind.AFTER_SETUP)
+            aw = call.save(CheckpointKind.AFTER_SETUP)
+            if aw is not None:
+                yield aw
     return failures
 
 
@@ -1152,7 +1849,7 @@ def _event_call(call: _Call, req: EventRequest, phase: str, fn: Callable[[], Any
     ctx = EventContext(
         state.workflow, state.id, req.thread_id, req.name, req.pc, phase, call.wf, state=state
     )
-    return chain(call.event_mw, ctx, fn)
+    return call.chain(call.event_mw, ctx, fn)
 
 
 # --------------------------------------------------------------------------- events
@@ -1237,10 +1934,62 @@ def handle_event(
     unchanged; a handler that raised may have changed ``wf`` (do not save).
     ``middleware`` wraps the handler call (``around_event``, phase ``"handle"``).
     """
+    call, (t, we, st, case, handler) = _prepare_event(
+        wf, state, name, thread_id, pc, middleware, True
+    )
+    try:
+        out = _invoke(call, we, handler, name, input)
+        if out is not None and is_awaitable(out):
+            raise refuse_awaitable(out, f"the handler of event {name!r}")
+    except Exception as e:
+        raise _handler_failed(e, name, t)  # noqa: B904  (the cause is set there)
+    _delivered(state, t, we, st, case, name)
+    return out
+
+
+async def ahandle_event(
+    wf: Workflow,
+    state: State,
+    name: str,
+    input: Any = None,
+    *,
+    thread_id: str | None = None,
+    pc: int | None = None,
+    middleware: Sequence[object] = (),
+) -> Any:
+    """:func:`handle_event` for async workflows: the handler, ``on_event`` and
+    middleware may be ``async def``. Same errors, and the state is unchanged
+    by every one of them (a cancelled handler too)."""
+    call, (t, we, st, case, handler) = _prepare_event(
+        wf, state, name, thread_id, pc, middleware, False
+    )
+    try:
+        out = _invoke(call, we, handler, name, input)
+        if out is not None and is_awaitable(out):
+            out = await out
+    except Exception as e:
+        raise _handler_failed(e, name, t)  # noqa: B904  (the cause is set there)
+    _delivered(state, t, we, st, case, name)
+    return out
+
+
+_Delivery = tuple[Thread, WaitEvent, Select, "On | Timeout", Any]
+
+
+def _prepare_event(
+    wf: Workflow,
+    state: State,
+    name: str,
+    thread_id: str | None,
+    pc: int | None,
+    middleware: Sequence[object],
+    sync: bool,
+) -> tuple[_Call, _Delivery]:
+    """Find the wait ``name`` goes to and its handler; raise (state untouched) if none."""
     if state.status is WorkflowStatus.FINISHED:
         raise WorkflowFinishedError(state.id)
     t, we = _find_wait(state, name, thread_id, pc)
-    call = _Call(wf, state, None, DEFAULT_MAX_UNITS, middleware)
+    call = _Call(wf, state, None, DEFAULT_MAX_UNITS, middleware, sync=sync)
     found = call.find(t.cur_step)
     if found is None or not isinstance(found[1], Select):
         raise CursorNotFound(t.id, t.cur_step, "the thread's Select is gone")
@@ -1250,19 +1999,33 @@ def handle_event(
         raise CursorNotFound(t.id, t.cur_step, f"the Select no longer awaits event {name!r}")
     case = hit[1]
     handler = TimerHandler(case.after) if isinstance(case, Timeout) else case.handler
-    try:
-        if call.event_mw or "on_event" in call.index.hooks:
-            out = _handle(call, we.req, handler, input)
-        else:
-            out = call_handler(handler, name, we.req, input)
-    except HandlerCallError as e:
-        err = e.error
-        raise HandlerFailed(name, t.id, f"{type(err).__name__}: {err}") from err
-    except GorchError:
-        raise
-    except Exception as e:  # raised by a middleware or on_event: the handler's failure
-        raise HandlerFailed(name, t.id, f"{type(e).__name__}: {e}") from e
-    # Commit: nothing above changed the state. Events that were set up and have
+    return call, (t, we, st, case, handler)
+
+
+def _invoke(call: _Call, we: WaitEvent, handler: Any, name: str, input: Any) -> Any:
+    """Validate the input and call the handler: its output, or an awaitable of it."""
+    if call.event_mw or "on_event" in call.index.hooks:
+        return _handle(call, we.req, handler, input)
+    return call_handler(handler, name, we.req, input)
+
+
+def _handler_failed(e: Exception, name: str, t: Thread) -> Exception:
+    """What a handler's exception becomes: ``HandlerFailed`` (gorch's own errors stay)."""
+    if isinstance(e, HandlerCallError):
+        e = e.error
+    elif isinstance(e, GorchError):
+        return e
+    # else raised by a middleware, on_event or an awaited handler: the handler's failure
+    failed = HandlerFailed(name, t.id, f"{type(e).__name__}: {e}")
+    failed.__cause__ = e
+    return failed
+
+
+def _delivered(
+    state: State, t: Thread, we: WaitEvent, st: Select, case: On | Timeout, name: str
+) -> None:
+    """Commit a delivery whose handler returned."""
+    # Nothing before this changed the state. Events that were set up and have
     # a teardown wait for the next resume; the others are dropped now.
     kept: list[WaitEvent] = []
     for other in t.wait_events:
@@ -1280,25 +2043,38 @@ def handle_event(
     t.case = name
     t.pc += 1
     state.status = WorkflowStatus.RESUMING
-    return out
 
 
 def _handle(call: _Call, req: EventRequest, handler: Any, input: Any) -> Any:
-    """``call_handler`` inside ``on_event`` and the middleware chain."""
-    wf = call.wf
-    on_event = "on_event" in call.index.hooks
+    """``call_handler`` inside ``on_event`` and the middleware chain (value or awaitable)."""
     state = call.state
     ctx = EventContext(
-        state.workflow, state.id, req.thread_id, req.name, req.pc, "handle", wf, input, state=state
+        state.workflow,
+        state.id,
+        req.thread_id,
+        req.name,
+        req.pc,
+        "handle",
+        call.wf,
+        input,
+        state=state,
     )
 
     def inner() -> Any:
-        out = call_handler(handler, req.name, req, ctx.input)
-        if on_event:
-            wf.on_event(ctx, out)
-        return out
+        return call.run(_handled(call, ctx, req, handler))
 
-    return chain(call.event_mw, ctx, inner) if call.event_mw else inner()
+    return call.chain(call.event_mw, ctx, inner) if call.event_mw else inner()
+
+
+def _handled(call: _Call, ctx: EventContext, req: EventRequest, handler: Any) -> Walk[Any]:
+    out = call_handler(handler, req.name, req, ctx.input)
+    if out is not None and is_awaitable(out):
+        out = yield from call.wait(out, f"the handler of event {req.name!r}")
+    if "on_event" in call.index.hooks:
+        done = _hook(call.wf, "on_event")(ctx, out)
+        if done is not None and is_awaitable(done):
+            yield from call.wait(done, "the hook on_event")
+    return out
 
 
 # --------------------------------------------------------------------------- tooling
@@ -1306,7 +2082,7 @@ def _handle(call: _Call, req: EventRequest, handler: Any, input: Any) -> Any:
 
 def find_statement(wf: Workflow, name: str) -> Stmt | None:
     """The statement named ``name`` in a fresh build of ``wf``'s definition, or None."""
-    call = _Call(wf, State(id="", workflow=""), None, DEFAULT_MAX_UNITS)
+    call = _Call(wf, State(id="", workflow=""), None, DEFAULT_MAX_UNITS, check=False)
     found = call.find(name)
     return None if found is None else found[1]
 
@@ -1315,12 +2091,37 @@ def cancel(wf: Workflow, state: State) -> None:
     """End every thread now: tear down set-up events (``handled=False``), finish the state.
 
     A teardown that fails is logged on the ``gorch`` logger and dropped, as
-    when the main thread ends.
+    when the main thread ends. An async teardown is refused before anything
+    runs: use :func:`acancel`.
     """
+    call = _cancel_call(wf, state, True)
+    asyncs = [
+        f"the teardown of event {we.req.name!r} ({type(h).__qualname__}.teardown)"
+        for t in state.threads
+        for we in t.wait_events
+        for h in [_case_handler(call, we)[1]]
+        if h is not None and "teardown" in async_handler_methods(h)
+    ]
+    if asyncs:
+        raise DefinitionError(f"{call.index.owner}: {', '.join(asyncs)} is async; {ASYNC_API_HINT}")
+    _exhaust(_cancel(call))
+
+
+async def acancel(wf: Workflow, state: State) -> None:
+    """:func:`cancel` for the async API: teardowns may be ``async def``."""
+    await _adrive(_cancel(_cancel_call(wf, state, False)))
+
+
+def _cancel_call(wf: Workflow, state: State, sync: bool) -> _Call:
     if state.status is WorkflowStatus.FINISHED:
         raise WorkflowFinishedError(state.id)
-    call = _Call(wf, state, None, DEFAULT_MAX_UNITS)
+    return _Call(wf, state, None, DEFAULT_MAX_UNITS, sync=sync, check=False)
+
+
+def _cancel(call: _Call) -> Walk[None]:
+    state = call.state
     for t in state.threads:
-        _drop_waits(call, t)
+        if t.wait_events:
+            yield from _drop_waits(call, t)
     state.threads = []
     state.status = WorkflowStatus.FINISHED

@@ -113,11 +113,10 @@ class Step(Stmt):
     ) -> None:
         self.name = name
         self.fn = fn
-        if retry is not None or after is not None:  # most steps have neither: slots stay empty
-            if retry is not None:
-                self._retry = retry
-            if after is not None:
-                self._after = _names(after)
+        # Validation reads ``_after`` for every step: a slot always set reads fast.
+        self._after: tuple[str, ...] | None = None if after is None else _names(after)
+        if retry is not None:  # read only when a step fails: the slot stays empty
+            self._retry = retry
 
     @property
     def retry(self) -> Retry | None:
@@ -126,7 +125,7 @@ class Step(Stmt):
     @property
     def after(self) -> tuple[str, ...]:
         """Names of the DAG nodes this step runs after (only inside a :class:`DAG`)."""
-        return getattr(self, "_after", ())
+        return self._after or ()
 
     def __repr__(self) -> str:
         return f"Step({self.name!r})"

@@ -597,3 +597,158 @@ def test_waiting_quickstart_workflow_is_well_under_one_kib() -> None:
     _, back_state = gorch.loads(blob, Expense)
     assert gorch.awaited_events(back_state) == gorch.awaited_events(state)
     assert gorch.next_wakeup(back_state) == datetime(2031, 1, 4, tzinfo=UTC)
+
+
+# ----------------------------------------------------------------- nesting depth (issue 10)
+
+
+class Tree(pydantic.BaseModel):
+    child: Tree | None = None
+
+
+class Deep(gorch.Workflow):
+    anything: Any = None
+    tree: Tree | None = None
+    count: int = 0
+
+    def definition(self) -> gorch.Section:
+        return S(Step("noop", lambda: None))
+
+
+def nested_lists(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def nested_maps(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = {"k": value}
+    return value
+
+
+def tree(depth: int) -> Tree:
+    node = Tree()
+    for _ in range(depth):
+        node = Tree(child=node)
+    return node
+
+
+def deep_blob(data: Any) -> bytes:
+    """A well-formed blob whose data is ``data`` (as a foreign writer could make it)."""
+    return blob_with_data(msgpack.packb(data, use_bin_type=True))
+
+
+def blob_with_data(data: bytes) -> bytes:
+    """A blob with a valid header and state, and ``data`` as the msgpack bytes of its data."""
+    state = gorch.new_state("deep-1", "deep")
+    header = msgpack.unpackb(gorch.dumps(Deep(), state))[:3]
+    return b"\x94" + b"".join(msgpack.packb(h, use_bin_type=True) for h in header) + data
+
+
+def anything_nested(level: bytes, depth: int) -> bytes:
+    """``{"anything": <depth levels of level> 1}``, written byte by byte (no packer limit)."""
+    return blob_with_data(b"\x81\xa8anything" + level * depth + b"\x01")
+
+
+@pytest.mark.parametrize("depth", [300, 340, 1000, 3000])
+@pytest.mark.parametrize("level", [b"\x91", b"\x81\xa1k"], ids=["lists", "maps"])
+def test_loads_refuses_data_nested_too_deep_with_serialization_error(
+    level: bytes, depth: int
+) -> None:
+    with pytest.raises(gorch.SerializationError, match="nested"):
+        gorch.loads(anything_nested(level, depth), Deep)
+
+
+def test_loads_refuses_a_blob_nested_deeper_than_msgpack_reads() -> None:
+    with pytest.raises(gorch.SerializationError):
+        gorch.loads(anything_nested(b"\x91", 100_000), Deep)
+
+
+def test_the_deepest_data_dumps_writes_loads_back() -> None:
+    """The depth limit of ``loads`` is above what ``dumps`` can write: every blob loads."""
+    state = gorch.new_state("deep-1", "deep")
+    deepest = 0
+    for depth in range(200, 300):
+        try:
+            blob = gorch.dumps(Deep(anything=nested_maps(depth)), state)
+        except gorch.SerializationError:
+            break
+        deepest = depth
+        assert gorch.dumps(*gorch.loads(blob, Deep)) == blob
+    assert deepest >= 200
+
+
+@pytest.mark.parametrize("depth", [300, 1000, 5000])
+def test_dumps_refuses_data_nested_too_deep_with_serialization_error(depth: int) -> None:
+    state = gorch.new_state("deep-1", "deep")
+    for wf in (Deep(anything=nested_lists(depth)), Deep(anything=nested_maps(depth))):
+        with pytest.raises(gorch.SerializationError, match=r"nested|depth"):
+            gorch.dumps(wf, state)
+    with pytest.raises(gorch.SerializationError):
+        gorch.dumps(Deep(tree=tree(depth)), state)
+
+
+def test_dumps_of_deep_data_that_would_not_load_back_raises_serialization_error() -> None:
+    """The error message shows a bounded part of the data (its repr used to recurse)."""
+    wf = Deep(tree=tree(220))
+    wf.count = "not a number"  # type: ignore[assignment]  # steps assign without validation
+    with pytest.raises(gorch.SerializationError, match="would not load back") as info:
+        gorch.dumps(wf, gorch.new_state("deep-1", "deep"))
+    assert len(str(info.value)) < 2000
+
+
+def test_loads_turns_any_error_of_a_validator_into_serialization_error() -> None:
+    class Picky(gorch.Workflow):
+        name: str = ""
+
+        @pydantic.field_validator("name")
+        @classmethod
+        def _no_x(cls, v: str) -> str:
+            if v == "x":
+                raise KeyError("x is not allowed")
+            return v
+
+        def definition(self) -> gorch.Section:
+            return S()
+
+    blob = deep_blob({"name": "x"})
+    with pytest.raises(gorch.SerializationError, match="KeyError"):
+        gorch.loads(blob, Picky)
+
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    raw=st.binary(max_size=300)
+    | msgpack_values.map(lambda v: msgpack.packb(v, use_bin_type=True))
+    | st.tuples(msgpack_values, msgpack_values).map(
+        lambda sv: msgpack.packb(["gorch", 1, sv[0], sv[1]], use_bin_type=True)
+    )
+    | st.tuples(st.sampled_from([b"\x91", b"\x81\xa1k"]), st.integers(1, 5000)).map(
+        lambda ld: anything_nested(*ld)
+    )
+)
+def test_loads_of_any_bytes_raises_only_serialization_error(raw: bytes) -> None:
+    for cls in (Deep, Rich):
+        try:
+            wf, state = gorch.loads(raw, cls)
+        except gorch.SerializationError:
+            continue
+        assert type(wf) is cls
+        assert type(state) is gorch.State
