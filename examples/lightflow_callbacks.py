@@ -81,10 +81,10 @@ def show(engine: gorch.Engine, wf_id: str) -> None:
 
 def first_process(url: str, flag: Path) -> None:
     engine = gorch.Engine(url, workflows={"callbacks": Callbacks})
-    try:
-        engine.start("callbacks", "cb-1", {"fixed_flag": str(flag)})
-    except gorch.DAGFailed as e:
-        print(f"-> DAGFailed: failed={e.failed} skipped={e.skipped}")
+    # start() returns once the instance is stored: a failed step leaves it "failed",
+    # with the error in the snapshot, ready for retry() once the cause is fixed.
+    snap = engine.start("callbacks", "cb-1", {"fixed_flag": str(flag)})
+    print(f"-> {snap.status.value}: {snap.error}")
     show(engine, "cb-1")
 
 

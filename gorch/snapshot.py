@@ -1,0 +1,262 @@
+"""What the Engine tells about instances: snapshots, list pages, run_due results, event types.
+
+Shared by the sync :class:`gorch.Engine`, :class:`gorch.AsyncEngine`, the HTTP
+app and the CLI, so every surface describes an instance (and an event's
+input and output) alike. Nothing here touches a store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, cast
+
+import pydantic
+
+from gorch.errors import GorchError
+from gorch.handlers import FunctionHandler, Handler, signature_of
+from gorch.interpreter import find_statement
+from gorch.state import ACTIVE_EVENT, State, ThreadStatus, WorkflowStatus
+from gorch.statements import On, Select, Timeout
+from gorch.stores.base import Record
+from gorch.timers import due_time
+from gorch.workflow import Workflow
+
+log = logging.getLogger("gorch")
+
+
+class InstanceStatus(StrEnum):
+    """The status of a stored instance, as ``list`` filters and ``get`` report it."""
+
+    RESUMING = "resuming"
+    """Runnable: a resume is pending (deferred, or interrupted by a crash)."""
+    WAITING = "waiting"
+    """Every thread waits for an event, a timer or a condition."""
+    RETRYING = "retrying"
+    """A step failed; ``run_due`` retries it when its backoff is over."""
+    FAILED = "failed"
+    """A step failed for good; ``Engine.retry(id)`` re-arms it."""
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+STATUS_OF = {
+    # The instance status a state is saved with, when nothing else decides it.
+    WorkflowStatus.RESUMING: InstanceStatus.RESUMING,
+    WorkflowStatus.WAITING: InstanceStatus.WAITING,
+    WorkflowStatus.FINISHED: InstanceStatus.FINISHED,
+}
+ACTIVE_STATUSES = frozenset(
+    {InstanceStatus.RESUMING, InstanceStatus.WAITING, InstanceStatus.RETRYING}
+)
+
+
+class EventInfo(pydantic.BaseModel):
+    """An event the instance awaits."""
+
+    name: str
+    thread_id: str
+    pc: int
+    status: str
+    due: datetime | None = None
+    """For timers: when ``run_due`` fires it."""
+    input_schema: dict[str, Any] | None = None
+    """JSON schema of the input the event's handler validates (``{}``: any JSON).
+
+    None when the event takes no input (a timer, a case without handler, a
+    zero-argument handler) or its case cannot be found in the current definition.
+    """
+
+
+class ThreadInfo(pydantic.BaseModel):
+    id: str
+    name: str
+    status: str
+    cur_step: str
+    error: str = ""
+    attempts: int = 0
+    parent: str = ""
+    """For a Parallel branch or a DAG node: the thread that joins it."""
+    nodes: dict[str, str] = {}
+    """While the thread runs a DAG: completed / failed / skipped nodes, by name."""
+    node_errors: dict[str, str] = {}
+
+
+class Snapshot(pydantic.BaseModel):
+    """What ``Engine.get`` tells about an instance."""
+
+    id: str
+    workflow: str
+    status: InstanceStatus
+    version: int
+    data: dict[str, Any]
+    threads: list[ThreadInfo]
+    awaited: list[EventInfo]
+    next_wakeup: datetime | None
+    error: str = ""
+    """The last step error, if a thread sits on a failed step."""
+
+
+class Summary(pydantic.BaseModel):
+    id: str
+    workflow: str
+    status: str
+    version: int
+    wake_at: datetime | None
+
+
+class ListPage(pydantic.BaseModel):
+    items: list[Summary]
+    next_cursor: str | None
+    """Pass as ``after=`` for the next page; None on the last page."""
+
+
+class DueResult(pydantic.BaseModel):
+    """What ``run_due`` did with one claimed instance."""
+
+    id: str
+    action: str
+    """``timer`` (fired timers), ``retry`` (a failed step), ``resume`` (pending resume)."""
+    fired: list[str] = []
+    status: str = ""
+    error: str = ""
+    outcome: str = "processed"
+    """``processed``; ``skipped``: another runner took the instance over (its lease
+    ran out while a step was slow); ``failed``: ``error`` says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventTypes:
+    """What a Select case's handler takes and returns, read from its annotations.
+
+    Shared by snapshots (the awaited events' input schemas) and the HTTP app
+    (one documented operation per event), so both describe an event alike.
+    """
+
+    takes_input: bool
+    input_type: Any
+    """The annotation the input is validated against; ``Any`` when unvalidated."""
+    output_type: Any
+    """The declared output; ``Any`` when not declared."""
+
+    @property
+    def typed(self) -> bool:
+        """Whether pydantic validates the input (so JSON text may be passed as bytes)."""
+        return self.takes_input and self.input_type is not Any
+
+
+_NO_INPUT = EventTypes(False, None, type(None))
+
+
+def event_types(case: On | Timeout) -> EventTypes:
+    """The input and output types of ``case``'s handler (``DefinitionError`` if unreadable)."""
+    if isinstance(case, Timeout):
+        return _NO_INPUT
+    h = case.handler
+    if h is None:
+        return _NO_INPUT
+    if isinstance(h, Handler) and not isinstance(h, FunctionHandler):
+        out = Any if h.output_type is None else h.output_type
+        return EventTypes(True, Any if h.input_type is None else h.input_type, out)
+    sig = h.sig if isinstance(h, FunctionHandler) else signature_of(h)
+    out = Any if sig.output_type is None else sig.output_type
+    if not sig.takes_input:
+        return EventTypes(False, None, out)
+    return EventTypes(True, Any if sig.input is None else sig.input.type, out)
+
+
+_schemas: dict[Any, bytes | None] = {}
+
+
+def json_schema_of(tp: Any) -> dict[str, Any] | None:
+    """pydantic's JSON schema for ``tp`` (cached per type); None if it has none.
+
+    Cached as JSON text: every caller gets its own copy, which decoding makes
+    several times faster than a deep copy.
+    """
+    try:
+        text = _schemas[tp]
+    except KeyError:
+        schema = _make_schema(tp)
+        text = _schemas[tp] = None if schema is None else json.dumps(schema).encode()
+    except TypeError:  # unhashable annotation
+        return _make_schema(tp)
+    return None if text is None else cast("dict[str, Any]", json.loads(text))
+
+
+def _make_schema(tp: Any) -> dict[str, Any] | None:
+    try:
+        return pydantic.TypeAdapter(tp).json_schema()
+    except Exception:  # not representable as JSON schema, or not a type pydantic knows
+        log.debug("gorch: no JSON schema for %r", tp, exc_info=True)
+        return None
+
+
+def snapshot_of(rec: Record, wf: Workflow, state: State) -> Snapshot:
+    """The snapshot of an instance: ``rec`` as stored, ``wf`` and ``state`` as run."""
+    threads = [
+        ThreadInfo(
+            id=t.id,
+            name=t.name,
+            status=t.status,
+            cur_step=t.cur_step,
+            error=t.error,
+            attempts=t.attempts,
+            parent=t.parent,
+            nodes=dict(t.nodes),
+            node_errors=dict(t.node_errors),
+        )
+        for t in state.threads
+    ]
+    selects: dict[str, Select | None] = {}
+    awaited = [
+        EventInfo(
+            name=we.req.name,
+            thread_id=t.id,
+            pc=we.req.pc,
+            status=we.status,
+            due=due_time(we.req),
+            input_schema=_input_schema(wf, we.select or t.cur_step, we.req.name, selects),
+        )
+        for t in state.threads
+        if t.status is ThreadStatus.WAITING_EVENT
+        for we in t.wait_events
+        if we.status in ACTIVE_EVENT
+    ]
+    error = next((t.error for t in state.threads if t.error), "")
+    return Snapshot(
+        id=rec.id,
+        workflow=rec.workflow,
+        status=InstanceStatus(rec.status),
+        version=rec.version,
+        data=wf.model_dump(mode="json"),
+        threads=threads,
+        awaited=awaited,
+        next_wakeup=rec.wake_at if rec.status != InstanceStatus.RESUMING else None,
+        error=error,
+    )
+
+
+def _input_schema(
+    wf: Workflow, select: str, event: str, selects: dict[str, Select | None]
+) -> dict[str, Any] | None:
+    """The input schema of ``event`` in Select ``select``; a snapshot never fails over it."""
+    if select not in selects:
+        try:
+            st = find_statement(wf, select)
+        except Exception:  # a definition that fails now is reported by resume, not get
+            log.debug("gorch: cannot find Select %r for its input schema", select, exc_info=True)
+            st = None
+        selects[select] = st if isinstance(st, Select) else None
+    st = selects[select]
+    hit = st.case(event) if st is not None else None
+    if hit is None:
+        return None
+    try:
+        types = event_types(hit[1])
+    except GorchError:
+        return None
+    return json_schema_of(types.input_type) if types.takes_input else None
