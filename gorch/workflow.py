@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import copy
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pydantic
 
@@ -24,7 +26,57 @@ class Workflow(pydantic.BaseModel):
     so it must be cheap and free of side effects. Step functions and handlers
     may come from an earlier build within one call: read data through ``self``
     when they run, never from variables captured while ``definition()`` ran.
+
+    ``start_input`` names the fields a caller outside the process may set when
+    it starts an instance (``POST /workflows/{name}`` of :mod:`gorch.http`);
+    every other field is internal state. Nothing is declared by default, so an
+    HTTP start takes no data at all until the workflow says which fields it may.
+    ``Engine.start(data=...)`` from Python is trusted and takes any field.
     """
+
+    start_input: ClassVar[tuple[str, ...]] = ()
+    """Names of the fields an untrusted start (HTTP) may set, e.g. ``("item", "qty")``."""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        names = cls.start_input
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise TypeError(
+                f"{cls.__name__}.start_input must be a tuple of field names, got {names!r}"
+            )
+        unknown = [n for n in names if n not in cls.model_fields]
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.start_input names {unknown!r}, which are not fields of "
+                f"{cls.__name__}; its fields are {sorted(cls.model_fields)!r}"
+            )
+        cls.start_input = tuple(names)
+
+    @classmethod
+    def start_input_model(cls) -> type[pydantic.BaseModel]:
+        """A model of the declared ``start_input`` fields alone; any other field is refused.
+
+        Built once per class from the fields themselves (types, defaults,
+        constraints, aliases), so the declaration cannot drift from the model.
+        """
+        model = _START_MODELS.get(cls)
+        if model is None:
+            config = {k: v for k, v in cls.model_config.items() if k != "title"}
+            config["extra"] = "forbid"
+            fields: dict[str, Any] = {
+                name: (cls.model_fields[name].annotation, copy.copy(cls.model_fields[name]))
+                for name in cls.start_input
+            }
+            model = pydantic.create_model(
+                f"{cls.__name__}Input",
+                __config__=pydantic.ConfigDict(**config),  # type: ignore[typeddict-item]
+                __doc__=f"What a caller may set when it starts an instance of {cls.__name__}.",
+                __module__=cls.__module__,
+                **fields,
+            )
+            _START_MODELS[cls] = model
+        return model
 
     def definition(self) -> Section:
         raise NotImplementedError(f"{type(self).__name__} must implement definition()")
@@ -51,6 +103,10 @@ class Workflow(pydantic.BaseModel):
 
     def on_finish(self) -> None:
         """At the end of the resume in which the workflow finished."""
+
+
+_START_MODELS: dict[type[Workflow], type[pydantic.BaseModel]] = {}
+"""``Workflow.start_input_model`` per class (classes live as long as the process)."""
 
 
 class WaitGroup(pydantic.BaseModel):

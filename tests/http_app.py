@@ -6,14 +6,16 @@ or in memory when it is unset.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
 import pydantic
 
 import gorch
-from gorch import Go, Handler, On, Return, S, Select, Step, Timeout
+from gorch import For, Go, Handler, On, Return, S, Select, Step, Timeout
 from gorch.engine import Engine
 from gorch.state import EventRequest
 
@@ -54,6 +56,9 @@ class RefundHandler(Handler):
 
 class Order(gorch.Workflow):
     """Waits for a payment (typed model in and out), then for delivery or notes."""
+
+    start_input = ("item", "price", "fail_at")
+    """What an HTTP start may set; ``status``, ``paid`` and ``notes`` are internal."""
 
     item: str
     price: float = 10.0
@@ -160,6 +165,87 @@ class Pinger(gorch.Workflow):
         return "right"
 
 
-WORKFLOWS: dict[str, type[gorch.Workflow]] = {"order": Order, "survey": Survey, "pinger": Pinger}
+class Inbox(gorch.Workflow):
+    """Keeps any JSON document it is sent, typed (``doc``) or not (``raw``), forever."""
+
+    start_input = ("owner",)
+
+    owner: str = pydantic.Field(default="nobody", max_length=20)
+    docs: list[Any] = []
+
+    def definition(self) -> gorch.Section:
+        return S(
+            For(
+                "forever",
+                lambda: True,
+                Select("inbox", On("doc", self.keep_doc), On("raw", self.keep_raw)),
+            )
+        )
+
+    def keep_doc(self, doc: dict[str, Any]) -> int:
+        self.docs.append(doc)
+        return len(self.docs)
+
+    def keep_raw(self, payload):  # untyped on purpose: it gets the parsed JSON
+        self.docs.append(payload)
+        return len(self.docs)
+
+
+WORKFLOWS: dict[str, type[gorch.Workflow]] = {
+    "order": Order,
+    "survey": Survey,
+    "pinger": Pinger,
+    "inbox": Inbox,
+}
 
 engine = Engine(os.environ.get("GORCH_STORE") or "memory://", WORKFLOWS)
+
+
+# --------------------------------------------------------------------------- test helpers
+# Shared by tests/test_http*.py (plain functions: this module is also served by ``gorch serve``).
+
+Rec = tuple[bytes, int, str, datetime | None]
+
+
+def client_for(engine: Engine, **options: Any) -> Any:
+    """A TestClient of ``create_app(engine, **options)``; open (``insecure``) unless guarded."""
+    import warnings
+
+    from gorch.http import create_app
+
+    with warnings.catch_warnings():  # newer Starlette warns that its TestClient moves to httpx2
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+
+    if options.get("secret") is None and options.get("token") is None:
+        options.setdefault("insecure", True)
+    return TestClient(create_app(engine, **options))
+
+
+def record(engine: Engine, id: str) -> Rec:
+    rec = engine.store.load(id)
+    return rec.blob, rec.version, rec.status, rec.wake_at
+
+
+def stored_ids(engine: Engine) -> list[str]:
+    return [i.id for i in engine.list(limit=1000).items]
+
+
+@contextlib.contextmanager
+def untouched(engine: Engine, *ids: str) -> Iterator[None]:
+    """The records of ``ids`` (and the set of stored ids) are byte-identical afterwards."""
+    before = {id: record(engine, id) for id in ids}
+    all_before = stored_ids(engine)
+    yield
+    assert {id: record(engine, id) for id in ids} == before
+    assert stored_ids(engine) == all_before
+
+
+def assert_error(r: Any, status: int, name: str) -> dict[str, Any]:
+    """Assert an error response: its status, JSON body shape and error name."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body: dict[str, Any] = r.json()
+    assert body["error"] == name, body
+    assert isinstance(body["detail"], str) and body["detail"]
+    return body

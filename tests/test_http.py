@@ -24,7 +24,20 @@ import httpx
 import pydantic
 import pytest
 from fastapi import FastAPI
-from http_app import WORKFLOWS, Order, Payment, Pinger, Receipt, Refund, Slot, Survey
+from http_app import (
+    WORKFLOWS,
+    Order,
+    Payment,
+    Pinger,
+    Receipt,
+    Refund,
+    Slot,
+    Survey,
+    assert_error,
+    client_for,
+    stored_ids,
+    untouched,
+)
 from stores.store_support import make_spec
 
 import gorch.graph
@@ -43,9 +56,6 @@ PAY = {"amount": 4.5, "card": "visa"}
 SECRET = "webhook-secret"
 TOKEN = "api-token"
 
-Rec = tuple[bytes, int, str, datetime | None]
-
-
 # --------------------------------------------------------------------------- fixtures and helpers
 
 
@@ -60,43 +70,10 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
             store.close()
 
 
-def client_for(engine: Engine, **options: Any) -> TestClient:
-    return TestClient(create_app(engine, **options))
-
-
 @pytest.fixture
 def client(engine: Engine) -> Iterator[TestClient]:
     with client_for(engine) as c:
         yield c
-
-
-def record(engine: Engine, id: str) -> Rec:
-    rec = engine.store.load(id)
-    return rec.blob, rec.version, rec.status, rec.wake_at
-
-
-def stored_ids(engine: Engine) -> list[str]:
-    return [i.id for i in engine.list(limit=1000).items]
-
-
-@contextlib.contextmanager
-def untouched(engine: Engine, *ids: str) -> Iterator[None]:
-    """The records of ``ids`` (and the set of stored ids) are byte-identical afterwards."""
-    before = {id: record(engine, id) for id in ids}
-    all_before = stored_ids(engine)
-    yield
-    assert {id: record(engine, id) for id in ids} == before
-    assert stored_ids(engine) == all_before
-
-
-def assert_error(r: httpx.Response, status: int, name: str) -> dict[str, Any]:
-    """Assert an error response: its status, JSON body shape and error name."""
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    body: dict[str, Any] = r.json()
-    assert body["error"] == name, body
-    assert isinstance(body["detail"], str) and body["detail"]
-    return body
 
 
 def start_order(c: TestClient, id: str = "o-1", **data: Any) -> dict[str, Any]:
@@ -148,7 +125,7 @@ def test_an_unknown_workflow_is_404_listing_the_known_ones(
         r = client.post("/workflows/nope", json={})
         r2 = client.put("/workflows/nope/n-1", json={})
     body = assert_error(r, 404, "UnknownWorkflow")
-    assert body["workflow"] == "nope" and body["known"] == ["order", "pinger", "survey"]
+    assert body["workflow"] == "nope" and body["known"] == ["inbox", "order", "pinger", "survey"]
     assert_error(r2, 404, "UnknownWorkflow")
 
 
@@ -559,144 +536,6 @@ def test_unknown_routes_and_methods_answer_in_the_error_shape(
     assert_error(client.delete("/workflows/o-1"), 405, "MethodNotAllowed")
 
 
-# --------------------------------------------------------------------------- signed webhooks
-
-
-@pytest.fixture
-def signed(engine: Engine) -> Iterator[TestClient]:
-    with client_for(engine, secret=[SECRET, "next-secret"], signature_tolerance=300) as c:
-        body = json.dumps({"item": "book"}).encode()
-        r = c.put("/workflows/order/o-1", content=body, headers={**_JSON, **sign(SECRET, body)})
-        assert r.status_code == 201, r.text
-        yield c
-
-
-def _post(c: TestClient, path: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
-    return c.post(path, content=body, headers={**_JSON, **headers})
-
-
-def test_signed_requests_are_accepted(signed: TestClient, engine: Engine) -> None:
-    body = json.dumps(PAY).encode()
-    r = _post(signed, "/workflows/order/o-1/events/pay", body, sign(SECRET, body))
-    assert r.status_code == 200, r.text
-    body = b'["ann"]'  # the second secret (rotation), with a fresh timestamp
-    headers = sign("next-secret", body, timestamp=int(time.time()))
-    r = _post(signed, "/workflows/o-1/events/deliver", body, headers)
-    assert (r.status_code, r.json()) == (200, 1)
-    assert signed.get("/workflows/o-1").json()["status"] == "finished"  # GETs are not signed
-
-
-def test_an_unsigned_start_creates_nothing(signed: TestClient, engine: Engine) -> None:
-    with untouched(engine, "o-1"):
-        r = signed.put("/workflows/order/o-2", json={"item": "x"})
-        r2 = signed.post("/workflows/o-1/cancel")  # an empty body is signed too
-    assert_error(r, 401, "InvalidSignature")
-    assert_error(r2, 401, "InvalidSignature")
-    assert signed.post("/workflows/o-1/cancel", headers=sign(SECRET, b"")).status_code == 200
-
-
-@pytest.mark.parametrize(
-    "headers",
-    [
-        {},
-        {"X-Gorch-Signature": "sha256=" + "0" * 64},
-        {"X-Gorch-Signature": "md5=abc"},
-        {"X-Gorch-Signature": "garbage"},
-        sign("wrong-secret", json.dumps(PAY).encode()),
-        sign(SECRET, json.dumps({**PAY, "amount": 9999}).encode()),  # another body
-        {**sign(SECRET, json.dumps(PAY).encode()), "X-Gorch-Timestamp": str(int(time.time()))},
-        {**sign(SECRET, json.dumps(PAY).encode(), 1_700_000_000), "X-Gorch-Timestamp": "soon"},
-    ],
-    ids=[
-        "missing",
-        "zeros",
-        "md5",
-        "garbage",
-        "wrong-secret",
-        "tampered-body",
-        "timestamp-not-signed",
-        "timestamp-not-a-number",
-    ],
-)
-def test_badly_signed_events_are_401_and_change_nothing(
-    signed: TestClient, engine: Engine, headers: dict[str, str]
-) -> None:
-    with untouched(engine, "o-1"):
-        r = _post(signed, "/workflows/o-1/events/pay", json.dumps(PAY).encode(), headers)
-    assert_error(r, 401, "InvalidSignature")
-
-
-@pytest.mark.parametrize("skew", [-301, 301, -86_400])
-def test_signed_requests_outside_the_tolerance_are_replays(
-    signed: TestClient, engine: Engine, skew: int
-) -> None:
-    body = json.dumps(PAY).encode()
-    headers = sign(SECRET, body, timestamp=int(time.time()) + skew)
-    with untouched(engine, "o-1"):
-        r = _post(signed, "/workflows/o-1/events/pay", body, headers)
-    assert "tolerance" in assert_error(r, 401, "SignatureExpired")["detail"]
-    fresh = sign(SECRET, body, timestamp=int(time.time()) - 200)  # late, but within 300 s
-    assert _post(signed, "/workflows/o-1/events/pay", body, fresh).status_code == 200
-
-
-# --------------------------------------------------------------------------- bearer token
-
-
-def test_a_bearer_token_guards_every_route_but_health_and_docs(engine: Engine) -> None:
-    with client_for(engine, token=TOKEN) as c:
-        auth = {"Authorization": f"Bearer {TOKEN}"}
-        assert c.put("/workflows/order/o-1", json={"item": "x"}, headers=auth).status_code == 201
-        with untouched(engine, "o-1"):
-            refused = [
-                c.get("/workflows/o-1"),
-                c.get("/workflows"),
-                c.post("/workflows/o-1/events/pay", json=PAY),
-                c.post(
-                    "/workflows/o-1/events/pay", json=PAY, headers={"Authorization": "Bearer x"}
-                ),
-                c.post("/workflows/o-1/cancel", headers={"Authorization": f"Basic {TOKEN}"}),
-                c.put("/workflows/order/o-2", json={"item": "x"}),
-                c.get("/no/such/route"),  # unknown routes don't answer before the token
-            ]
-        for r in refused:
-            assert_error(r, 401, "Unauthorized")
-            assert r.headers["www-authenticate"] == "Bearer"
-        assert c.get("/workflows/o-1", headers=auth).json()["id"] == "o-1"
-        assert c.get("/healthz").json() == {"status": "ok"}
-        assert c.get("/openapi.json").status_code == 200
-        assert c.get("/docs").status_code == 200
-        schemes = c.get("/openapi.json").json()["components"]["securitySchemes"]
-        assert schemes["HTTPBearer"]["scheme"] == "bearer"
-
-
-def test_token_and_signature_together(engine: Engine) -> None:
-    with client_for(engine, token=TOKEN, secret=SECRET) as c:
-        body = b'{"item": "x"}'
-        auth = {"Authorization": f"Bearer {TOKEN}"}
-        assert_error(
-            _post(c, "/workflows/order/o-1", body, sign(SECRET, body)), 401, "Unauthorized"
-        )
-        assert_error(_post(c, "/workflows/order/o-1", body, auth), 401, "InvalidSignature")
-        r = c.put(
-            "/workflows/order/o-1", content=body, headers={**_JSON, **auth, **sign(SECRET, body)}
-        )
-        assert r.status_code == 201, r.text
-
-
-def test_docs_can_be_turned_off(engine: Engine) -> None:
-    with client_for(engine, docs=False) as c:
-        assert_error(c.get("/openapi.json"), 404, "NotFound")
-        assert_error(c.get("/docs"), 404, "NotFound")
-    with client_for(engine, docs=False, token=TOKEN) as c:
-        assert_error(c.get("/openapi.json"), 401, "Unauthorized")
-
-
-def test_bad_options_are_refused(engine: Engine) -> None:
-    for options in ({"max_body": 0}, {"signature_tolerance": 0}, {"token": ""}, {"secret": ""}):
-        with pytest.raises(ValueError):
-            create_app(engine, **options)
-
-
 # --------------------------------------------------------------------------- OpenAPI
 
 
@@ -728,6 +567,8 @@ EVENTS: dict[tuple[str, str], tuple[Any, Any]] = {
     ("survey", "answer"): (str | int, str | int),
     ("pinger", "ping"): (None, str),
     ("pinger", "stop"): (None, type(None)),
+    ("inbox", "doc"): (dict[str, Any], int),
+    ("inbox", "raw"): (Any, Any),
 }
 
 
@@ -741,7 +582,7 @@ def test_openapi_documents_every_event_with_its_handlers_types(
         for path, item in doc["paths"].items()
         for method, op in item.items()
     }
-    typed = {k for k in ops if k.split("_", 1)[0] in WORKFLOWS}
+    typed = {k for k in ops if k.split("_", 1)[0] in WORKFLOWS}  # {workflow}_{event}
     assert typed == {f"{w}_{e}" for w, e in EVENTS}
     for (wf, event), (input_type, output_type) in EVENTS.items():
         path, method, op = ops[f"{wf}_{event}"]
@@ -758,10 +599,14 @@ def test_openapi_documents_every_event_with_its_handlers_types(
         assert {"404", "409", "422"} <= set(op["responses"])
         err = op["responses"]["409"]["content"]["application/json"]["schema"]
         assert _resolve(err, components)["required"] == ["error", "detail"]
-    # the generic routes stay, for any event and any workflow
+    # the generic event route stays, for any event of any workflow
     assert ops["send_event"][:2] == ("/workflows/{id}/events/{event}", "post")
-    assert ops["start_workflow"][:2] == ("/workflows/{name}", "post")
-    assert ops["create_workflow"][:2] == ("/workflows/{name}/{id}", "put")
+    # each workflow has its typed starts; no untyped start is documented
+    for wf in WORKFLOWS:
+        assert ops[f"start_{wf}"][:2] == (f"/workflows/{wf}", "post")
+        assert ops[f"create_{wf}"][:2] == (f"/workflows/{wf}/{{id}}", "put")
+    assert "/workflows/{name}" not in doc["paths"]
+    assert "/workflows/{name}/{id}" not in doc["paths"]
     assert "HTTPValidationError" not in components  # every 422 is documented as ErrorBody
 
 
@@ -881,7 +726,12 @@ def test_the_app_mounts_under_a_prefix_of_an_existing_app(engine: Engine) -> Non
         assert c.get("/gorch/healthz").status_code == 200  # open under the prefix too
         assert_error(c.get("/gorch/workflows/o-1"), 401, "Unauthorized")
         assert_error(c.get("/gorch/workflows/..%2F..", headers=auth), 422, "InvalidWorkflowId")
-        assert "/workflows/order/{id}/events/pay" in c.get("/gorch/openapi.json").json()["paths"]
+        assert_error(c.get("/gorch/openapi.json"), 401, "Unauthorized")
+        doc = c.get("/gorch/openapi.json", headers=auth).json()
+        assert "/workflows/order/{id}/events/pay" in doc["paths"]
+        assert doc["servers"] == [{"url": "/gorch"}]  # "try it out" goes through the prefix
+        page = c.get("/gorch/docs", headers=auth).text
+        assert "/gorch/openapi.json" in page and "/gorch/docs/assets/swagger-ui-bundle.js" in page
 
 
 # --------------------------------------------------------------------------- a real server
@@ -939,31 +789,36 @@ def test_gorch_serve_runs_a_real_uvicorn_server(tmp_path: Path) -> None:
                 time.sleep(0.1)
 
             body = b'{"item": "served"}'
-            headers = {**_JSON, **auth, **sign(SECRET, body)}
-            r = c.put("/workflows/order/o-1", content=body, headers=headers)
+            path = "/workflows/order/o-1"
+            headers = {**_JSON, **auth, **sign(SECRET, "PUT", path, body)}
+            r = c.put(path, content=body, headers=headers)
             assert r.status_code == 201, r.text
             assert r.json()["data"]["status"] == "confirmed"
 
             pay = json.dumps(PAY).encode()
-            r = c.post("/workflows/order/o-1/events/pay", content=pay, headers={**_JSON, **auth})
+            path = "/workflows/order/o-1/events/pay"
+            r = c.post(path, content=pay, headers={**_JSON, **auth})
             assert_error(r, 401, "InvalidSignature")
-            old = sign(SECRET, pay, timestamp=int(time.time()) - 3600)
-            r = c.post("/workflows/o-1/events/pay", content=pay, headers={**_JSON, **auth, **old})
+            old = sign(SECRET, "POST", path, pay, timestamp=int(time.time()) - 3600)
+            r = c.post(path, content=pay, headers={**_JSON, **auth, **old})
             assert_error(r, 401, "SignatureExpired")
+            other = sign(SECRET, "POST", "/workflows/order/o-2/events/pay", pay)
+            r = c.post(path, content=pay, headers={**_JSON, **auth, **other})
+            assert_error(r, 401, "InvalidSignature")  # signed for another instance
 
             def chunks() -> Iterator[bytes]:  # streamed without Content-Length
                 for _ in range(20):
                     yield b" " * 100
 
-            big = {**_JSON, **auth, **sign(SECRET, b" " * 2000)}
-            r = c.post("/workflows/o-1/events/pay", content=chunks(), headers=big)
+            big = {**_JSON, **auth, **sign(SECRET, "POST", path, b" " * 2000)}
+            r = c.post(path, content=chunks(), headers=big)
             assert_error(r, 413, "PayloadTooLarge")
 
-            fresh = sign(SECRET, pay, timestamp=int(time.time()))
-            r = c.post(
-                "/workflows/order/o-1/events/pay", content=pay, headers={**_JSON, **auth, **fresh}
-            )
+            fresh = sign(SECRET, "POST", path, pay)
+            r = c.post(path, content=pay, headers={**_JSON, **auth, **fresh})
             assert (r.status_code, r.json()["by"]) == (200, "visa")
+            r = c.post(path, content=pay, headers={**_JSON, **auth, **fresh})
+            assert_error(r, 409, "ReplayedRequest")  # the same signed request, once only
             r = c.get("/workflows/%2E%2E%2F%2E%2E", headers=auth)
             assert_error(r, 422, "InvalidWorkflowId")
             snap = c.get("/workflows/o-1", headers=auth).json()
@@ -975,7 +830,7 @@ def test_gorch_serve_runs_a_real_uvicorn_server(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             _out, err = proc.communicate()
-    assert b"gorch serve: order, survey, pinger on http://127.0.0.1" in err
+    assert b"gorch serve: order, survey, pinger, inbox on http://127.0.0.1" in err
     # what the server saved is in the store the CLI was given
     served = Engine(env["GORCH_STORE"], WORKFLOWS)
     assert served.get("o-1").data["paid"] == 4.5

@@ -163,17 +163,17 @@ def test_serve_runs_the_app_with_the_secrets_from_the_environment(
     )
     assert run.code == 0, run.err
     assert (served["host"], served["port"], served["log_level"]) == ("0.0.0.0", 9123, "info")
-    assert "order, survey, pinger on http://0.0.0.0:9123" in run.err
+    assert "order, survey, pinger, inbox on http://0.0.0.0:9123" in run.err
     assert "s3" not in run.err and "t0" not in run.err
     body = b'{"item": "x"}'
     auth = {"Authorization": "Bearer t0", "content-type": "application/json"}
     with TestClient(served["app"]) as c:
         assert c.put("/workflows/order/o-1", content=body, headers=auth).status_code == 401
-        r = c.put("/workflows/order/o-1", content=body, headers={**auth, **sign("s3", body)})
+        r = c.put("/workflows/order/o-1", content=body, headers={**auth, **sign("s3", "PUT", "/workflows/order/o-1", body)})
         assert r.status_code == 201, r.text
         assert c.get("/workflows/o-1").status_code == 401  # the token guards reads
         big = b'{"item": "' + b"x" * 100 + b'"}'
-        r = c.put("/workflows/order/o-2", content=big, headers={**auth, **sign("s3", big)})
+        r = c.put("/workflows/order/o-2", content=big, headers={**auth, **sign("s3", "PUT", "/workflows/order/o-2", big)})
         assert r.status_code == 413
     assert Engine(store_url, WORKFLOWS).get("o-1").data["item"] == "x"  # the --store/env store
 
