@@ -117,3 +117,69 @@ class Store(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncStore(abc.ABC):
+    """:class:`Store` for asyncio: the same contract, every method a coroutine.
+
+    An async web app or worker awaits the store instead of blocking its event
+    loop. Semantics (versions, errors, atomicity, the wake-up index, expiry of
+    remembered keys) are exactly those of :class:`Store`; one contract suite
+    checks both.
+    """
+
+    url: str = ""
+    """The URL the store was opened from, without any password."""
+
+    @abc.abstractmethod
+    async def create(
+        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+    ) -> Record:
+        """:meth:`Store.create`."""
+
+    @abc.abstractmethod
+    async def load(self, id: str) -> Record:
+        """:meth:`Store.load`."""
+
+    @abc.abstractmethod
+    async def save(
+        self,
+        id: str,
+        expected_version: int,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+    ) -> Record:
+        """:meth:`Store.save`."""
+
+    @abc.abstractmethod
+    async def delete(self, id: str) -> None:
+        """:meth:`Store.delete`."""
+
+    @abc.abstractmethod
+    async def list(
+        self,
+        *,
+        workflow: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> Page:
+        """:meth:`Store.list`."""
+
+    @abc.abstractmethod
+    async def claim_due(self, now: datetime, limit: int, lease: timedelta) -> builtins.list[Record]:
+        """:meth:`Store.claim_due`."""
+
+    @abc.abstractmethod
+    async def remember(self, key: str, until: datetime) -> bool:
+        """:meth:`Store.remember`."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    async def __aenter__(self) -> AsyncStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
