@@ -107,7 +107,7 @@ def main() -> None:
     assert wake is not None
     wf, state = gorch.loads(db["exp-43"], Expense)
     for req in gorch.due_events(state, now=wake):
-        gorch.handle_event(wf, state, req.name, thread_id=req.thread_id, pc=req.pc)
+        gorch.handle_event(wf, state, req.name, thread_id=req.thread_id, pc=req.pc, now=wake)
     gorch.resume(wf, state)
     db["exp-43"] = gorch.dumps(wf, state)
     show("timer fired after 3 days", "exp-43")

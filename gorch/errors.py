@@ -8,6 +8,7 @@ parsing messages.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 
@@ -202,15 +203,19 @@ class TimerNotSendable(GorchError):
     """A ``Timeout`` case fires only when due (``run_due``, a worker, the test kit's clock).
 
     Sending its name as an event would let a caller skip a wait (an escalation,
-    a cart's expiry), so ``Engine.send``, ``gorch send`` and the HTTP app refuse it.
+    a cart's expiry), so ``Engine.send``, ``gorch send`` and the HTTP app refuse it,
+    and ``handle_event`` refuses it until it is due.
     """
 
-    def __init__(self, workflow_id: str, event: str) -> None:
+    def __init__(self, workflow_id: str, event: str, due: datetime | None = None) -> None:
         self.workflow_id = workflow_id
         self.event = event
+        self.due = due
+        """When the timer is due, if known (``handle_event`` refuses it before then)."""
+        when = "" if due is None else f" (due at {due.isoformat()})"
         super().__init__(
-            f"{event!r} is a timer of workflow {workflow_id!r}: it fires when due "
-            "(run_due or a worker), it cannot be sent as an event"
+            f"{event!r} is a timer of workflow {workflow_id!r}{when}: it fires when due "
+            "(run_due, a worker or the test kit's clock), it cannot be sent as an event"
         )
 
 

@@ -57,8 +57,10 @@ import functools
 import logging
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Executor
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from gorch import clock
 from gorch.codec import Change, apply_changes, diff_data
 from gorch.errors import (
     AmbiguousEvent,
@@ -73,6 +75,7 @@ from gorch.errors import (
     StaleEvent,
     StepFailed,
     ThreadExists,
+    TimerNotSendable,
     WorkflowFinishedError,
 )
 from gorch.handlers import (
@@ -128,6 +131,7 @@ from gorch.statements import (
     Timeout,
     WaitFor,
 )
+from gorch.timers import due_time
 from gorch.workflow import STEP_HOOKS, Workflow
 
 log = logging.getLogger("gorch")
@@ -1927,15 +1931,21 @@ def handle_event(
     thread_id: str | None = None,
     pc: int | None = None,
     middleware: Sequence[object] = (),
+    now: datetime | None = None,
 ) -> Any:
     """Deliver event ``name`` to the thread awaiting it; return the handler's output.
 
     The next ``resume`` runs the case's body. Every error leaves ``state``
     unchanged; a handler that raised may have changed ``wf`` (do not save).
     ``middleware`` wraps the handler call (``around_event``, phase ``"handle"``).
+
+    A ``Timeout`` case is accepted only once it is due at ``now`` (default:
+    the current time, :func:`gorch.clock.now`), as a scheduler fires it with
+    :func:`gorch.due_events`; before then :class:`TimerNotSendable` is raised,
+    so no caller can skip a wait.
     """
     call, (t, we, st, case, handler) = _prepare_event(
-        wf, state, name, thread_id, pc, middleware, True
+        wf, state, name, thread_id, pc, middleware, True, now
     )
     try:
         out = _invoke(call, we, handler, name, input)
@@ -1956,12 +1966,13 @@ async def ahandle_event(
     thread_id: str | None = None,
     pc: int | None = None,
     middleware: Sequence[object] = (),
+    now: datetime | None = None,
 ) -> Any:
     """:func:`handle_event` for async workflows: the handler, ``on_event`` and
     middleware may be ``async def``. Same errors, and the state is unchanged
     by every one of them (a cancelled handler too)."""
     call, (t, we, st, case, handler) = _prepare_event(
-        wf, state, name, thread_id, pc, middleware, False
+        wf, state, name, thread_id, pc, middleware, False, now
     )
     try:
         out = _invoke(call, we, handler, name, input)
@@ -1984,6 +1995,7 @@ def _prepare_event(
     pc: int | None,
     middleware: Sequence[object],
     sync: bool,
+    now: datetime | None,
 ) -> tuple[_Call, _Delivery]:
     """Find the wait ``name`` goes to and its handler; raise (state untouched) if none."""
     if state.status is WorkflowStatus.FINISHED:
@@ -1998,8 +2010,16 @@ def _prepare_event(
     if hit is None:
         raise CursorNotFound(t.id, t.cur_step, f"the Select no longer awaits event {name!r}")
     case = hit[1]
-    handler = TimerHandler(case.after) if isinstance(case, Timeout) else case.handler
-    return call, (t, we, st, case, handler)
+    if isinstance(case, Timeout):
+        due = due_time(we.req)
+        if due is None or due > (clock.now() if now is None else _utc(now)):
+            raise TimerNotSendable(state.id, name, due)
+        return call, (t, we, st, case, TimerHandler(case.after))
+    return call, (t, we, st, case, case.handler)
+
+
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
 
 
 def _invoke(call: _Call, we: WaitEvent, handler: Any, name: str, input: Any) -> Any:

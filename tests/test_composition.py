@@ -150,7 +150,9 @@ def test_a_branch_waits_on_a_timer_like_any_thread() -> None:
     assert gorch.due_events(state, T0 + timedelta(minutes=59)) == []
     (req,) = gorch.due_events(state, T0 + timedelta(hours=1))
     assert (req.name, req.thread_id) == ("late", "par.wait>>x")
-    gorch.handle_event(wf, state, req.name, thread_id=req.thread_id, pc=req.pc)
+    gorch.handle_event(
+        wf, state, req.name, thread_id=req.thread_id, pc=req.pc, now=T0 + timedelta(hours=1)
+    )
     assert gorch.resume(wf, state) is WS.FINISHED
     assert wf.log == ["y", "x", "end"]
 

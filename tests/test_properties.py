@@ -631,13 +631,18 @@ class Run:
         tid, event, pc = aw[c % len(aw)]
         how = (c // len(aw)) % 4
         value, expected = self.input_for(tid, event, c)
-        if event == TIMER and how != 0:
+        if event == TIMER:
             thread = self.state.thread(tid)
             assert thread is not None
             req = next(we.req for we in active(thread) if we.req.name == TIMER)
             due = datetime.fromisoformat(req.setup_data or "")
             if due > datetime.now(UTC):
                 assert (tid, TIMER, pc) not in [(r.thread_id, r.name, r.pc) for r in self.due()]
+                if how == 0:  # a timer cannot be fired early: refused, nothing changes
+                    before = gorch.dumps(self.wf, self.state)
+                    with pytest.raises(gorch.TimerNotSendable):
+                        gorch.handle_event(self.wf, self.state, TIMER, thread_id=tid, pc=pc)
+                    assert gorch.dumps(self.wf, self.state) == before
                 clock.move_to(due)
             due_now = [(r.thread_id, r.name, r.pc) for r in self.due()]
             assert (tid, TIMER, pc) in due_now
