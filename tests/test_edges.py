@@ -6,7 +6,7 @@ the store (nothing happened) or after it (the write committed, the reply was
 lost): the two outcomes a dropped connection leaves a client with. The real
 faults (a terminated PostgreSQL backend, a killed Redis connection, a locked
 SQLite file, a full disk) are in ``tests/stores/test_faults.py`` and
-``tests/stores/test_engine_faults.py``.
+``tests/test_engine_faults.py``.
 """
 
 from __future__ import annotations

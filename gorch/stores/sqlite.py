@@ -169,10 +169,18 @@ class SQLiteStore(Store):
                 f" the busy timeout ({self.timeout:g} s); nothing was written, try again later"
                 " (or open the store with a longer timeout)"
             )
-        elif name == "SQLITE_FULL":
+        elif name in ("SQLITE_FULL", "SQLITE_IOERR_WRITE"):
+            # SQLite says FULL for ENOSPC but IOERR_WRITE for EFBIG (a file-size limit,
+            # ``ulimit -f``): either way the transaction was rolled back.
             reason = (
-                "the database or disk is full (or the process hit its file-size limit);"
-                " nothing was written, free some space and try again"
+                f"a write to the database file failed ({name}: {exc}): the disk is full or"
+                " the process hit its file-size limit (ulimit -f); nothing was written,"
+                " free some space (or raise the limit) and try again"
+            )
+        elif name.startswith("SQLITE_IOERR"):
+            reason = (
+                f"disk I/O error ({name}): check the disk and the file system; the last"
+                " write may or may not have been applied"
             )
         else:
             reason = str(exc)

@@ -1,25 +1,31 @@
-"""Real faults on the store's own connections, for the fault-injection tests.
+"""Real faults on a store's own connections, for the fault-injection tests.
 
-Everything here touches only what a test created (shared servers, see
-``store_support``): a PostgreSQL backend is terminated only by the pid read with
-``pg_backend_pid()`` on the store's own connection, a Redis connection is killed
-only by the id ``CLIENT ID`` returned on the store's own connection, and an
-SQLite lock is held by a child process the test started and stops by its pid.
+The servers are shared, so everything here touches only what a test created: a
+PostgreSQL backend is terminated only by a pid read with ``pg_backend_pid()``
+on the store's own connection, a Redis connection is killed only by the id
+``CLIENT ID`` returned on the store's own connection, and an SQLite lock is
+held by a child process the test started and ends by its handle.
 
 Tools:
 
-* :class:`TrackedPostgresStore` records the backend pid of every connection it opens.
-* :class:`PgFaults` holds locks on a test's own table (so that a statement of
-  the store blocks), terminates the store's backends, and closes a "commit gate"
-  (a deferred trigger that waits on an advisory lock) to block a ``COMMIT``.
+* :func:`hooked` makes a store class whose calls can be paused at: ``at(method,
+  n, fn)`` runs ``fn`` in the caller's thread right before the ``n``-th next
+  call of ``method``. It only arranges *when* a fault lands; the fault itself is
+  real (a lock, a terminated backend, a killed connection) and the store's code
+  runs unchanged.
+* :class:`PgFault` blocks the store's next statement (a table lock) or its next
+  ``COMMIT`` (a deferred trigger waiting on an advisory lock), then terminates
+  the store's backend while it waits: once, or every time (an outage).
 * :class:`FaultProxy` is a TCP relay on 127.0.0.1 between one store and its
-  server that can hold back a request (it never reaches the server) or a reply
-  (the server applied the command, the store never hears of it).
+  server that can hold back a request (it never reaches the server), drop the
+  replies (the server applied the command, the store never hears of it), or
+  refuse service altogether (an outage).
 * :func:`sqlite_lock_holder` runs another process that holds SQLite's write lock.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import random
 import socket
@@ -28,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 WAIT = 10.0  # seconds: the most any helper waits for a state it expects
@@ -46,138 +52,260 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -
         time.sleep(0.005)
 
 
+# -- pause points ----------------------------------------------------------------------------
+
+HOOKED_METHODS = ("create", "load", "save", "delete", "claim_due", "remember")
+
+
+class _Hooks:
+    """The call counts and pending pause points of one hooked store."""
+
+    def __init__(self) -> None:
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.pending: dict[tuple[str, int], Callable[[], None]] = {}
+        self.fired: list[tuple[str, int]] = []
+
+    def before(self, method: str) -> None:
+        self.calls[method] += 1
+        fn = self.pending.pop((method, self.calls[method]), None)
+        if fn is not None:
+            self.fired.append((method, self.calls[method]))
+            fn()
+
+
+def _hooked_method(base: type[Any], method: str) -> Callable[..., Any]:
+    original = getattr(base, method)
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self.hooks.before(method)
+        return original(self, *args, **kwargs)
+
+    call.__name__ = method
+    return call
+
+
+def hooked(cls: type[Any]) -> type[Any]:
+    """A subclass of store class ``cls`` with pause points before its protocol calls."""
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        cls.__init__(self, *args, **kwargs)
+        self.hooks = _Hooks()
+
+    def at(self: Any, method: str, n: int, fn: Callable[[], None]) -> None:
+        """Run ``fn`` right before the ``n``-th call of ``method`` from now on."""
+        assert method in HOOKED_METHODS
+        self.hooks.pending[(method, self.hooks.calls[method] + n)] = fn
+
+    namespace: dict[str, Any] = {"__init__": __init__, "at": at}
+    namespace.update({m: _hooked_method(cls, m) for m in HOOKED_METHODS})
+    return type(f"Hooked{cls.__name__}", (cls,), namespace)
+
+
 # -- PostgreSQL ------------------------------------------------------------------------------
 
 
-def tracked_postgres_store(dsn: str, table: str) -> Any:
-    """A :class:`TrackedPostgresStore` (built here so that psycopg is imported lazily)."""
+def pg_store(dsn: str, table: str) -> Any:
+    """A hooked PostgresStore that notes the backend pid of every connection it opens."""
     from gorch.stores.postgres import PostgresStore
 
-    class TrackedPostgresStore(PostgresStore):
-        """A PostgresStore that notes the backend pid of each connection it opens."""
+    base = hooked(PostgresStore)
 
+    class TrackedPostgresStore(base):  # type: ignore[misc, valid-type]
         def __init__(self, dsn: str, *, table: str) -> None:
             super().__init__(dsn, table=table)
             self.pids: list[int] = []
-            self._pids_lock = threading.Lock()
 
         def _open(self) -> Any:
             conn = super()._open()
             (pid,) = conn.execute("SELECT pg_backend_pid()").fetchone()
-            with self._pids_lock:
-                self.pids.append(pid)
+            self.pids.append(int(pid))
             return conn
+
+        def current_pid(self) -> int:
+            """The backend of this thread's connection (opened if needed)."""
+            return int(self._conns.get().info.backend_pid)
 
     return TrackedPostgresStore(dsn, table=table)
 
 
-@dataclass
-class PgFaults:
-    """Locks and kills on one test's table, from connections this helper opened."""
+def pg_terminate(dsn: str, store: Any, pid: int) -> bool:
+    """Terminate one of the store's own backends (from a connection of ours); wait until gone."""
+    import psycopg
 
-    dsn: str
-    table: str
-    gate_key: int = field(default_factory=lambda: random.randrange(1, 2**62))
-    _conns: list[Any] = field(default_factory=list)
+    assert pid in store.pids, "only a backend the store itself opened"
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        (done,) = admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone()
+    return bool(done)
 
-    def connect(self) -> Any:
+
+class PgFault:
+    """A fault on one store's PostgreSQL backends, from connections of our own.
+
+    ``lock()`` takes ACCESS EXCLUSIVE on the store's tables (records and
+    remembered keys): its next statement there blocks. ``gate()`` holds the
+    advisory lock the commit gate (see :meth:`install_gate`) waits on: its next
+    COMMIT of a write blocks after the statement ran. Either way a watcher
+    thread terminates the store's backend once it waits; with ``outage=True``
+    it goes on terminating every backend of the store that waits, until
+    :meth:`end`. ``reply_lost(proxy)`` lets the next COMMIT through (it
+    commits) and terminates the backend once the reply
+    is on its way, which the proxy drops.
+    """
+
+    def __init__(self, dsn: str, store: Any, table: str) -> None:
         import psycopg
 
-        conn = psycopg.connect(self.dsn, autocommit=True)
-        self._conns.append(conn)
-        return conn
+        self.dsn = dsn
+        self.store = store
+        self.table = table
+        self.gate_key = random.randrange(1, 2**62)
+        self._admin = psycopg.connect(dsn, autocommit=True)  # watches and terminates
+        self._holder = psycopg.connect(dsn, autocommit=True)  # holds the lock
+        self._holding = False
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.terminated: list[int] = []
 
-    def close(self) -> None:
-        for conn in self._conns:
-            with contextlib.suppress(Exception):
-                conn.close()
-        self._conns.clear()
+    # -- arming (from a pause point, in the store's thread) ----------------------------
 
-    @contextlib.contextmanager
-    def locked(self, table: str | None = None) -> Iterator[None]:
-        """Hold ACCESS EXCLUSIVE on our table: every statement of the store on it waits."""
+    def lock(self, *, outage: bool = False) -> None:
         from psycopg import sql
 
-        conn = self.connect()
-        with conn.transaction():
-            conn.execute(
-                sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
-                    sql.Identifier(table or self.table)
-                )
+        self._holder.execute("BEGIN")
+        self._holder.execute(
+            sql.SQL("LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE").format(
+                sql.Identifier(self.table), sql.Identifier(f"{self.table}_seen")
             )
-            yield
-        conn.close()
+        )
+        self._holding = True
+        self._watch(outage)
 
-    def blocked_pid(self, store: Any, exclude: tuple[int, ...] = ()) -> int:
-        """Wait until one of the store's own backends waits on a lock; its pid."""
-        conn = self.connect()
+    def gate(self, *, outage: bool = False) -> None:
+        self._holder.execute("BEGIN")
+        self._holder.execute("SELECT pg_advisory_xact_lock(%s)", (self.gate_key,))
+        self._holding = True
+        self._watch(outage)
 
-        def find() -> int | None:
-            pids = [pid for pid in store.pids if pid not in exclude]
-            row = conn.execute(
-                "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s) AND wait_event_type = 'Lock'",
-                (pids,),
-            ).fetchone()
-            return None if row is None else int(row[0])
+    def reply_lost(self, proxy: FaultProxy) -> None:
+        pid = self.store.current_pid()
+        proxy.withhold_next_reply(b"COMMIT")
 
-        try:
-            return int(wait_until(find, "a backend of the store waits on the test's lock"))
-        finally:
-            conn.close()
-            self._conns.remove(conn)
+        def watch() -> None:
+            assert proxy.withheld.wait(WAIT), "the COMMIT's reply never came"
+            self._terminate(pid)
 
-    def terminate(self, store: Any, pid: int) -> None:
-        """Terminate one of the store's own backends and wait until it is gone."""
-        assert pid in store.pids, "only a backend the store itself opened"
-        conn = self.connect()
-        try:
-            (done,) = conn.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone()
-            assert done, f"backend {pid} did not end"
-        finally:
-            conn.close()
-            self._conns.remove(conn)
+        self._run(watch)
 
-    def install_commit_gate(self, table: str) -> None:
-        """A deferred trigger on ``table`` that takes our advisory lock at COMMIT time."""
+    def install_gate(self) -> None:
+        """A deferred trigger on the table that takes our advisory lock at COMMIT time."""
         from psycopg import sql
 
         function = sql.Identifier(f"{self.table}_gate")
-        trigger = sql.Identifier(f"{table}_gate")
-        conn = self.connect()
-        conn.execute(
+        self._admin.execute(
             sql.SQL(
                 "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS"
-                " $$ BEGIN PERFORM pg_advisory_xact_lock({}); RETURN NULL; END $$"
+                " $$ BEGIN PERFORM pg_advisory_xact_lock_shared({}); RETURN NULL; END $$"
             ).format(function, sql.Literal(self.gate_key))
         )
-        conn.execute(
-            sql.SQL(
-                "CREATE CONSTRAINT TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {}"
-                " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {}()"
-            ).format(trigger, sql.Identifier(table), function)
-        )
+        for table in (self.table, f"{self.table}_seen"):
+            self._admin.execute(
+                sql.SQL(
+                    "CREATE CONSTRAINT TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {}"
+                    " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {}()"
+                ).format(sql.Identifier(f"{table}_gate"), sql.Identifier(table), function)
+            )
 
-    def drop_commit_gate(self) -> None:
+    # -- the watcher ---------------------------------------------------------------------
+
+    def _watch(self, outage: bool) -> None:
+        def watch() -> None:
+            while not self._stop.is_set():
+                pid = self._waiting_pid()
+                if pid is None:
+                    time.sleep(0.002)
+                    continue
+                self._terminate(pid)
+                if not outage:
+                    self._release()
+                    return
+
+        self._run(watch)
+
+    def _run(self, body: Callable[[], None]) -> None:
+        assert self._watcher is None, "one fault at a time"
+
+        def guarded() -> None:
+            try:
+                body()
+            except BaseException as exc:  # reported by end()
+                self._error = exc
+
+        self._watcher = threading.Thread(target=guarded, daemon=True)
+        self._watcher.start()
+
+    def _waiting_pid(self) -> int | None:
+        row = self._admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s) AND wait_event_type = 'Lock'",
+            (list(self.store.pids),),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def _terminate(self, pid: int) -> None:
+        assert pid in self.store.pids, "only a backend the store itself opened"
+        (done,) = self._admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone()
+        assert done, f"backend {pid} did not end"
+        self.terminated.append(pid)
+
+    def _release(self) -> None:
+        if self._holding:
+            self._holding = False
+            self._holder.execute("ROLLBACK")
+
+    def end(self) -> None:
+        """Stop the fault (the lock is released, the watcher stops); re-raise its failure."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(WAIT)
+            assert not self._watcher.is_alive(), "the fault's watcher did not stop"
+            self._watcher = None
+        self._release()
+        self._stop.clear()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def close(self) -> None:
+        """End the fault and remove the gate (its triggers go with it)."""
         from psycopg import sql
 
-        conn = self.connect()
-        conn.execute(
-            sql.SQL("DROP FUNCTION IF EXISTS {}() CASCADE").format(
-                sql.Identifier(f"{self.table}_gate")
+        with contextlib.suppress(Exception):
+            self.end()
+        with contextlib.suppress(Exception):
+            self._admin.execute(
+                sql.SQL("DROP FUNCTION IF EXISTS {}() CASCADE").format(
+                    sql.Identifier(f"{self.table}_gate")
+                )
             )
-        )
+        for conn in (self._admin, self._holder):
+            with contextlib.suppress(Exception):
+                conn.close()
 
-    @contextlib.contextmanager
-    def gate_closed(self) -> Iterator[None]:
-        """While inside, every COMMIT of a write to a gated table waits."""
-        conn = self.connect()
-        conn.execute("SELECT pg_advisory_lock(%s)", (self.gate_key,))
-        try:
-            yield
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (self.gate_key,))
-            conn.close()
-            self._conns.remove(conn)
+
+def proxied_dsn(dsn: str, port: int) -> str:
+    """``dsn`` pointed at a :class:`FaultProxy` on 127.0.0.1:``port``."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(dsn)
+    params.update(host="127.0.0.1", port=str(port), sslmode="disable", gssencmode="disable")
+    return make_conninfo(**params)
+
+
+def pg_address(dsn: str) -> tuple[str, int]:
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(dsn)
+    return str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432)
 
 
 # -- Redis -------------------------------------------------------------------------------------
@@ -203,6 +331,74 @@ def redis_kill(url: str, client_id: int) -> None:
     finally:
         admin.close()
     assert killed == 1, f"client {client_id} was not found"
+
+
+def redis_address(url: str) -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 6379
+
+
+def proxied_redis_url(url: str, port: int) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return urlunsplit(parts._replace(netloc=f"{userinfo}127.0.0.1:{port}"))
+
+
+class RedisFault:
+    """A fault on one RedisStore's connection through a :class:`FaultProxy`.
+
+    ``killed_before_sent()``: the store's next command is held back by the
+    proxy, then its connection is killed (``CLIENT KILL ID``): it never ran.
+    ``killed_after_applied()``: the next command runs, its reply is dropped,
+    then the connection is killed: it ran, the store cannot know. With
+    ``outage=True`` the proxy then refuses service until :meth:`end`.
+    """
+
+    def __init__(self, url: str, store: Any, proxy: FaultProxy) -> None:
+        self.url = url
+        self.store = store
+        self.proxy = proxy
+        self._watcher: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.killed: list[int] = []
+
+    def killed_before_sent(self, *, outage: bool = False) -> None:
+        self._arm(self.proxy.hold_next_request, self.proxy.held, outage)
+
+    def killed_after_applied(self, *, outage: bool = False) -> None:
+        self._arm(self.proxy.withhold_next_reply, self.proxy.withheld, outage)
+
+    def _arm(self, arm: Callable[[], None], seen: threading.Event, outage: bool) -> None:
+        assert self._watcher is None, "one fault at a time"
+        client_id = redis_own_client_id(self.store)
+        arm()
+
+        def watch() -> None:
+            try:
+                assert seen.wait(WAIT), "the store's command never came"
+                if outage:  # no reconnecting, and the kill still finds its connection
+                    self.proxy.down(close_open=False)
+                redis_kill(self.url, client_id)
+                self.killed.append(client_id)
+            except BaseException as exc:
+                self._error = exc
+
+        self._watcher = threading.Thread(target=watch, daemon=True)
+        self._watcher.start()
+
+    def end(self) -> None:
+        if self._watcher is not None:
+            self._watcher.join(WAIT)
+            assert not self._watcher.is_alive(), "the fault's watcher did not stop"
+            self._watcher = None
+        self.proxy.up()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 # -- a TCP relay that drops a request or a reply -----------------------------------------------
@@ -234,6 +430,9 @@ class FaultProxy:
     connection are dropped (``withheld`` is set when the first one arrives): the
     server applied the command, the client never hears of it.
 
+    ``down()``: every relayed connection is closed and new ones are closed as
+    soon as they are accepted, until ``up()``: the server is unreachable.
+
     Once armed, a mode sticks to the one connection that triggered it; newer
     connections (the store reconnecting) pass through.
     """
@@ -247,6 +446,7 @@ class FaultProxy:
         self._pairs: list[_Pair] = []
         self.held = threading.Event()
         self.withheld = threading.Event()
+        self._down = False
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -260,14 +460,23 @@ class FaultProxy:
             self.withheld.clear()
             self._armed = ("withhold", marker)
 
+    def down(self, *, close_open: bool = True) -> None:
+        """Refuse new connections; close the relayed ones too unless ``close_open`` is False."""
+        with self._lock:
+            self._down = True
+            pairs, self._pairs = (self._pairs, []) if close_open else ([], self._pairs)
+        for pair in pairs:
+            pair.close()
+
+    def up(self) -> None:
+        with self._lock:
+            self._down = False
+
     def close(self) -> None:
         self._closed = True
         with contextlib.suppress(OSError):
             self._listener.close()
-        with self._lock:
-            pairs, self._pairs = self._pairs, []
-        for pair in pairs:
-            pair.close()
+        self.down()
 
     def _accept(self) -> None:
         while not self._closed:
@@ -275,6 +484,11 @@ class FaultProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            with self._lock:
+                down = self._down
+            if down:
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection(self.upstream, timeout=WAIT)
                 upstream.settimeout(None)
@@ -342,25 +556,46 @@ conn.execute("ROLLBACK")
 """
 
 
+class SQLiteLock:
+    """Another process holding the database's write lock (``BEGIN IMMEDIATE``) until released."""
+
+    def __init__(self, path: str, mode: str = "IMMEDIATE") -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLD_LOCK, path, mode],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != "locked":
+            self.release()
+            raise AssertionError(f"the lock holder failed: {line!r}")
+
+    def release(self) -> None:
+        """Let go of the lock and wait until the holder has exited (idempotent)."""
+        proc = self.proc
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert proc.stdin is not None
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+            try:
+                proc.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # our own child, by its Popen handle
+                proc.wait(WAIT)
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
 @contextlib.contextmanager
 def sqlite_lock_holder(path: str, mode: str = "IMMEDIATE") -> Iterator[int]:
-    """Another process holding the database's write lock (``BEGIN IMMEDIATE``/``EXCLUSIVE``)
-    until the block ends; yields its pid."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_LOCK, path, mode],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    """:class:`SQLiteLock` for the duration of a block; yields the holder's pid."""
+    lock = SQLiteLock(path, mode)
     try:
-        assert proc.stdout is not None and proc.stdin is not None
-        line = proc.stdout.readline()
-        assert line.strip() == "locked", f"the lock holder failed: {line!r}"
-        yield proc.pid
-        proc.stdin.write("\n")
-        proc.stdin.flush()
-        assert proc.wait(WAIT) == 0
+        yield lock.proc.pid
     finally:
-        if proc.poll() is None:
-            proc.kill()  # our own child, by its Popen handle
-            proc.wait(WAIT)
+        lock.release()

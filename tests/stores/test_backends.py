@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from fault_support import pg_store, pg_terminate, redis_kill, redis_own_client_id
 from store_support import PG_DSN, REDIS_URL, StoreSpec, make_spec, require_server
 
 from gorch.errors import StoreError, StoreUnavailable
@@ -219,38 +220,29 @@ def test_redis_prefixes_keep_stores_apart() -> None:
 
 
 def test_postgres_recovers_from_a_connection_killed_while_idle(pg_spec: StoreSpec) -> None:
-    import psycopg
-
-    from gorch.stores.postgres import PostgresStore
-
-    app = f"gorch-kill-{pg_spec.namespace}"
-    dsn = PG_DSN + ("&" if "?" in PG_DSN else "?") + f"application_name={app}"
-    store = PostgresStore(dsn, table=pg_spec.namespace)
+    store = pg_store(PG_DSN, pg_spec.namespace)
     store.create("a", "w", "s", b"x", None)
-    with psycopg.connect(PG_DSN, autocommit=True) as admin:  # a restart, an idle timeout
-        killed = admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-            (app,),
-        ).fetchall()
-    assert killed == [(True,)]
+    [pid] = store.pids  # from pg_backend_pid() on the store's own connection
+    # A restart, an idle timeout: only the store's backend ends, nobody else's.
+    assert pg_terminate(PG_DSN, store, pid)
     assert store.load("a").blob == b"x"
     assert store.save("a", 1, "t", b"y", None).version == 2
+    assert len(store.pids) == 2 and store.pids[1] != pid  # it did reconnect
     store.close()
 
 
 def test_redis_recovers_from_a_connection_killed_while_idle() -> None:
     require_server("redis")
-    import redis
-
     from gorch.stores.redis import RedisStore
 
     store = RedisStore(REDIS_URL, prefix=f"gorch-test-{uuid.uuid4().hex[:12]}")
     store.create("a", "w", "s", b"x", None)
-    admin = redis.Redis.from_url(REDIS_URL)
-    admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-    admin.close()
+    killed = redis_own_client_id(store)
+    redis_kill(REDIS_URL, killed)  # only the store's own connection, by its id
     try:
         assert store.load("a").blob == b"x"
+        assert store.save("a", 1, "t", b"y", None).version == 2
+        assert redis_own_client_id(store) != killed  # it did reconnect
     finally:
         store.delete("a")
         store.close()
