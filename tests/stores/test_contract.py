@@ -1,7 +1,10 @@
 """The store contract: every backend must pass every test here, the same way.
 
-Each test runs once per store (memory, sqlite, postgres, redis); the tests that
-need several processes run on the stores that processes can share.
+Each test runs once per store (memory, sqlite, postgres, redis), as its sync
+store and as its async one (driven through ``store_support.SyncOverAsync``);
+the tests that need several processes run on the stores that processes can
+share. The last section checks that a sync and an async store over the same
+records are one store.
 """
 
 from __future__ import annotations
@@ -12,16 +15,17 @@ import random
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
-from store_support import StoreSpec
+from store_support import ALL_KINDS, StoreSpec, SyncOverAsync, make_spec
 
 from gorch.errors import Conflict, WorkflowExists, WorkflowNotFound
-from gorch.stores import Record, Store
+from gorch.stores import AsyncMemoryStore, MemoryStore, Record, Store
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 LEASE = timedelta(minutes=5)
@@ -479,3 +483,73 @@ def test_concurrent_processes_remember_a_key_once(shared_spec: StoreSpec) -> Non
     outcomes = _run_processes(shared_spec, 4, _remember_race)
     for i in range(20):
         assert sum(results[i] for results in outcomes) == 1, f"race-{i}"
+
+
+# -- sync and async over the same records ---------------------------------------------------
+
+
+@pytest.fixture(params=ALL_KINDS)
+def both(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Store, Store]]:
+    """A sync store and the async store over the same records (the async one behind the
+    sync API): what one writes, the other must read, with the same versions and errors."""
+    for spec in make_spec(request.param, tmp_path):
+        if spec.kind == "memory":
+            sync: Store = MemoryStore()
+            other = SyncOverAsync(AsyncMemoryStore(sync))
+        else:
+            sync, other = spec.open_sync(), SyncOverAsync(spec.open_async())
+        try:
+            yield sync, other
+        finally:
+            other.close()
+            sync.close()
+
+
+def test_sync_and_async_stores_read_each_others_records(both: tuple[Store, Store]) -> None:
+    sync, aio = both
+    written = sync.create("from-sync", "expense", "running", BLOB, at(30))
+    assert aio.load("from-sync") == written
+    saved = aio.save("from-sync", 1, "waiting", b"by async", at(-5))
+    assert (
+        sync.load("from-sync")
+        == saved
+        == Record("from-sync", "expense", "waiting", b"by async", 2, at(-5))
+    )
+    other = aio.create("from-async", "pizza", "waiting", b"x", None)
+    assert sync.load("from-async") == other
+    for store in (sync, aio):
+        assert store.list().records == [other, saved]
+        assert store.list(workflow="expense", status="waiting").records == [saved]
+        assert store.list(status="waiting", limit=1) == aio.list(status="waiting", limit=1)
+
+
+def test_sync_and_async_stores_share_versions_claims_and_keys(both: tuple[Store, Store]) -> None:
+    sync, aio = both
+    sync.create("job", "expense", "waiting", b"", at(-1))
+    aio.create("exists", "expense", "running", b"kept", None)
+    with pytest.raises(WorkflowExists):
+        sync.create("exists", "other", "done", b"lost", None)
+    with pytest.raises(WorkflowExists):
+        aio.create("job", "other", "done", b"lost", None)
+    assert sync.load("exists").blob == b"kept" and aio.load("job").workflow == "expense"
+
+    (claimed,) = aio.claim_due(NOW, 10, LEASE)
+    assert claimed.version == 2 and sync.claim_due(NOW, 10, LEASE) == []  # the lease holds
+    with pytest.raises(Conflict) as info:  # a save from the version before the claim loses
+        sync.save("job", 1, "done", b"", None)
+    assert (info.value.expected, info.value.actual) == (1, 2)
+    assert sync.save("job", claimed.version, "done", b"", None).version == 3
+    with pytest.raises(Conflict):
+        aio.save("job", 2, "done", b"", None)
+
+    until = _soon(3600)
+    assert sync.remember("replay", until) is True
+    assert aio.remember("replay", until) is False
+    assert aio.remember("other-key", until) is True
+    assert sync.remember("other-key", until) is False
+
+    aio.delete("job")
+    with pytest.raises(WorkflowNotFound):
+        sync.load("job")
+    with pytest.raises(WorkflowNotFound):
+        sync.delete("job")
