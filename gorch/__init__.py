@@ -1,5 +1,6 @@
 """gorch: long-running, event-driven workflows that live in your own database."""
 
+from gorch.async_engine import AsyncEngine
 from gorch.codec import FORMAT_VERSION, dumps, loads
 from gorch.engine import Engine, InstanceStatus, Snapshot
 from gorch.errors import (
@@ -33,7 +34,7 @@ from gorch.errors import (
 )
 from gorch.handlers import FunctionHandler, Handler
 from gorch.hooks import EventContext, LoggingMiddleware, Middleware, ResumeContext, StepContext
-from gorch.interpreter import awaited_events, handle_event, resume
+from gorch.interpreter import acancel, ahandle_event, aresume, awaited_events, handle_event, resume
 from gorch.retry import Retry
 from gorch.state import (
     MAIN_THREAD,
@@ -80,6 +81,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MAIN_THREAD",
     "AmbiguousEvent",
+    "AsyncEngine",
     "Break",
     "Case",
     "CheckpointKind",
@@ -148,6 +150,9 @@ __all__ = [
     "WorkflowNotFound",
     "WorkflowStatus",
     "__version__",
+    "acancel",
+    "ahandle_event",
+    "aresume",
     "awaited_events",
     "due_events",
     "dumps",

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import inspect
 import logging
 import random
 import re
 import time
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -44,6 +45,7 @@ from gorch.codec import dumps, loads
 from gorch.errors import (
     Conflict,
     DAGFailed,
+    DefinitionError,
     EventNotFound,
     GorchError,
     InvalidWorkflowData,
@@ -61,6 +63,7 @@ from gorch.errors import (
     WorkflowNotFound,
     summarize_validation,
 )
+from gorch.handlers import discard
 from gorch.idempotency import (
     START_KEY,
     check_key,
@@ -145,6 +148,25 @@ class Pause:
 
 
 @dataclass(slots=True)
+class Idle:
+    """A worker's wait between polls: ``seconds``, or less if a stop is requested.
+
+    The sync driver sleeps in short slices and checks ``should_stop``; the async
+    driver also wakes at once when its stop event is set.
+    """
+
+    seconds: float
+    should_stop: Callable[[], bool]
+
+
+@dataclass(slots=True)
+class Awaited:
+    """An awaitable from user code the operation waits for (async driver only)."""
+
+    awaitable: Awaitable[Any]
+
+
+@dataclass(slots=True)
 class Resume:
     """Run the core on ``cur`` until every thread blocks, calling ``checkpoint`` as it goes.
 
@@ -167,6 +189,8 @@ class HandleEvent:
     input: Any
     thread_id: str | None
     pc: int | None
+    now: datetime | None = None
+    """For a timer: the time it is fired at (``run_due``'s ``now``); None for the clock."""
 
 
 @dataclass(slots=True)
@@ -177,7 +201,7 @@ class Cancel:
     state: State
 
 
-Request = StoreCall | Pause | Resume | HandleEvent | Cancel
+Request = StoreCall | Pause | Idle | Awaited | Resume | HandleEvent | Cancel
 Op = Generator[Request, Any, _T]
 """An engine operation: yields requests, gets their results sent back, returns ``_T``."""
 
@@ -519,7 +543,7 @@ class EngineCore:
             if state.status is WorkflowStatus.WAITING:
                 for req in due_events(state, now):
                     try:
-                        yield HandleEvent(wf, state, req.name, None, req.thread_id, req.pc)
+                        yield HandleEvent(wf, state, req.name, None, req.thread_id, req.pc, now)
                     except (StaleEvent, EventNotFound):
                         continue  # an earlier timer of the same wait ended it
                     fired.append(req.name)
@@ -545,6 +569,41 @@ class EngineCore:
             log.exception("gorch: run_due could not process %r", rec.id)
             error = f"{type(e).__name__}: {e}"
             return DueResult(id=rec.id, action=action, outcome="failed", error=error)
+
+    def _work(
+        self,
+        poll: float,
+        batch: int,
+        should_stop: Callable[[], bool],
+        on_result: Callable[[DueResult], Any] | None,
+        max_backoff: float,
+    ) -> Op[int]:
+        """The worker loop of both drivers: ``run_due`` until stopped, riding out store errors.
+
+        ``on_result`` may return an awaitable (async driver only): it is awaited
+        before the next instance is looked at.
+        """
+        done = 0
+        failures = 0
+        while not should_stop():
+            try:
+                results = yield from self._run_due(None, batch, should_stop)
+            except StoreError as e:
+                failures += 1
+                yield Idle(self._work_failed(e, failures, poll, max_backoff), should_stop)
+                continue
+            if failures:
+                log.warning("gorch: worker: the store answers again")
+                failures = 0
+            for r in results:
+                if on_result is not None:
+                    out = on_result(r)
+                    if out is not None and inspect.isawaitable(out):
+                        yield Awaited(out)
+            done += sum(r.outcome == "processed" for r in results)
+            if not results:
+                yield Idle(poll, should_stop)
+        return done
 
     def _work_failed(self, e: StoreError, failures: int, poll: float, max_backoff: float) -> float:
         """Log a worker's store error (one line) and say how long to wait before polling again."""
@@ -733,6 +792,11 @@ class EngineCore:
             raise
         except GorchError as e:
             if not keep_on_error:
+                raise
+            if isinstance(e, DefinitionError) and dumps(cur.wf, cur.state) == cur.rec.blob:
+                # Refused before anything ran (an async workflow under the sync Engine,
+                # a definition that does not build): the record stays byte-identical.
+                log.error("gorch: resume of %r refused: %s", cur.rec.id, e)
                 raise
             # A definition or code-change problem: keep the state, look again later.
             log.error("gorch: resume of %r failed: %s", cur.rec.id, e)
@@ -1004,25 +1068,7 @@ class Engine(EngineCore):
         error is logged (one line) and polling goes on with capped exponential
         backoff and jitter (up to ``max_backoff`` seconds) until the store answers.
         """
-        done = 0
-        failures = 0
-        while not should_stop():
-            try:
-                results = self.run_due(limit=batch, should_stop=should_stop)
-            except StoreError as e:
-                failures += 1
-                self._pause(self._work_failed(e, failures, poll, max_backoff), should_stop)
-                continue
-            if failures:
-                log.warning("gorch: worker: the store answers again")
-                failures = 0
-            for r in results:
-                if on_result is not None:
-                    on_result(r)
-            done += sum(r.outcome == "processed" for r in results)
-            if not results:
-                self._pause(poll, should_stop)
-        return done
+        return self._run(self._work(poll, batch, should_stop, on_result, max_backoff))
 
     @staticmethod
     def _pause(seconds: float, should_stop: Callable[[], bool]) -> None:
@@ -1072,10 +1118,20 @@ class Engine(EngineCore):
                 thread_id=request.thread_id,
                 pc=request.pc,
                 middleware=self.middleware,
+                now=request.now,
             )
         if isinstance(request, Pause):
             time.sleep(request.seconds)
             return None
+        if isinstance(request, Idle):
+            self._pause(request.seconds, request.should_stop)
+            return None
+        if isinstance(request, Awaited):
+            discard(request.awaitable)
+            raise TypeError(
+                "a callback of Engine returned an awaitable: use gorch.AsyncEngine "
+                "for async callbacks"
+            )
         if isinstance(request, Cancel):
             cancel_state(request.wf, request.state)
             return None

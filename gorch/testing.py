@@ -15,13 +15,25 @@ so a test catches data that would not survive storage. Every interpreter call
 runs inside ``use_clock(env.clock)``, so Timeouts and ``gorch.clock.now()``
 see the virtual time.
 
+Async workflows (``async def`` steps, handlers, hooks, middleware) run through
+the awaitable twins of the methods that run code: :meth:`WorkflowEnv.astart`,
+:meth:`~WorkflowEnv.asend`, :meth:`~WorkflowEnv.aresume`,
+:meth:`~WorkflowEnv.aadvance` and :meth:`~WorkflowEnv.aadvance_to`, on the same
+virtual clock. The sync methods refuse them with ``DefinitionError`` before
+anything runs, and no call of the kit lets a coroutine go un-awaited: a step or
+handler that calls an async function without ``await`` makes the call raise
+:class:`UnawaitedCoroutineError`, so such a test cannot pass.
+
 Registered as a pytest plugin, this module provides the ``gorch_env`` fixture.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar, overload
@@ -33,6 +45,7 @@ from gorch.codec import dumps, loads
 from gorch.engine import initial_data
 from gorch.errors import (
     DAGFailed,
+    DefinitionError,
     GorchError,
     SerializationError,
     StepFailed,
@@ -40,10 +53,11 @@ from gorch.errors import (
     WorkflowExists,
     WorkflowNotFound,
 )
+from gorch.handlers import ASYNC_API_HINT
 from gorch.hooks import CallNext, StepContext
-from gorch.interpreter import awaited_events, handle_event
+from gorch.interpreter import DEFAULT_CONCURRENCY, ahandle_event, arun, awaited_events, handle_event
 from gorch.interpreter import run as run_state
-from gorch.state import CheckpointKind, State, WorkflowStatus, new_state
+from gorch.state import CheckpointKind, EventRequest, State, WorkflowStatus, new_state
 from gorch.timers import due_events, next_wakeup
 from gorch.workflow import Workflow
 
@@ -54,6 +68,7 @@ __all__ = [
     "Instance",
     "RoundTripError",
     "TimerLimitError",
+    "UnawaitedCoroutineError",
     "WorkflowEnv",
     "gorch_env",
 ]
@@ -100,6 +115,28 @@ class TimerLimitError(GorchError):
             f"{when.isoformat()}: a loop of zero-length timers? (raise WorkflowEnv.max_timers "
             "if this is intended)"
         )
+
+
+class UnawaitedCoroutineError(GorchError):
+    """A step, handler or hook made a coroutine and never awaited it (a call without ``await``).
+
+    What that coroutine was meant to do never happened, though the workflow
+    moved on: the kit raises this from the call that ran it, so the test fails.
+    """
+
+    def __init__(self, call: str, messages: Sequence[str]) -> None:
+        self.messages = list(messages)
+        super().__init__(
+            f"{call}: {'; '.join(self.messages)}: a step, handler or hook called an async "
+            "function without awaiting it; make the caller `async def`, `await` the call, "
+            "and run the workflow with `await env.astart(...)` / `env.asend(...)` / ..."
+        )
+
+
+_KIT_HINT = (
+    "in the test kit, run it with `await env.astart(...)`, `await env.asend(...)`, "
+    "`await env.aresume(...)` and `await env.aadvance(...)`"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +206,20 @@ class _Recorder:
         env._log("step", ctx.step, ctx.workflow_id, ctx.thread_id, ctx.attempt, output=out)
         return out
 
+    async def around_step_async(self, ctx: StepContext, call_next: CallNext) -> Any:
+        """:meth:`around_step` under the async API (steps of concurrent branches are
+        logged as they finish)."""
+        env = self.env
+        try:
+            out = await call_next()
+        except Exception as e:
+            env._log(
+                "step", ctx.step, ctx.workflow_id, ctx.thread_id, ctx.attempt, error=_describe(e)
+            )
+            raise
+        env._log("step", ctx.step, ctx.workflow_id, ctx.thread_id, ctx.attempt, output=out)
+        return out
+
 
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
@@ -195,6 +246,8 @@ class WorkflowEnv:
     ``start`` is where the clock begins (default :data:`DEFAULT_START`);
     ``middleware`` wraps every resume, step and handler call as in the Engine.
     ``check_round_trip=False`` turns off the storage check (not the storage).
+    ``concurrency`` and ``executor`` are those of :class:`gorch.AsyncEngine`,
+    for the async methods (``astart``, ``asend``, ``aresume``, ``aadvance``).
     Errors propagate to the test: a failed step raises ``StepFailed`` and the
     instance keeps the failure, as the Engine keeps it; :meth:`resume` retries.
     """
@@ -207,6 +260,8 @@ class WorkflowEnv:
         middleware: Sequence[object] = (),
         check_round_trip: bool = True,
         max_timers: int = 10_000,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        executor: Executor | None = None,
     ) -> None:
         self.workflows: dict[str, type[Workflow]] = {}
         for name, cls in (workflows or {}).items():
@@ -216,6 +271,15 @@ class WorkflowEnv:
         self.check_round_trip = check_round_trip
         #: The most timers one :meth:`advance` fires before raising :class:`TimerLimitError`.
         self.max_timers = max_timers
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(
+                "concurrency must be an int of at least 1 (how many steps of one instance "
+                f"run at once), got {concurrency!r}"
+            )
+        #: The async methods' limit on steps of independent branches running at once.
+        self.concurrency = concurrency
+        #: Where the async methods run plain steps (None: called directly).
+        self.executor = executor
         self._instances: dict[str, _Stored] = {}
         self._history: list[Entry] = []
         self._counter = 0
@@ -253,7 +317,193 @@ class WorkflowEnv:
 
         ``id`` defaults to ``"<name>-<n>"`` (deterministic). ``data`` is a mapping,
         JSON, or an instance of the class, validated as the Engine validates it.
+        A workflow that is refused before anything ran (an async one: use
+        :meth:`astart`) is not kept, as the Engine keeps nothing of a refused start.
         """
+        with _watch("env.start()"):
+            id, rec, wf, state = self._create(name, id, data)
+            with (
+                self._starting(id, rec),
+                self._resuming(id, rec, wf, state, "in its first resume") as checkpoint,
+            ):
+                run_state(wf, state, checkpoint, middleware=self.middleware, reason="start")
+        return self.get(id)
+
+    async def astart(
+        self,
+        name: str,
+        id: str | None = None,
+        data: Mapping[str, Any] | Workflow | str | bytes | None = None,
+    ) -> Instance:
+        """:meth:`start` for async workflows: ``await env.astart(...)``.
+
+        Async steps, handlers, hooks and middleware are awaited (plain ones work
+        too), independent branches run concurrently (``concurrency``,
+        ``executor``) with the results of running them one by one, all on the
+        virtual clock.
+        """
+        with _watch("env.astart()"):
+            id, rec, wf, state = self._create(name, id, data)
+            with (
+                self._starting(id, rec),
+                self._resuming(id, rec, wf, state, "in its first resume") as checkpoint,
+            ):
+                await self._arun(wf, state, checkpoint, "start")
+        return self.get(id)
+
+    def send(
+        self,
+        id: str,
+        event: str,
+        input: Any = None,
+        *,
+        thread_id: str | None = None,
+        pc: int | None = None,
+    ) -> Any:
+        """Deliver ``event``, save, resume until blocked; return the handler's output.
+
+        Errors of the delivery (``EventNotFound``, ``InvalidEventInput``, ...)
+        leave the instance unchanged. An async handler or workflow is refused
+        (``DefinitionError``): use :meth:`asend`.
+        """
+        with _watch("env.send()"):
+            rec, wf, state, pcs = self._load(id)
+            with use_clock(self.clock), _kit_hint():
+                out = handle_event(
+                    wf, state, event, input, thread_id=thread_id, pc=pc, middleware=self.middleware
+                )
+            self._delivered(id, rec, wf, state, pcs, event, input, out)
+            where = f"in the resume after event {event!r}"
+            with self._resuming(id, rec, wf, state, where) as checkpoint:
+                run_state(wf, state, checkpoint, middleware=self.middleware, reason="event")
+        return out
+
+    async def asend(
+        self,
+        id: str,
+        event: str,
+        input: Any = None,
+        *,
+        thread_id: str | None = None,
+        pc: int | None = None,
+    ) -> Any:
+        """:meth:`send` for async workflows: the handler and the resume after it are awaited."""
+        with _watch("env.asend()"):
+            rec, wf, state, pcs = self._load(id)
+            with use_clock(self.clock):
+                out = await ahandle_event(
+                    wf, state, event, input, thread_id=thread_id, pc=pc, middleware=self.middleware
+                )
+            self._delivered(id, rec, wf, state, pcs, event, input, out)
+            where = f"in the resume after event {event!r}"
+            with self._resuming(id, rec, wf, state, where) as checkpoint:
+                await self._arun(wf, state, checkpoint, "event")
+        return out
+
+    def resume(self, id: str) -> Instance:
+        """Resume an instance until it blocks (e.g. to retry a step that failed)."""
+        with _watch("env.resume()"):
+            rec = self._stored(id)
+            wf, state = loads(rec.blob, rec.cls)
+            with self._resuming(id, rec, wf, state, "in resume()") as checkpoint:
+                run_state(wf, state, checkpoint, middleware=self.middleware, reason="resume")
+        return self.get(id)
+
+    async def aresume(self, id: str) -> Instance:
+        """:meth:`resume` for async workflows."""
+        with _watch("env.aresume()"):
+            rec = self._stored(id)
+            wf, state = loads(rec.blob, rec.cls)
+            with self._resuming(id, rec, wf, state, "in aresume()") as checkpoint:
+                await self._arun(wf, state, checkpoint, "resume")
+        return self.get(id)
+
+    def advance(
+        self,
+        delta: timedelta | float | None = None,
+        *,
+        days: float = 0,
+        hours: float = 0,
+        minutes: float = 0,
+        seconds: float = 0,
+    ) -> list[Entry]:
+        """Move the clock forward, firing every timer that falls due, in due-time order.
+
+        ``advance(timedelta(days=3))``, ``advance(days=3)`` and ``advance(259200)``
+        are the same. Returns the timers fired (see :meth:`advance_to`). A negative
+        delta raises ``ValueError`` and changes nothing.
+        """
+        return self.advance_to(self._until(delta, days, hours, minutes, seconds))
+
+    async def aadvance(
+        self,
+        delta: timedelta | float | None = None,
+        *,
+        days: float = 0,
+        hours: float = 0,
+        minutes: float = 0,
+        seconds: float = 0,
+    ) -> list[Entry]:
+        """:meth:`advance` for async workflows: what the timers start is awaited."""
+        return await self.aadvance_to(self._until(delta, days, hours, minutes, seconds))
+
+    def advance_to(self, when: datetime) -> list[Entry]:
+        """Move the clock to ``when``, firing due timers one at a time, earliest first.
+
+        For each timer: the clock is set to its due time, it is delivered (with
+        its ``pc``) and the instance resumed, so a timer set up meanwhile that is
+        due by ``when`` fires too, in order. Ties go to the instance started first.
+        If a resume raises, the error propagates with the clock at that timer's
+        due time and later timers unfired.
+        """
+        when = self._target(when)
+        fired: list[Entry] = []
+        with _watch("env.advance()"):
+            while (id := self._next_due(when, len(fired))) is not None:
+                rec, wf, state, req = self._due(id)
+                with use_clock(self.clock), _kit_hint():
+                    out = handle_event(
+                        wf,
+                        state,
+                        req.name,
+                        thread_id=req.thread_id,
+                        pc=req.pc,
+                        middleware=self.middleware,
+                    )
+                where = self._fired(id, rec, wf, state, req, out, fired)
+                with self._resuming(id, rec, wf, state, where) as checkpoint:
+                    run_state(wf, state, checkpoint, middleware=self.middleware, reason="timer")
+        self._now = when
+        return fired
+
+    async def aadvance_to(self, when: datetime) -> list[Entry]:
+        """:meth:`advance_to` for async workflows."""
+        when = self._target(when)
+        fired: list[Entry] = []
+        with _watch("env.aadvance()"):
+            while (id := self._next_due(when, len(fired))) is not None:
+                rec, wf, state, req = self._due(id)
+                with use_clock(self.clock):
+                    out = await ahandle_event(
+                        wf,
+                        state,
+                        req.name,
+                        thread_id=req.thread_id,
+                        pc=req.pc,
+                        middleware=self.middleware,
+                    )
+                where = self._fired(id, rec, wf, state, req, out, fired)
+                with self._resuming(id, rec, wf, state, where) as checkpoint:
+                    await self._arun(wf, state, checkpoint, "timer")
+        self._now = when
+        return fired
+
+    # ------------------------------------------------------------------ what both APIs share
+
+    def _create(
+        self, name: str, id: str | None, data: Mapping[str, Any] | Workflow | str | bytes | None
+    ) -> tuple[str, _Stored, Workflow, State]:
+        """Validate a start and store the new instance (not yet resumed)."""
         try:
             cls = self.workflows[name]
         except KeyError:
@@ -272,59 +522,52 @@ class WorkflowEnv:
         blob = dumps(wf, state)
         rec = self._instances[id] = _Stored(name, cls, blob)
         self._check(id, wf, state, blob, "as started")
-        self._resume(id, rec, wf, state, "start", "in its first resume")
-        return self.get(id)
+        return id, rec, wf, state
 
-    def send(
-        self,
-        id: str,
-        event: str,
-        input: Any = None,
-        *,
-        thread_id: str | None = None,
-        pc: int | None = None,
-    ) -> Any:
-        """Deliver ``event``, save, resume until blocked; return the handler's output.
+    @contextlib.contextmanager
+    def _starting(self, id: str, rec: _Stored) -> Iterator[None]:
+        """Forget an instance whose first resume was refused before anything ran."""
+        blob = rec.blob
+        try:
+            yield
+        except DefinitionError:
+            if rec.blob == blob and not self._history_of(id):
+                del self._instances[id]
+            raise
 
-        Errors of the delivery (``EventNotFound``, ``InvalidEventInput``, ...)
-        leave the instance unchanged.
-        """
+    def _history_of(self, id: str) -> bool:
+        return any(e.workflow_id == id for e in self._history)
+
+    def _load(self, id: str) -> tuple[_Stored, Workflow, State, dict[str, int]]:
         rec = self._stored(id)
         wf, state = loads(rec.blob, rec.cls)
-        pcs = {t.id: t.pc for t in state.threads}
-        with use_clock(self.clock):
-            out = handle_event(
-                wf, state, event, input, thread_id=thread_id, pc=pc, middleware=self.middleware
-            )
+        return rec, wf, state, {t.id: t.pc for t in state.threads}
+
+    def _delivered(
+        self,
+        id: str,
+        rec: _Stored,
+        wf: Workflow,
+        state: State,
+        pcs: dict[str, int],
+        event: str,
+        input: Any,
+        out: Any,
+    ) -> None:
         # The thread that took the event is the one whose pc moved.
         tid = next((t.id for t in state.threads if pcs.get(t.id) != t.pc), "")
         self._log("event", event, id, tid, input=input, output=out)
         self._save(id, rec, wf, state, f"after event {event!r}")
-        self._resume(id, rec, wf, state, "event", f"in the resume after event {event!r}")
-        return out
 
-    def resume(self, id: str) -> Instance:
-        """Resume an instance until it blocks (e.g. to retry a step that failed)."""
-        rec = self._stored(id)
-        wf, state = loads(rec.blob, rec.cls)
-        self._resume(id, rec, wf, state, "resume", "in resume()")
-        return self.get(id)
-
-    def advance(
+    def _until(
         self,
-        delta: timedelta | float | None = None,
-        *,
-        days: float = 0,
-        hours: float = 0,
-        minutes: float = 0,
-        seconds: float = 0,
-    ) -> list[Entry]:
-        """Move the clock forward, firing every timer that falls due, in due-time order.
-
-        ``advance(timedelta(days=3))``, ``advance(days=3)`` and ``advance(259200)``
-        are the same. Returns the timers fired (see :meth:`advance_to`). A negative
-        delta raises ``ValueError`` and changes nothing.
-        """
+        delta: timedelta | float | None,
+        days: float,
+        hours: float,
+        minutes: float,
+        seconds: float,
+    ) -> datetime:
+        """Where :meth:`advance` moves the clock to (``ValueError`` if back in time)."""
         total = _as_delta(delta) + timedelta(
             days=days, hours=hours, minutes=minutes, seconds=seconds
         )
@@ -332,52 +575,62 @@ class WorkflowEnv:
             raise ValueError(
                 f"advance() needs a delta >= 0, got {total!r}: the virtual clock never goes back"
             )
-        return self.advance_to(self._now + total)
+        return self._now + total
 
-    def advance_to(self, when: datetime) -> list[Entry]:
-        """Move the clock to ``when``, firing due timers one at a time, earliest first.
-
-        For each timer: the clock is set to its due time, it is delivered (with
-        its ``pc``) and the instance resumed, so a timer set up meanwhile that is
-        due by ``when`` fires too, in order. Ties go to the instance started first.
-        If a resume raises, the error propagates with the clock at that timer's
-        due time and later timers unfired.
-        """
+    def _target(self, when: datetime) -> datetime:
         when = _utc(when)
         if when < self._now:
             raise ValueError(
                 f"advance_to({when.isoformat()}) is before now ({self._now.isoformat()}): "
                 "the virtual clock never goes back"
             )
-        fired: list[Entry] = []
-        while True:
-            due = [
-                (r.wake, i)
-                for i, r in self._instances.items()
-                if r.wake is not None and r.wake <= when
-            ]
-            if not due:
-                break
-            if len(fired) >= self.max_timers:
-                raise TimerLimitError(self.max_timers, min(due)[0])
-            wake, id = min(due, key=lambda d: d[0])  # min keeps the first of equal times
-            self._now = max(self._now, wake)
-            fired.append(self._fire(id))
-        self._now = when
-        return fired
+        return when
 
-    def _fire(self, id: str) -> Entry:
+    def _next_due(self, when: datetime, fired: int) -> str | None:
+        """The instance whose timer is due first by ``when`` (clock moved to it), or None."""
+        due = [
+            (r.wake, i) for i, r in self._instances.items() if r.wake is not None and r.wake <= when
+        ]
+        if not due:
+            return None
+        if fired >= self.max_timers:
+            raise TimerLimitError(self.max_timers, min(due)[0])
+        wake, id = min(due, key=lambda d: d[0])  # min keeps the first of equal times
+        self._now = max(self._now, wake)
+        return id
+
+    def _due(self, id: str) -> tuple[_Stored, Workflow, State, EventRequest]:
         rec = self._instances[id]
         wf, state = loads(rec.blob, rec.cls)
-        req = due_events(state, self._now)[0]
-        with use_clock(self.clock):
-            out = handle_event(
-                wf, state, req.name, thread_id=req.thread_id, pc=req.pc, middleware=self.middleware
-            )
-        entry = self._log("timer", req.name, id, req.thread_id, output=out)
+        return rec, wf, state, due_events(state, self._now)[0]
+
+    def _fired(
+        self,
+        id: str,
+        rec: _Stored,
+        wf: Workflow,
+        state: State,
+        req: EventRequest,
+        out: Any,
+        fired: list[Entry],
+    ) -> str:
+        """Log and save a fired timer; where its resume runs (for error messages)."""
+        fired.append(self._log("timer", req.name, id, req.thread_id, output=out))
         self._save(id, rec, wf, state, f"after timer {req.name!r}")
-        self._resume(id, rec, wf, state, "timer", f"in the resume after timer {req.name!r}")
-        return entry
+        return f"in the resume after timer {req.name!r}"
+
+    async def _arun(
+        self, wf: Workflow, state: State, checkpoint: Callable[[CheckpointKind], None], reason: str
+    ) -> None:
+        await arun(
+            wf,
+            state,
+            checkpoint,
+            middleware=self.middleware,
+            reason=reason,
+            concurrency=self.concurrency,
+            executor=self.executor,
+        )
 
     # ------------------------------------------------------------------ inspection
 
@@ -481,10 +734,12 @@ class WorkflowEnv:
         self._put(rec, blob, state)
         self._check(id, wf, state, blob, where)
 
-    def _resume(
-        self, id: str, rec: _Stored, wf: Workflow, state: State, reason: str, where: str
-    ) -> None:
-        """Resume, saving at every checkpoint as the Engine does; keep what it would keep."""
+    @contextlib.contextmanager
+    def _resuming(
+        self, id: str, rec: _Stored, wf: Workflow, state: State, where: str
+    ) -> Iterator[Callable[[CheckpointKind], None]]:
+        """Around one resume (sync or async): give the checkpoint to save at, as the
+        Engine does, and keep what it would keep, whatever the resume ends with."""
         last = rec.blob
         finished = state.status is WorkflowStatus.FINISHED
         mark = len(self._history)
@@ -502,16 +757,16 @@ class WorkflowEnv:
                 raise SerializationError(f"workflow {id!r} {where}{after}: {e}") from e
 
         try:
-            with use_clock(self.clock):
-                run_state(wf, state, checkpoint, middleware=self.middleware, reason=reason)
+            with use_clock(self.clock), _kit_hint():
+                yield checkpoint
         except StepFailed as e:
             # The failure is recorded on the thread; the data is what the step started
             # from (the last checkpoint), as the Engine saves it. A DAG keeps its nodes' data.
             data = wf if isinstance(e, DAGFailed) else loads(last, rec.cls)[0]
             self._put(rec, dumps(data, state), state)
             raise
-        except Exception:
-            self._put(rec, last)  # what a caller saving at every checkpoint has saved
+        except BaseException:  # an error, or a cancelled task: what the checkpoints saved
+            self._put(rec, last)
             raise
         self._put(rec, last, state)
         if not finished and state.status is WorkflowStatus.FINISHED:
@@ -535,6 +790,52 @@ class WorkflowEnv:
                 f"workflow {id!r} {where}: the blob is not byte-stable "
                 "(dumps(*loads(blob)) differs; a gorch bug: please report it)"
             )
+
+
+_watching = 0
+"""How many kit calls are under way (an async test may run several at once)."""
+
+
+@contextlib.contextmanager
+def _watch(call: str) -> Iterator[None]:
+    """Raise :class:`UnawaitedCoroutineError` if a coroutine was dropped un-awaited during
+    ``call``; let every other warning through as it came."""
+    global _watching
+    if _watching:  # warnings are process-wide: the outermost call watches for all
+        _watching += 1
+        try:
+            yield
+        finally:
+            _watching -= 1
+        return
+    _watching = 1
+    ok = False
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", RuntimeWarning)
+            yield
+        ok = True
+    finally:
+        _watching = 0
+        unawaited: list[str] = []
+        for w in seen:
+            if ok and issubclass(w.category, RuntimeWarning) and "never awaited" in str(w.message):
+                unawaited.append(str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if unawaited:
+        raise UnawaitedCoroutineError(call, unawaited)
+
+
+@contextlib.contextmanager
+def _kit_hint() -> Iterator[None]:
+    """Add the kit's async methods to the sync API's refusal of an async workflow."""
+    try:
+        yield
+    except DefinitionError as e:
+        if ASYNC_API_HINT in str(e) and _KIT_HINT not in str(e):
+            raise DefinitionError(f"{e}; {_KIT_HINT}") from e
+        raise
 
 
 def _same_scalar(a: Any, b: Any) -> bool:

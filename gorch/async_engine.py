@@ -1,0 +1,318 @@
+"""``AsyncEngine``: the Engine for asyncio apps, on an async store.
+
+Every rule (idempotency keys, the atomic start, exactly-once send, timers
+refused as events, run_due's claims and outcomes, retry policies) lives in
+:class:`gorch.engine.EngineCore`, as generators that yield what they need done.
+This module only performs those requests with ``await``: the store's
+coroutines, :func:`gorch.interpreter.arun` for a resume (async steps of
+independent threads run concurrently, at most ``concurrency`` at once) and
+:func:`gorch.interpreter.ahandle_event` for an event's handler. So an async web
+endpoint or worker never blocks its event loop on gorch, and behaves exactly
+as :class:`gorch.Engine` does.
+
+Cancelling the task that awaits an operation stops it where it is: what was
+saved stays saved (every save is one compare-and-swap, so a record is never
+half-written) and nothing more is. An instance whose resume was cancelled
+stays at the step that was running, with none of that step's changes, and is
+leased: ``run_due`` (a worker) carries on when the lease runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from gorch.engine import (
+    Awaited,
+    Cancel,
+    EngineCore,
+    HandleEvent,
+    Idle,
+    Op,
+    Pause,
+    Request,
+    Resume,
+    StoreCall,
+)
+from gorch.interpreter import DEFAULT_CONCURRENCY, acancel, ahandle_event, arun
+from gorch.snapshot import DueResult, ListPage, Snapshot
+from gorch.stores.base import AsyncStore, Store
+from gorch.workflow import Workflow
+
+__all__ = ["AsyncEngine"]
+
+_T = TypeVar("_T")
+
+
+class AsyncEngine(EngineCore):
+    """:class:`gorch.Engine` for asyncio: the same methods, as coroutines.
+
+    ``store`` is a :class:`gorch.stores.base.AsyncStore` or a URL for
+    :func:`gorch.stores.open_async_store` (``memory://``, ``sqlite:///...``,
+    ``postgresql://...``, ``redis://...``). The options are those of
+    :class:`gorch.Engine`, plus:
+
+    ``concurrency``: how many async steps of independent threads (``Go``,
+    ``Parallel``, ``|``, ready DAG nodes) of one instance run at once; results
+    and saves are those of running them one by one, in thread order.
+    ``executor``: where plain (sync) steps run; by default they are called
+    directly on the event loop, which is right for quick ones, and an executor
+    keeps slow blocking ones off the loop (and lets them run concurrently too).
+
+    Steps, handlers, hooks and middleware may be ``async def`` or plain.
+    """
+
+    store: AsyncStore
+
+    def __init__(
+        self,
+        store: AsyncStore | str,
+        workflows: Mapping[str, type[Workflow]],
+        *,
+        defer_resume: bool = False,
+        lease: timedelta | float = 60.0,
+        conflict_retries: int = 100,
+        error_backoff: timedelta | float = 60.0,
+        middleware: Sequence[object] = (),
+        store_retries: int = 3,
+        idempotency_keys: int = 100,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        executor: Executor | None = None,
+    ) -> None:
+        if isinstance(store, str):
+            from gorch.stores import open_async_store
+
+            store = open_async_store(store)
+        if isinstance(store, Store):
+            raise TypeError(
+                f"AsyncEngine needs an async store (gorch.stores.base.AsyncStore), got the sync "
+                f"{type(store).__name__}: pass a URL, open one with "
+                "gorch.stores.open_async_store(url), or use gorch.Engine with a sync store"
+            )
+        if not isinstance(store, AsyncStore):
+            raise TypeError(
+                f"AsyncEngine needs a gorch.stores.base.AsyncStore or a store URL, got {store!r}"
+            )
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(
+                "concurrency must be an int of at least 1 (how many steps of one instance "
+                f"run at once), got {concurrency!r}"
+            )
+        self.store = store
+        #: How many async steps of one instance's independent threads run at once.
+        self.concurrency = concurrency
+        #: Where plain steps run (None: called directly on the event loop).
+        self.executor = executor
+        super().__init__(
+            workflows,
+            defer_resume=defer_resume,
+            lease=lease,
+            conflict_retries=conflict_retries,
+            error_backoff=error_backoff,
+            middleware=middleware,
+            store_retries=store_retries,
+            idempotency_keys=idempotency_keys,
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    async def start(
+        self,
+        name: str,
+        id: str | None = None,
+        data: Mapping[str, Any] | Workflow | None = None,
+        *,
+        key: str | None = None,
+    ) -> Snapshot:
+        """:meth:`gorch.Engine.start`: create an instance and run it until it blocks."""
+        return await self._run(self._start(name, id, data, key))
+
+    async def send(
+        self,
+        id: str,
+        event: str,
+        input: Any = None,
+        *,
+        thread_id: str | None = None,
+        pc: int | None = None,
+        key: str | None = None,
+    ) -> Any:
+        """:meth:`gorch.Engine.send`: deliver an event exactly once; the handler's output."""
+        return await self._run(self._send(id, event, input, thread_id, pc, key))
+
+    async def resume(self, id: str) -> Snapshot:
+        """:meth:`gorch.Engine.resume`: run a pending (or failed) instance until it blocks."""
+        return await self._run(self._resume(id))
+
+    async def retry(self, id: str) -> Snapshot:
+        """:meth:`gorch.Engine.retry`: re-arm a failed instance and resume it now."""
+        return await self._run(self._retry(id))
+
+    async def get(self, id: str) -> Snapshot:
+        """:meth:`gorch.Engine.get`: the instance's snapshot."""
+        return await self._run(self._get(id))
+
+    async def list(
+        self,
+        *,
+        workflow: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> ListPage:
+        """:meth:`gorch.Engine.list`: instances in id order, filtered."""
+        return await self._run(self._list(workflow, status, limit, after))
+
+    async def cancel(self, id: str) -> Snapshot:
+        """:meth:`gorch.Engine.cancel`: tear down awaited events, mark cancelled."""
+        return await self._run(self._cancel(id))
+
+    async def run_due(
+        self,
+        now: datetime | None = None,
+        limit: int | None = 100,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> builtins.list[DueResult]:
+        """:meth:`gorch.Engine.run_due`: fire due timers, retry, finish pending resumes."""
+        return await self._run(self._run_due(now, limit, should_stop))
+
+    async def work(
+        self,
+        *,
+        poll: float = 1.0,
+        batch: int = 10,
+        stop: asyncio.Event | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        on_result: Callable[[DueResult], Awaitable[None] | None] | None = None,
+        max_backoff: float = 30.0,
+    ) -> int:
+        """Loop on :meth:`run_due` until stopped; return how many instances were processed.
+
+        Stop it by setting ``stop`` (an ``asyncio.Event``; a wait between polls
+        ends at once), by ``should_stop()`` returning True, or by cancelling the
+        task: a stop request is seen between instances, so it never leaves one
+        half-saved; a cancellation stops the instance in flight as described in
+        the module docstring. Store errors are logged (one line) and polling
+        goes on with capped exponential backoff and jitter, as in
+        :meth:`gorch.Engine.work`. ``on_result`` may be ``async def``.
+        """
+
+        stopped = _StopWhen(stop, should_stop)
+        return await self._run(self._work(poll, batch, stopped, on_result, max_backoff))
+
+    async def close(self) -> None:
+        """Close the store (its connections)."""
+        await self.store.close()
+
+    async def __aenter__(self) -> AsyncEngine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ the driver
+
+    async def _run(self, op: Op[_T]) -> _T:
+        """Perform ``op``'s requests with ``await`` until it returns.
+
+        A cancellation (or any BaseException) is not thrown into the operation
+        (its handlers are for the store's and the workflow's errors): the
+        operation is closed where it stands, and what it saved stays saved.
+        """
+        result: Any = None
+        error: Exception | None = None
+        try:
+            while True:
+                try:
+                    request = op.send(result) if error is None else op.throw(error)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                result, error = None, None
+                try:
+                    result = await self._perform(request)
+                except Exception as e:
+                    error = e
+        finally:
+            op.close()
+
+    async def _perform(self, request: Request) -> Any:
+        if isinstance(request, StoreCall):
+            return await getattr(self.store, request.method)(*request.args, **request.kwargs)
+        if isinstance(request, Resume):
+            cur = request.cur
+            checkpoint = request.checkpoint
+            await arun(
+                cur.wf,
+                cur.state,
+                lambda kind: self._run(checkpoint(kind)),
+                lazy_steps=True,
+                middleware=self.middleware,
+                reason=request.reason,
+                restore=request.restore,
+                concurrency=self.concurrency,
+                executor=self.executor,
+            )
+            return None
+        if isinstance(request, HandleEvent):
+            return await ahandle_event(
+                request.wf,
+                request.state,
+                request.event,
+                request.input,
+                thread_id=request.thread_id,
+                pc=request.pc,
+                middleware=self.middleware,
+                now=request.now,
+            )
+        if isinstance(request, Pause):
+            await asyncio.sleep(request.seconds)
+            return None
+        if isinstance(request, Idle):
+            await self._idle(request.seconds, request.should_stop)
+            return None
+        if isinstance(request, Awaited):
+            return await request.awaitable
+        if isinstance(request, Cancel):
+            await acancel(request.wf, request.state)
+            return None
+        raise TypeError(f"unknown engine request {request!r}")
+
+    @staticmethod
+    async def _idle(seconds: float, should_stop: Callable[[], bool]) -> None:
+        """Wait ``seconds``, or less: a stop event ends the wait at once, and a
+        ``should_stop`` callable is checked every 50 ms."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        event = should_stop.event if isinstance(should_stop, _StopWhen) else None
+        polled = not isinstance(should_stop, _StopWhen) or should_stop.should_stop is not None
+        while not should_stop():
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            wait = min(0.05, left) if polled else left
+            if event is None:
+                await asyncio.sleep(wait)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=wait)
+
+
+class _StopWhen:
+    """A worker's stop condition: an ``asyncio.Event`` set, or a callable returning True."""
+
+    __slots__ = ("event", "should_stop")
+
+    def __init__(self, event: asyncio.Event | None, should_stop: Callable[[], bool] | None) -> None:
+        self.event = event
+        self.should_stop = should_stop
+
+    def __call__(self) -> bool:
+        if self.event is not None and self.event.is_set():
+            return True
+        return self.should_stop is not None and self.should_stop()
