@@ -388,13 +388,13 @@ def test_run_due_span_is_the_parent_and_links_each_workflow(sdk: Sdk) -> None:
         waiting.append((wf, state))
     started = {attrs(s)["gorch.workflow.id"]: s for s in sdk.named("gorch.resume approval")}
     sdk.spans.clear()
+    later = max(gorch.next_wakeup(state) or T0 for _, state in waiting)
 
     with tel.run_due_span() as due:
         for wf, state in waiting:
             due.link(state.id, state)
-            gorch.handle_event(
-                wf, state, "expired", pc=state.threads[0].wait_events[0].req.pc, middleware=[tel]
-            )
+            (req,) = gorch.due_events(state, now=later)
+            gorch.handle_event(wf, state, req.name, pc=req.pc, middleware=[tel], now=later)
             gorch.resume(wf, state, middleware=[tel])
     assert due.count == 2
     run_due = sdk.one("gorch.run_due")
