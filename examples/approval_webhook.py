@@ -3,8 +3,13 @@
 An employee files an expense; the manager gets three days to ``decide``. If
 nobody answers, the ``escalate`` timer hands the expense to the director, who
 then gets her own ``decide`` (the same webhook: the event name repeats in the
-second Select). Every POST/PUT must carry ``X-Gorch-Signature: sha256=<hex
-HMAC-SHA256 of the raw body>``, made with the secret given to ``create_app``.
+second Select).
+
+Every POST and PUT is signed with the secret given to ``create_app``:
+``X-Gorch-Signature: v1=<hex HMAC-SHA256>`` of the method, the path, the
+query, the ``X-Gorch-Timestamp`` (unix seconds), the ``Idempotency-Key`` and
+the body (see :func:`sign` below), so a signature is good for one request,
+once, for five minutes. Reads (``GET``) need the bearer token instead.
 
 Serve it (``engine`` and ``app`` are module-level)::
 
@@ -12,8 +17,9 @@ Serve it (``engine`` and ``app`` are module-level)::
     uvicorn examples.approval_webhook:app
     gorch worker --app examples.approval_webhook:engine   # fires the 3-day timers
 
-``GORCH_STORE`` picks the store (default ``sqlite:///approval.db``) and
-``GORCH_SECRET`` the signing secret (default ``dev-secret``).
+``GORCH_STORE`` picks the store (default ``sqlite:///approval.db``),
+``GORCH_SECRET`` the signing secret (default ``dev-secret``) and
+``GORCH_TOKEN`` the bearer token of reads (default ``dev-token``).
 
 Run it as a script (``python examples/approval_webhook.py``) to see the whole
 story in-process, without a network: a FastAPI ``TestClient`` talks to the
@@ -29,6 +35,7 @@ import hmac
 import json
 import os
 import tempfile
+import time
 import warnings
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -52,6 +59,9 @@ class Decision(pydantic.BaseModel):
 
 
 class Expense(gorch.Workflow):
+    start_input = ("requester", "amount", "description", "manager", "director")
+    """What a start request may set; ``status``, ``decided_by``... are the workflow's own."""
+
     requester: str
     amount: float = pydantic.Field(gt=0)
     description: str = ""
@@ -115,18 +125,32 @@ class Expense(gorch.Workflow):
 
 WORKFLOWS: dict[str, type[gorch.Workflow]] = {"expense": Expense}
 SECRET = os.environ.get("GORCH_SECRET", "dev-secret")
+TOKEN = os.environ.get("GORCH_TOKEN", "dev-token")
 
 engine = gorch.Engine(os.environ.get("GORCH_STORE", "sqlite:///approval.db"), WORKFLOWS)
-app = create_app(engine, secret=SECRET)
+app = create_app(engine, secret=SECRET, token=TOKEN)
 
 
-def sign(body: bytes, secret: str = SECRET) -> dict[str, str]:
+def sign(
+    method: str, path: str, body: bytes, secret: str = SECRET, timestamp: int | None = None
+) -> dict[str, str]:
     """The headers of a signed request: what a webhook sender adds to each POST and PUT.
 
-    ``gorch.http.sign(secret, body)`` does the same (and can add a timestamp).
+    Spelled out to show what is signed; ``gorch.http.sign(secret, method, path,
+    body)`` does the same (and adds an ``Idempotency-Key`` with ``key=``).
+    ``path`` is the path as sent, with its query (``/workflows/exp-1/events/decide?pc=1``).
     """
-    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return {"X-Gorch-Signature": f"sha256={digest}", "Content-Type": "application/json"}
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    path, _, query = path.partition("?")
+    key = ""  # the Idempotency-Key header's value, when one is sent
+    message = b"\n".join([b"gorch-v1", method.encode(), path.encode(), query.encode()])
+    message += b"\n" + ts.encode() + b"\n" + key.encode() + b"\n" + body
+    digest = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+    return {
+        "X-Gorch-Signature": f"v1={digest}",
+        "X-Gorch-Timestamp": ts,
+        "Content-Type": "application/json",
+    }
 
 
 # --------------------------------------------------------------------------- the demo
@@ -141,7 +165,7 @@ def main() -> None:
         # The same service as ``engine`` / ``app`` above, on a throw-away SQLite file.
         demo_engine = gorch.Engine(f"sqlite:///{tmp}/approval.db", WORKFLOWS)
         try:
-            with TestClient(create_app(demo_engine, secret=SECRET)) as client:
+            with TestClient(create_app(demo_engine, secret=SECRET, token=TOKEN)) as client:
                 story(client, demo_engine)
         finally:
             demo_engine.store.close()
@@ -150,8 +174,9 @@ def main() -> None:
 def story(client: Any, demo_engine: gorch.Engine) -> None:
     def call(method: str, path: str, data: Any = None, *, headers: Any = None) -> Any:
         body = b"" if data is None else json.dumps(data).encode()
-        if method != "GET" and headers is None:
-            headers = sign(body)
+        if headers is None:  # writes are signed, reads show the token
+            reads = {"Authorization": f"Bearer {TOKEN}"}
+            headers = reads if method == "GET" else sign(method, path, body)
         r = client.request(method, path, content=body, headers=headers)
         print(f"> {method} {path}" + ("" if data is None else " " + body.decode()))
         print(f"< {r.status_code} {brief(r.json())}")
@@ -170,19 +195,20 @@ def story(client: Any, demo_engine: gorch.Engine) -> None:
     )
     get("exp-1")
 
-    bad = sign(b'{"approved": true, "by": "mallory"}')  # signs another body
+    decide = "/workflows/expense/exp-1/events/decide"
     before = demo_engine.store.load("exp-1")
-    call(
-        "POST",
-        "/workflows/expense/exp-1/events/decide",
-        {"approved": True, "by": "mallory", "comment": "sure"},
-        headers=bad,
-    )
+    bad = sign("POST", decide, b'{"approved": true, "by": "mallory"}')  # signs another body
+    call("POST", decide, {"approved": True, "by": "mallory", "comment": "sure"}, headers=bad)
+    elsewhere = sign("POST", "/workflows/expense/exp-9/events/decide", b"{}")  # another expense
+    call("POST", decide, {}, headers=elsewhere)
     after = demo_engine.store.load("exp-1")
     same = after.blob == before.blob and after.version == before.version
-    print(f"  the badly signed request changed nothing: {same} (version {after.version})")
+    print(f"  the badly signed requests changed nothing: {same} (version {after.version})")
 
-    call("POST", "/workflows/expense/exp-1/events/decide", {"approved": True, "by": "ann"})
+    approval = json.dumps({"approved": True, "by": "ann"}).encode()
+    headers = sign("POST", decide, approval)
+    call("POST", decide, {"approved": True, "by": "ann"}, headers=headers)
+    call("POST", decide, {"approved": True, "by": "ann"}, headers=headers)  # a replay: 409
     get("exp-1")
 
     print()

@@ -23,7 +23,9 @@ Serve it (``engine`` and ``app`` are module-level)::
     gorch worker --app examples.pizza:engine     # abandons carts after 24 h
 
 ``GORCH_STORE`` picks the store (default ``sqlite:///pizza.db``); set
-``GORCH_SECRET`` to require signed requests (see ``examples/approval_webhook.py``).
+``GORCH_SECRET`` to require signed writes and ``GORCH_TOKEN`` to require a
+bearer token (see ``examples/approval_webhook.py``). With neither, the app is
+open to anyone who can reach it, and logs so.
 
 Run it as a script (``python examples/pizza.py``) to drive one order end to
 end over HTTP in-process (FastAPI's ``TestClient``, a temporary SQLite file),
@@ -82,6 +84,9 @@ class Delivery(pydantic.BaseModel):
 
 
 class PizzaOrder(gorch.Workflow):
+    start_input = ("customer", "address")
+    """What a start request may set; the cart, totals and status are the order's own."""
+
     customer: str = "guest"
     address: str = ""
     items: list[Item] = []
@@ -183,7 +188,11 @@ class PizzaOrder(gorch.Workflow):
 WORKFLOWS: dict[str, type[gorch.Workflow]] = {"pizza": PizzaOrder}
 
 engine = gorch.Engine(os.environ.get("GORCH_STORE", "sqlite:///pizza.db"), WORKFLOWS)
-app = create_app(engine, secret=os.environ.get("GORCH_SECRET") or None)
+app = create_app(  # open (and it logs so) unless GORCH_SECRET or GORCH_TOKEN is set
+    engine,
+    secret=os.environ.get("GORCH_SECRET") or None,
+    token=os.environ.get("GORCH_TOKEN") or None,
+)
 
 
 # --------------------------------------------------------------------------- the demo
@@ -198,7 +207,8 @@ def main() -> None:
         # The same service as ``engine`` / ``app`` above, on a throw-away SQLite file.
         demo_engine = gorch.Engine(f"sqlite:///{tmp}/pizza.db", WORKFLOWS)
         try:
-            with TestClient(create_app(demo_engine)) as client:
+            # In-process, no network: nobody else can reach this app.
+            with TestClient(create_app(demo_engine, insecure=True)) as client:
                 story(client, demo_engine)
         finally:
             demo_engine.store.close()

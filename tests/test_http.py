@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -43,8 +44,9 @@ from stores.store_support import make_spec
 import gorch.graph
 from gorch.codec import loads
 from gorch.engine import Engine
-from gorch.errors import Conflict, StoreUnavailable
-from gorch.http import create_app, sign
+from gorch.errors import Conflict, GorchError, StoreUnavailable, WorkflowNotFound
+from gorch.http import create_app, create_router, gorch_error_handler, sign, status_for
+from gorch.http.schemas import ID_PATTERN
 from gorch.stores import MemoryStore
 
 with warnings.catch_warnings():  # newer Starlette warns that its TestClient moves to httpx2
@@ -536,6 +538,74 @@ def test_unknown_routes_and_methods_answer_in_the_error_shape(
     assert_error(client.delete("/workflows/o-1"), 405, "MethodNotAllowed")
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("DELETE", "/workflows/o-1", "GET"),
+        ("OPTIONS", "/workflows/o-1", "GET"),
+        ("PATCH", "/workflows", "GET"),
+        ("GET", "/workflows/order", "POST"),  # a workflow's start, not an instance id
+        ("DELETE", "/workflows/order", "POST"),
+        ("PATCH", "/workflows/order/o-1", "PUT"),
+        ("GET", "/workflows/order/o-1/events/pay", "POST"),
+        ("GET", "/workflows/o-1/events/pay", "POST"),
+        ("POST", "/workflows/o-1/graph", "GET"),
+        ("DELETE", "/healthz", "GET"),
+        ("POST", "/docs", "GET"),
+        ("PUT", "/openapi.json", "GET"),
+    ],
+)
+def test_a_405_lists_every_method_the_path_documents(
+    client: TestClient, engine: Engine, method: str, path: str, allow: str
+) -> None:
+    doc = client.get("/openapi.json").json()["paths"]
+    start_order(client)
+    with untouched(engine, "o-1"):
+        r = client.request(method, path)
+    assert_error(r, 405, "MethodNotAllowed")
+    assert r.headers["allow"] == allow
+    for template, item in doc.items():  # Allow agrees with the document's own path
+        pattern = re.sub(r"\{[^}]+\}", "[^/]+", template)
+        if re.fullmatch(pattern, path) and template.count("{") == min(
+            t.count("{") for t in doc if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", t), path)
+        ):
+            assert sorted(m.upper() for m in item) == allow.split(", "), template
+
+
+def test_a_workflow_name_is_never_an_instance_id(client: TestClient, engine: Engine) -> None:
+    with untouched(engine):
+        r = client.put("/workflows/order/survey", json={"item": "x"})
+    assert "name of a workflow" in assert_error(r, 422, "InvalidWorkflowId")["detail"]
+
+
+def test_the_id_pattern_and_lengths_are_in_the_openapi_document(
+    client: TestClient, engine: Engine
+) -> None:
+    doc = client.get("/openapi.json").json()
+    ids = [
+        p["schema"]
+        for item in doc["paths"].values()
+        for op in item.values()
+        for p in op.get("parameters", [])
+        if p["in"] == "path" and p["name"] == "id"
+    ]
+    assert len(ids) >= 5
+    for schema in ids:
+        assert schema["pattern"] == ID_PATTERN and (schema["minLength"], schema["maxLength"]) == (
+            1,
+            200,
+        )
+        assert re.fullmatch(schema["pattern"], "o-1") and not re.fullmatch(ID_PATTERN, "-x")
+    keys = [
+        p["schema"]
+        for item in doc["paths"].values()
+        for op in item.values()
+        for p in op.get("parameters", [])
+        if p["in"] == "header" and p["name"] == "Idempotency-Key"
+    ]
+    assert keys and all((k["minLength"], k["maxLength"]) == (1, 255) for k in keys)
+
+
 # --------------------------------------------------------------------------- OpenAPI
 
 
@@ -732,6 +802,140 @@ def test_the_app_mounts_under_a_prefix_of_an_existing_app(engine: Engine) -> Non
         assert doc["servers"] == [{"url": "/gorch"}]  # "try it out" goes through the prefix
         page = c.get("/gorch/docs", headers=auth).text
         assert "/gorch/openapi.json" in page and "/gorch/docs/assets/swagger-ui-bundle.js" in page
+
+
+def test_the_router_mounts_into_a_host_app_and_its_docs(engine: Engine) -> None:
+    """``create_router`` in the host's own app: its /docs, its 404s, gorch's errors mapped."""
+    host = FastAPI(title="shop")
+    host.include_router(create_router(engine, token=TOKEN), prefix="/gorch")
+    host.add_exception_handler(GorchError, gorch_error_handler)
+
+    @host.get("/orders/{id}/status")
+    def order_status(id: str) -> dict[str, str]:  # the host's own endpoint calls the Engine
+        return {"status": engine.get(id).status}
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(host) as c:
+        doc = c.get("/openapi.json").json()  # the host's document, open as the host wants
+        assert "/gorch/workflows/order/{id}/events/pay" in doc["paths"]
+        assert "/orders/{id}/status" in doc["paths"]
+        assert "/gorch/workflows/{id}" in doc["paths"]
+        assert "swagger" in c.get("/docs").text.lower()
+        assert_error(c.get("/gorch/workflows/o-1"), 401, "Unauthorized")
+        r = c.put("/gorch/workflows/order/o-1", json={"item": "x"}, headers=auth)
+        assert r.status_code == 201, r.text
+        r = c.post("/gorch/workflows/order/o-1/events/pay", json=PAY, headers=auth)
+        assert r.json()["by"] == "visa"
+        assert c.get("/orders/o-1/status").json() == {"status": "waiting"}
+        body = assert_error(c.get("/orders/nope/status"), 404, "WorkflowNotFound")
+        assert body["id"] == "nope"
+        assert_error(c.get("/orders/a%20b/status"), 422, "InvalidWorkflowId")
+
+
+def test_an_async_engine_is_served_on_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``create_app(AsyncEngine(...))`` awaits the engine and its store: no threadpool."""
+    import anyio.to_thread
+
+    from gorch.async_engine import AsyncEngine
+
+    used: list[str] = []
+
+    async def no_threadpool(func: Any, *args: Any, **kwargs: Any) -> Any:
+        used.append(getattr(func, "__qualname__", repr(func)))
+        raise AssertionError(f"the threadpool ran {func!r}")
+
+    for store in ("memory://", f"sqlite:///{tmp_path / 'async.db'}"):
+        engine = AsyncEngine(store, WORKFLOWS)
+        with client_for(engine, secret=SECRET, token=TOKEN) as c:
+            monkeypatch.setattr(anyio.to_thread, "run_sync", no_threadpool)
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            body = json.dumps({"item": "lamp"}).encode()
+            path = "/workflows/order/o-1"
+            headers = {"content-type": "application/json", **sign(SECRET, "PUT", path, body)}
+            r = c.put(path, content=body, headers=headers)
+            assert r.status_code == 201, r.text
+            pay = json.dumps(PAY).encode()
+            path = "/workflows/order/o-1/events/pay"
+            headers = {"content-type": "application/json", **sign(SECRET, "POST", path, pay)}
+            r = c.post(path, content=pay, headers=headers)
+            assert (r.status_code, r.json()["by"]) == (200, "visa")
+            assert_error(c.post(path, content=pay, headers=headers), 409, "ReplayedRequest")
+            snap = c.get("/workflows/o-1", headers=auth).json()
+            assert (snap["status"], snap["data"]["paid"]) == ("waiting", 4.5)
+            page = c.get("/workflows", headers=auth).json()
+            assert [i["id"] for i in page["items"]] == ["o-1"]
+            r = c.post(
+                "/workflows/o-1/cancel",
+                headers=sign(SECRET, "POST", "/workflows/o-1/cancel"),
+            )
+            assert r.json()["status"] == "cancelled"
+            assert_error(c.get("/workflows/nope", headers=auth), 404, "WorkflowNotFound")
+            assert c.get("/healthz").json() == {"status": "ok"}
+            assert c.get("/workflows/o-1/graph", headers=auth).json()["id"] == "o-1"
+            monkeypatch.undo()
+        assert used == []
+
+
+def _gorch_errors() -> set[type[GorchError]]:
+    import gorch.testing  # noqa: F401 - its errors count too
+
+    found: set[type[GorchError]] = set()
+    todo: list[type[GorchError]] = [GorchError]
+    while todo:
+        cls = todo.pop()
+        if cls.__module__.startswith("gorch") and cls not in found:
+            found.add(cls)
+            todo.extend(cls.__subclasses__())
+    return found
+
+
+STATUS = {
+    "GorchError": 500,
+    "DefinitionError": 500,
+    "SyncCallRefused": 500,
+    "WorkflowFinishedError": 409,
+    "StepFailed": 500,
+    "DAGFailed": 500,
+    "HandlerFailed": 500,
+    "SetupError": 500,
+    "EventNotFound": 409,
+    "AmbiguousEvent": 409,
+    "StaleEvent": 409,
+    "InvalidEventInput": 422,
+    "ResumeLimitError": 500,
+    "CursorNotFound": 500,
+    "ThreadExists": 500,
+    "TimerNotSendable": 403,
+    "InvalidIdempotencyKey": 422,
+    "IdempotencyKeyReused": 409,
+    "SerializationError": 500,
+    "RoundTripError": 500,
+    "TimerLimitError": 500,
+    "UnawaitedCoroutineError": 500,
+    "StoreError": 503,
+    "Conflict": 503,
+    "WorkflowNotFound": 404,
+    "WorkflowExists": 409,
+    "StoreUnavailable": 503,
+    "UnsupportedStoreURL": 500,
+    "UnknownWorkflow": 404,
+    "InvalidWorkflowData": 422,
+    "WorkflowNotActive": 409,
+    "InvalidWorkflowId": 422,
+}
+
+
+def test_every_gorch_error_has_a_decided_status() -> None:
+    """A new error class fails here until someone decides what it answers."""
+    errors = _gorch_errors()
+    assert {cls.__name__ for cls in errors} == set(STATUS)
+    for cls in errors:
+        assert status_for(cls) == STATUS[cls.__name__], cls
+    assert status_for(WorkflowNotFound("x")) == 404
+    with pytest.raises(TypeError):
+        status_for(ValueError)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- a real server

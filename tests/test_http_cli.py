@@ -169,11 +169,19 @@ def test_serve_runs_the_app_with_the_secrets_from_the_environment(
     auth = {"Authorization": "Bearer t0", "content-type": "application/json"}
     with TestClient(served["app"]) as c:
         assert c.put("/workflows/order/o-1", content=body, headers=auth).status_code == 401
-        r = c.put("/workflows/order/o-1", content=body, headers={**auth, **sign("s3", "PUT", "/workflows/order/o-1", body)})
+        r = c.put(
+            "/workflows/order/o-1",
+            content=body,
+            headers={**auth, **sign("s3", "PUT", "/workflows/order/o-1", body)},
+        )
         assert r.status_code == 201, r.text
         assert c.get("/workflows/o-1").status_code == 401  # the token guards reads
         big = b'{"item": "' + b"x" * 100 + b'"}'
-        r = c.put("/workflows/order/o-2", content=big, headers={**auth, **sign("s3", "PUT", "/workflows/order/o-2", big)})
+        r = c.put(
+            "/workflows/order/o-2",
+            content=big,
+            headers={**auth, **sign("s3", "PUT", "/workflows/order/o-2", big)},
+        )
         assert r.status_code == 413
     assert Engine(store_url, WORKFLOWS).get("o-1").data["item"] == "x"  # the --store/env store
 
@@ -195,3 +203,31 @@ def test_serve_usage_errors_exit_2_without_serving(
     assert run.code == 2
     assert expected in run.error_line()
     assert served == {}
+
+
+def test_serve_refuses_to_start_open_unless_insecure(
+    cli: Any, store_url: str, served: dict[str, Any]
+) -> None:
+    run = cli("serve", *MAP)
+    assert run.code == 2
+    assert "--insecure" in run.error_line() and "--secret-env" in run.error_line()
+    assert served == {}
+
+    run = cli("serve", *MAP, "--insecure")
+    assert run.code == 0, run.err
+    startup = [line for line in run.err.splitlines() if line.startswith("gorch serve:")]
+    assert startup and all("INSECURE" in line for line in startup)
+    with TestClient(served["app"]) as c:  # open indeed: what --insecure means
+        r = c.put("/workflows/order/o-1", json={"item": "x"})
+        assert r.status_code == 201, r.text
+
+
+def test_gorch_send_refuses_a_timer(cli: Any, store_url: str) -> None:
+    engine = Engine(store_url, WORKFLOWS)
+    engine.start("order", "o-1", {"item": "x"})
+    before = engine.store.load("o-1")
+    run = cli("send", *MAP, "o-1", "expire")
+    assert run.code == 1
+    assert "TimerNotSendable" in run.error_line() and "fires when due" in run.error_line()
+    assert engine.store.load("o-1") == before
+    engine.store.close()

@@ -417,18 +417,21 @@ def test_public_docs_open_the_docs_and_nothing_else(engine: Engine) -> None:
 
 
 def test_token_and_signature_together(engine: Engine) -> None:
+    """Writes are signed (a webhook sender needs no token); reads need the token."""
     with client_for(engine, token=TOKEN, secret=SECRET) as c:
         body = b'{"item": "x"}'
         path = "/workflows/order/o-1"
-        headers = sign(SECRET, "PUT", path, body)
         with untouched(engine):
-            r1 = c.put(path, content=body, headers={**_JSON, **headers})
-            r2 = c.put(path, content=body, headers={**_JSON, **AUTH})
-        assert_error(r1, 401, "Unauthorized")
-        assert_error(r2, 401, "InvalidSignature")
-        r = c.put(path, content=body, headers={**_JSON, **AUTH, **headers})
+            r1 = c.put(path, content=body, headers={**_JSON, **AUTH})
+            r2 = c.get("/workflows", headers=sign(SECRET, "GET", "/workflows"))
+        assert_error(r1, 401, "InvalidSignature")  # the token does not replace a signature
+        assert_error(r2, 401, "Unauthorized")  # nor a signature the token, on reads
+        r = c.put(path, content=body, headers={**_JSON, **sign(SECRET, "PUT", path, body)})
         assert r.status_code == 201, r.text
-        assert c.get("/workflows/o-1", headers=AUTH).status_code == 200  # a GET needs the token
+        pay = "/workflows/order/o-1/events/pay"
+        r = send(c, "POST", pay, PAY, headers={**AUTH, **sign(SECRET, "POST", pay, body_of(PAY))})
+        assert r.status_code == 200, r.text  # a token alongside does no harm
+        assert c.get("/workflows/o-1", headers=AUTH).json()["data"]["paid"] == 4.5
 
 
 def test_the_docs_work_offline(engine: Engine) -> None:
@@ -483,17 +486,20 @@ def test_token_and_signature_are_checked_before_any_store_access() -> None:
     with client_for(engine, token=TOKEN, secret=SECRET) as c:
         store.calls.clear()
         refused = [
-            send(c, "POST", path, PAY),  # no token
-            send(c, "POST", path, PAY, headers=AUTH),  # no signature
+            send(c, "POST", path, PAY, headers={}),  # nothing
+            send(c, "POST", path, PAY, headers=AUTH),  # a token, no signature
             send(c, "POST", path, PAY, headers={**AUTH, **_pay_headers(path="/x")}),
             send(c, "POST", path, PAY, headers={**AUTH, **_pay_headers(timestamp=1)}),
+            send(c, "POST", path, PAY, headers=sign("wrong", "POST", path, body_of(PAY))),
             c.get("/workflows/o-1"),
-            c.get("/workflows"),
+            c.get("/workflows", headers=sign(SECRET, "GET", "/workflows")),
+            c.get("/workflows/o-1/graph", headers={"Authorization": "Bearer wrong"}),
             c.post("/workflows/o-1/cancel", headers=AUTH),
+            c.delete("/workflows/o-1", headers=AUTH),
         ]
         assert [r.status_code for r in refused] == [401] * len(refused)
         assert store.calls == []
-        ok = send(c, "POST", path, PAY, headers={**AUTH, **_pay_headers()})
+        ok = send(c, "POST", path, PAY, headers=_pay_headers())
         assert ok.status_code == 200, ok.text
         assert store.calls[0] == "remember"  # a good signature is remembered first
 

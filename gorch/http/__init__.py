@@ -35,13 +35,16 @@ due. ``Idempotency-Key`` (1-255 printable ASCII) on starts and events makes a
 retry apply nothing twice: the repeat answers as the first time did.
 
 Who may call (checked before the store is touched)
-    With ``token``: every route but ``/healthz`` needs ``Authorization: Bearer
-    <token>``, the docs (``/docs``, ``/openapi.json``) included unless
-    ``public_docs=True``. With ``secret``: every POST/PUT must be signed (see
-    :mod:`gorch.http.auth` and :func:`sign`), and, when there is no token, every
-    GET too. So an unauthenticated caller sees ``/healthz`` only. With
-    neither, the app is open to anyone who can reach it and says so in the log
-    (``insecure=True`` acknowledges it).
+    With ``secret``: every POST/PUT must be signed (see :mod:`gorch.http.auth`
+    and :func:`sign`); a signed request needs nothing else, so a webhook
+    sender that cannot add headers of its own still gets through. With
+    ``token``: every other route but ``/healthz`` needs ``Authorization:
+    Bearer <token>``: the reads, and the docs (``/docs``, ``/openapi.json``)
+    unless ``public_docs=True``; without a secret, the writes too. With a
+    secret and no token, reads must be signed as well. So an unauthenticated
+    caller sees ``/healthz`` only. With neither, the app is open to anyone
+    who can reach it and says so in the log (``insecure=True`` acknowledges
+    it).
 
 Errors are ``{"error": <name>, "detail": <message>, ...facts}``: gorch errors
 keep their class name (``WorkflowNotFound``, ``EventNotFound`` with the

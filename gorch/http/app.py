@@ -21,11 +21,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gorch import __version__
-from gorch.engine import Engine
+from gorch.engine import EngineCore
 from gorch.errors import GorchError
 from gorch.http.auth import Secret
 from gorch.http.errors import (
@@ -57,11 +57,13 @@ Long-running workflows driven over HTTP.
   instance not active, or a replayed signature, 422 invalid input, data, id or
   key, 503 store unavailable or instance busy (retry after `Retry-After`).
   Refused requests change nothing.
-* **Security** (when configured): `Authorization: Bearer <token>` on every route
-  but `/healthz`; with a secret, `X-Gorch-Signature: v1=<hex>` and
-  `X-Gorch-Timestamp` (HMAC-SHA256 of method, path, query, timestamp,
-  Idempotency-Key and body; see `gorch.http.sign`) or Standard Webhooks headers
-  on every POST and PUT (and on GETs too when there is no token).
+* **Security** (when configured): with a secret, every POST and PUT is signed:
+  `X-Gorch-Signature: v1=<hex>` and `X-Gorch-Timestamp` (HMAC-SHA256 of method,
+  path, query, timestamp, Idempotency-Key and body; see `gorch.http.sign`), or
+  Standard Webhooks headers; each signature is accepted once. With a token,
+  `Authorization: Bearer <token>` on every other route but `/healthz` (reads,
+  docs; writes too when there is no secret). With a secret and no token, reads
+  are signed too. Without credentials only `/healthz` answers.
 """
 
 
@@ -88,18 +90,30 @@ class _EncodedSlashes:
         await self.app(scope, receive, send)
 
 
-def _allowed_methods(routes: Sequence[BaseRoute], scope: Scope) -> list[str]:
-    """Every method some route answers at this path (for ``Allow``)."""
-    methods: set[str] = set()
+def _routes_at(routes: Sequence[BaseRoute], scope: Scope) -> list[BaseRoute]:
+    """The routes whose path matches this request's (whatever their methods)."""
+    return [r for r in routes if r.matches({**scope, "method": "\0"})[0] is Match.PARTIAL]
+
+
+def _allowed_methods(routes: Sequence[BaseRoute]) -> list[str]:
+    """The methods of a path's ``routes`` (for ``Allow``), as the OpenAPI document lists them.
+
+    As in OpenAPI, a path with more literal segments wins over a templated
+    one (``/workflows/order`` is the workflow's start, not an instance id),
+    and the hidden fallback routes (starts by any name) are not listed.
+    """
+    found: dict[int, set[str]] = {}
     for route in routes:
-        match, _ = route.matches({**scope, "method": "\0"})
-        if match is Match.PARTIAL:
-            methods |= set(getattr(route, "methods", None) or ())
-    return sorted(methods)
+        if getattr(route, "fallback", False):
+            continue
+        path = str(getattr(route, "path", ""))
+        literal = sum(1 for segment in path.split("/") if segment and "{" not in segment)
+        found.setdefault(literal, set()).update(getattr(route, "methods", None) or ())
+    return sorted(found[max(found)]) if found else []
 
 
 def create_app(
-    engine: Engine,
+    engine: EngineCore,
     *,
     secret: Secret | Sequence[Secret] | None = None,
     token: str | None = None,
@@ -116,8 +130,10 @@ def create_app(
     every route (token, or signature with only a secret) unless
     ``public_docs=True``. Without ``secret`` and ``token`` the app is open to
     anyone who can reach it and logs a warning, unless ``insecure=True``
-    says that is intended. Engine calls are blocking, so they run in the
-    threadpool, never on the event loop.
+    says that is intended. ``engine`` is a :class:`gorch.Engine`, whose
+    blocking calls run in the threadpool, never on the event loop, or an
+    engine whose methods are coroutines (``gorch.AsyncEngine``), awaited on
+    the loop.
     """
     router = create_router(
         engine,
@@ -142,16 +158,22 @@ def create_app(
         _add_docs(app, route_class, public_docs)
 
     async def not_routed(request: Request, exc: Exception) -> Response:
-        """Unknown route or method: the caller still has to show the token (or signature)."""
+        """Unknown route or method: the caller still has to show the token (or signature).
+
+        Except on a public path (``/healthz``): anyone may learn its methods.
+        """
         assert isinstance(exc, StarletteHTTPException)
-        if exc.status_code in (404, 405):
+        routes = [r for r in (*router.routes, *app.routes) if isinstance(r, Route)]
+        here = _routes_at(routes, request.scope) if exc.status_code == 405 else []
+        public = bool(here) and all(getattr(r, "public", False) for r in here)
+        if exc.status_code in (404, 405) and not public:
             try:
                 if await gate.authenticate(request) is None:
                     return Response(status_code=400)
             except HTTPError as e:
                 return e.response()
         if exc.status_code == 405:
-            allow = ", ".join(_allowed_methods([*router.routes, *app.routes], request.scope))
+            allow = ", ".join(_allowed_methods(here))
             detail = f"{request.method} is not allowed here; allowed: {allow}"
             return json_error(
                 {"error": "MethodNotAllowed", "detail": detail}, 405, {"Allow": allow}

@@ -48,7 +48,6 @@ from starlette.types import Scope
 
 from gorch import clock
 from gorch.http.errors import HTTPError
-from gorch.stores.base import Store
 
 SIGNATURE_HEADER = "X-Gorch-Signature"
 TIMESTAMP_HEADER = "X-Gorch-Timestamp"
@@ -151,7 +150,7 @@ def _raw_target(scope: Scope) -> tuple[bytes, bytes]:
 
 
 class Authenticator:
-    """Checks the token and the signatures of requests (pure: no store access but ``remember``)."""
+    """Checks the token and the signatures of requests (pure: no store access)."""
 
     def __init__(
         self,
@@ -299,13 +298,12 @@ class Authenticator:
     # ------------------------------------------------------------------ replays
 
     @staticmethod
-    def remember(store: Store, verified: Verified) -> None:
-        """409 ``ReplayedRequest`` if this signed request was accepted before (any process)."""
-        if not store.remember(verified.replay_key, verified.until):
-            raise HTTPError(
-                409,
-                "ReplayedRequest",
-                "this signed request was already received: a signature is accepted once. "
-                "To retry, sign the request again (a new timestamp) and send the same "
-                f"{IDEMPOTENCY_HEADER} so that it is applied at most once",
-            )
+    def replayed() -> HTTPError:
+        """409 ``ReplayedRequest``: ``Store.remember`` knew this signed request already."""
+        return HTTPError(
+            409,
+            "ReplayedRequest",
+            "this signed request was already received: a signature is accepted once. "
+            "To retry, sign the request again (a new timestamp) and send the same "
+            f"{IDEMPOTENCY_HEADER} so that it is applied at most once",
+        )

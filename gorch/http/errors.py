@@ -25,7 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gorch.errors import (
     AmbiguousEvent,
+    ConcurrentChange,
     Conflict,
+    CursorNotFound,
+    DefinitionError,
     EventNotFound,
     GorchError,
     HandlerFailed,
@@ -34,9 +37,14 @@ from gorch.errors import (
     InvalidIdempotencyKey,
     InvalidWorkflowData,
     InvalidWorkflowId,
+    ResumeLimitError,
+    SerializationError,
+    SetupError,
     StaleEvent,
     StepFailed,
+    StoreError,
     StoreUnavailable,
+    ThreadExists,
     TimerNotSendable,
     UnknownWorkflow,
     WorkflowExists,
@@ -44,6 +52,7 @@ from gorch.errors import (
     WorkflowNotActive,
     WorkflowNotFound,
 )
+from gorch.stores import UnsupportedStoreURL
 
 log = logging.getLogger("gorch")
 
@@ -87,6 +96,8 @@ class HTTPError(Exception):
 
 
 _STATUS: dict[type[GorchError], int] = {
+    # the caller's to fix: an unknown id or name, a timer sent, a conflict with the
+    # instance's state, invalid input
     WorkflowNotFound: 404,
     UnknownWorkflow: 404,
     TimerNotSendable: 403,
@@ -100,23 +111,41 @@ _STATUS: dict[type[GorchError], int] = {
     InvalidEventInput: 422,
     InvalidWorkflowId: 422,
     InvalidIdempotencyKey: 422,
-    IdempotencyKeyReused: 422,
+    IdempotencyKeyReused: 409,  # a well-formed request; the key already names another
+    # worth a retry: the store is down or the instance busy
     Conflict: 503,
     StoreUnavailable: 503,
+    StoreError: 503,
+    # the server's: a definition, a step, a handler, a blob or the configuration
+    UnsupportedStoreURL: 500,
+    SerializationError: 500,
+    DefinitionError: 500,
+    StepFailed: 500,
+    ConcurrentChange: 500,
+    HandlerFailed: 500,
+    SetupError: 500,
+    ResumeLimitError: 500,
+    CursorNotFound: 500,
+    ThreadExists: 500,
+    GorchError: 500,
 }
 
 
-def status_for(exc: GorchError) -> int:
-    """The HTTP status a gorch error answers with: 404, 403, 409, 422, 503, else 500.
+def status_for(error: GorchError | type[GorchError]) -> int:
+    """The HTTP status a gorch error (or error class) answers with: 403, 404, 409, 422, 503, 500.
 
-    4xx are the caller's to fix (unknown id, event not awaited, invalid input);
-    503 is worth a retry (store down, instance busy); 500 is the server's side
-    (a definition, a handler or a step that raised, a blob that does not load).
+    4xx are the caller's to fix (unknown id, timer sent as an event, event not
+    awaited or idempotency key used for another request: 409, invalid input,
+    id or key: 422); 503 is worth a retry (store down, instance
+    busy); 500 is the server's side (a definition, a handler or a step that
+    raised, a blob that does not load). Subclasses answer as their nearest
+    listed base.
     """
-    for cls in type(exc).__mro__:
-        if cls in _STATUS:
-            return _STATUS[cls]
-    return 500
+    cls = error if isinstance(error, type) else type(error)
+    for base in cls.__mro__:
+        if base in _STATUS:
+            return _STATUS[base]
+    raise TypeError(f"status_for takes a gorch error, got {cls.__name__}")
 
 
 def facts(exc: GorchError) -> dict[str, Any]:

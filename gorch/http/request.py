@@ -6,9 +6,11 @@ sees it, so that no client input turns into a 500 further in:
 * ``NaN``, ``Infinity``, ``-Infinity`` are not JSON (400 ``MalformedJSON``);
   nor is a lone surrogate (``"\\ud800"``: not Unicode text) or a body that
   is not UTF-8;
-* a number JSON allows but a workflow's stored data cannot hold (``1e400``, an
-  integer beyond 64 bits) and nesting deeper than :data:`MAX_JSON_DEPTH` are
-  422 ``InvalidRequest``;
+* a number no float holds (``1e400``), an integer of more than
+  :data:`MAX_INT_DIGITS` digits and nesting deeper than :data:`MAX_JSON_DEPTH`
+  are 422 ``InvalidRequest``. A big integer within that is the handler's to
+  validate (the JSON Schema of an ``int`` has no bound); if what the workflow
+  keeps of it cannot be stored, the Engine refuses it and the request is a 422;
 * ``?pc=`` and ``Idempotency-Key`` are checked for what they may be.
 """
 
@@ -30,15 +32,17 @@ MAX_JSON_DEPTH = 64
 the stored blob (the workflow's own nesting on top) must stay well within what the
 codec and the interpreter handle."""
 
-MAX_PC = 2**53 - 1
-"""The largest ``pc`` a wait can have (one JSON-safe integer)."""
+PC_PATTERN = r"^[0-9]{1,15}$"
+"""``?pc=``: the decimal digits of a wait's pc, as the snapshot gives it (at most 15, so
+it stays a JSON-safe integer). Documented as such: a JSON Schema ``integer`` would also
+admit ``3.0`` or ``1e2``, which a query string should not."""
 
 KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
 """An idempotency key: 1-255 printable ASCII characters without spaces (a UUID fits)."""
 _KEY = re.compile(KEY_PATTERN)
-_PC = re.compile(r"[0-9]{1,16}")
-_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
-"""What msgpack (the blob format) holds."""
+_PC = re.compile(PC_PATTERN)
+MAX_INT_DIGITS = 1000
+"""Longer integers are refused before they are converted (that costs quadratic time)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +105,9 @@ def _float(text: str) -> float:
 
 
 def _int(text: str) -> int:
-    if len(text.lstrip("-")) > 20:
-        _unsupported(f"the integer {text[:40]}... is out of range (64 bits)")
-    value = int(text)
-    if not _INT_MIN <= value <= _INT_MAX:
-        _unsupported(f"the integer {text} is out of range (64 bits)")
-    return value
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        _unsupported(f"the integer {text[:40]}... has more than {MAX_INT_DIGITS} digits")
+    return int(text)
 
 
 def _check_tree(value: Any) -> None:
@@ -171,11 +172,11 @@ def check_key(key: str, header: str) -> str:
 
 
 def parse_pc(text: str | None) -> int | None:
-    """``?pc=``: a non-negative integer of at most 16 ASCII digits (422 otherwise)."""
+    """``?pc=``: a non-negative integer of at most 15 ASCII digits (422 otherwise)."""
     if text is None:
         return None
-    if not _PC.fullmatch(text) or int(text) > MAX_PC:
-        msg = f"Input should be an integer from 0 to {MAX_PC}"
+    if not _PC.fullmatch(text):
+        msg = "Input should be a non-negative integer of at most 15 digits"
         raise HTTPError(
             422,
             "InvalidRequest",

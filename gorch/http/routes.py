@@ -17,15 +17,14 @@ from typing import Annotated, Any, ClassVar, cast
 
 import pydantic
 import pydantic_core
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPBearer
-from starlette.concurrency import run_in_threadpool
+from fastapi.security import APIKeyHeader, HTTPBearer
 from starlette.types import Message
 
 from gorch.codec import loads
-from gorch.engine import Engine, EventTypes, InstanceStatus, ListPage, Snapshot
+from gorch.engine import EngineCore, EventTypes, InstanceStatus, ListPage, Snapshot
 from gorch.errors import (
     InvalidEventInput,
     InvalidWorkflowData,
@@ -34,12 +33,21 @@ from gorch.errors import (
     UnknownWorkflow,
     summarize_validation,
 )
-from gorch.http.auth import IDEMPOTENCY_HEADER, Authenticator, Secret, Verified
+from gorch.http.auth import (
+    IDEMPOTENCY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    Authenticator,
+    Secret,
+    Verified,
+)
+from gorch.http.driver import Driver
 from gorch.http.errors import HTTPError, error_docs, known_error_response
 from gorch.http.request import Payload, check_key, parse_json, parse_pc, read_body
 from gorch.http.schemas import (
     SAFE_SEGMENT,
     Definition,
+    EventPath,
     Graph,
     Health,
     IdPath,
@@ -51,6 +59,7 @@ from gorch.http.schemas import (
     documenting,
     event_signature,
     json_body,
+    name_or_id_param,
     served_by,
     start_signature,
     union,
@@ -78,31 +87,39 @@ class Admitted:
 class Gate:
     """The checks every gorch route runs before its endpoint, in this order.
 
-    Token (401), body size (413), signature and timestamp (401), media type and
-    JSON (415, 400, 422), idempotency key (422), then the replay check (409),
+    Token (401, for what is not signed), body size (413), signature and
+    timestamp (401), media type and JSON (415, 400, 422), idempotency key
+    (422), then the replay check (409),
     the only one that touches the store (``Store.remember``), and only for a
     request whose signature is good.
     """
 
-    def __init__(self, engine: Engine, auth: Authenticator, max_body: int) -> None:
+    def __init__(self, driver: Driver, auth: Authenticator, max_body: int) -> None:
         if max_body <= 0:
             raise ValueError(f"max_body must be positive, got {max_body}")
-        self.engine = engine
+        self.driver = driver
         self.auth = auth
         self.max_body = max_body
 
     def must_sign(self, method: str) -> bool:
-        """A secret alone guards every request; with a token too, only the mutating ones."""
+        """A secret guards every write; reads too, unless a token guards them.
+
+        A signed request needs no token: the signature proves more (this
+        request, now, from a holder of the secret), and a webhook sender
+        cannot always add an ``Authorization`` header.
+        """
         return self.auth.signed and (method not in _SAFE_METHODS or self.auth.token is None)
 
     async def authenticate(self, request: Request) -> tuple[bytes, Verified | None] | None:
-        """Token and signature: the body and what was verified; None if the client left."""
-        self.auth.check_token(request.headers)
+        """Signature or token: the body and what was verified; None if the client left."""
+        signed = self.must_sign(request.method)
+        if not signed:  # refused before a byte of body is read
+            self.auth.check_token(request.headers)
         body = await read_body(request.headers, request.receive, self.max_body)
         if body is None:
             return None
         verified = None
-        if self.must_sign(request.method):
+        if signed:
             verified = self.auth.verify(request.scope, request.headers, body)
         return body, verified
 
@@ -127,8 +144,12 @@ class Gate:
                 key = check_key(header.strip(), IDEMPOTENCY_HEADER)
             elif verified is not None and verified.idempotency_key is not None:
                 key = check_key(verified.idempotency_key, "webhook-id")
-        if verified is not None and mutating:
-            await run_in_threadpool(self.auth.remember, self.engine.store, verified)
+        if (
+            verified is not None
+            and mutating
+            and not await self.driver.remember(verified.replay_key, verified.until)
+        ):
+            raise self.auth.replayed()
         scope = request.scope
         scope[_ADMITTED] = Admitted(Payload(body, value), key)
         sent = False
@@ -151,6 +172,8 @@ class GorchRoute(APIRoute):
 
     gate: ClassVar[Gate]
     public: ClassVar[bool] = False
+    fallback: ClassVar[bool] = False
+    """A hidden route behind the documented ones (not listed in ``Allow``)."""
 
     def inner_handler(self) -> Serve:
         """What answers once the gate let the request in (FastAPI's handler by default)."""
@@ -175,12 +198,17 @@ class GorchRoute(APIRoute):
         return handler
 
 
-def admitted(request: Request) -> Admitted:
-    """The dependency that hands an endpoint what the gate checked."""
+def checked_of(request: Request) -> Admitted:
+    """What the gate checked for this request (left in its scope)."""
     found = request.scope.get(_ADMITTED)
     if not isinstance(found, Admitted):  # pragma: no cover - every gorch route has a gate
         raise RuntimeError("gorch.http: a route ran without its gate")
     return found
+
+
+async def admitted(request: Request) -> Admitted:
+    """The dependency that hands an endpoint what the gate checked (async: no threadpool)."""
+    return checked_of(request)
 
 
 Checked = Annotated[Admitted, Depends(admitted)]
@@ -201,7 +229,7 @@ def _warn_if_open(token: str | None, secret: object, insecure: bool) -> None:
 
 
 def create_router(
-    engine: Engine,
+    engine: EngineCore,
     *,
     secret: Secret | Sequence[Secret] | None = None,
     token: str | None = None,
@@ -215,39 +243,57 @@ def create_router(
     adds them to an application's own app and its ``/docs``. Signatures
     cover the path as sent, prefix included. Without ``secret`` and
     ``token`` a warning is logged, unless ``insecure=True`` says it is meant.
+    ``engine`` is a :class:`gorch.Engine` (its calls run in the threadpool)
+    or an engine whose methods are coroutines (awaited on the event loop).
     """
     _warn_if_open(token, secret, insecure)
     auth = Authenticator(token=token, secret=secret, tolerance=signature_tolerance)
-    gate = Gate(engine, auth, max_body)
+    driver = Driver(engine)
+    gate = Gate(driver, auth, max_body)
     route_class = cast(type[GorchRoute], type("GorchRoute", (GorchRoute,), {"gate": gate}))
     router = APIRouter(route_class=route_class)
-    _Routes(engine, router, route_class, auth).add()
+    _Routes(driver, router, route_class, auth).add()
     return router
 
 
 class _Routes:
-    """Adds the routes of ``engine`` to ``router``; one instance per router."""
+    """Adds the routes of the driven engine to ``router``; one instance per router."""
 
     def __init__(
         self,
-        engine: Engine,
+        driver: Driver,
         router: APIRouter,
         route_class: type[GorchRoute],
         auth: Authenticator,
     ) -> None:
-        self.engine = engine
+        self.driver = driver
         self.router = router
         self.route_class = route_class
         self.public_class = cast(
             type[GorchRoute], type("PublicGorchRoute", (route_class,), {"public": True})
         )
+        self.fallback_class = cast(
+            type[GorchRoute], type("FallbackGorchRoute", (route_class,), {"fallback": True})
+        )
         # Documents the bearer token for /docs ("Authorize"); the gate enforces it.
         self.auth_deps = [Depends(HTTPBearer(auto_error=False))] if auth.token else []
+        # Documents the signature of writes; the gate checks it (a signature stands alone).
+        signature = APIKeyHeader(
+            name=SIGNATURE_HEADER,
+            scheme_name="GorchSignature",
+            description=(
+                f"'v1=' and the hex HMAC-SHA256 of method, path, query, {TIMESTAMP_HEADER}, "
+                f"{IDEMPOTENCY_HEADER} and body (see gorch.http.sign), with {TIMESTAMP_HEADER}; "
+                "or Standard Webhooks' webhook-id, webhook-timestamp and webhook-signature"
+            ),
+            auto_error=False,
+        )
+        self.write_deps = [Depends(signature)] if auth.signed else self.auth_deps
         guarded = auth.token is not None or auth.signed
         self.read_errors = (401,) if guarded else ()
         # 401 bad token or signature, 409 replayed signature, and the body's errors
         self.write_errors = (*((401, 409) if guarded else ()), 400, 413, 415, 422)
-        self.definitions = {name: describe(name, cls) for name, cls in engine.workflows.items()}
+        self.definitions = {name: describe(name, cls) for name, cls in driver.workflows.items()}
         self.operation_ids: set[str] = set()
 
     def add(self) -> None:
@@ -269,27 +315,40 @@ class _Routes:
         self.operation_ids.add(unique)
         return unique
 
-    def check_id(self, id: str) -> str:
-        return Engine._check_id(id)
+    @staticmethod
+    def check_id(id: str) -> str:
+        """422 ``InvalidWorkflowId`` before any store access, as the Engine checks it."""
+        return EngineCore._check_id(id)
 
-    def start(self, name: str, id: str | None, checked: Admitted) -> Snapshot:
+    def unknown(self, name: str) -> UnknownWorkflow:
+        return UnknownWorkflow(name, list(self.driver.workflows))
+
+    async def start(self, name: str, id: str | None, checked: Admitted) -> Snapshot:
         """Validate the body against the workflow's declared start input, then start."""
-        cls = self.engine.workflows.get(name)
+        cls = self.driver.workflows.get(name)
         if cls is None:
-            raise UnknownWorkflow(name, list(self.engine.workflows))
+            raise self.unknown(name)
         if id is not None:
             self.check_id(id)
+            if id in self.driver.workflows:
+                raise HTTPError(
+                    422,
+                    "InvalidWorkflowId",
+                    f"invalid workflow id {id!r}: it is the name of a workflow, so "
+                    f"/workflows/{id} would mean the workflow, not this instance",
+                    id=id,
+                )
         payload = checked.payload
         if payload.raw and not isinstance(payload.value, dict):
             kind = type(payload.value).__name__
             raise InvalidWorkflowData(name, f"the body must be a JSON object, got {kind}")
         data = _start_data(name, cls, payload.raw or b"{}")
         try:
-            return self.engine.start(name, id, cast(Any, data), key=checked.key)
+            return await self.driver.start(name, id, data, key=checked.key)
         except SerializationError as e:  # nothing was created: the data cannot be stored
             raise InvalidWorkflowData(name, f"the data cannot be stored: {e}") from e
 
-    def deliver(
+    async def deliver(
         self,
         id: str,
         event: str,
@@ -298,7 +357,7 @@ class _Routes:
         pc: int | None,
         workflow: str | None,
     ) -> Response:
-        rec = self.engine.store.load(self.check_id(id))
+        rec = await self.driver.load(self.check_id(id))
         if workflow is not None and rec.workflow != workflow:
             raise HTTPError(
                 404,
@@ -314,19 +373,21 @@ class _Routes:
         try:
             # A step failing in the resume after the event does not fail the request:
             # the event was delivered and saved; GET shows the instance's failure.
-            out = self.engine.send(id, event, value, thread_id=thread_id, pc=pc, key=checked.key)
+            out = await self.driver.send(
+                id, event, value, thread_id=thread_id, pc=pc, key=checked.key
+            )
         except SerializationError as e:
-            if not self._loads(id):
+            if not await self._loads(id):
                 raise  # the stored record itself does not load: the server's problem
             raise InvalidEventInput(
                 event, f"what the handler made of this input cannot be stored: {e}"
             ) from e
         return _json(out)
 
-    def _loads(self, id: str) -> bool:
+    async def _loads(self, id: str) -> bool:
         """Whether the stored record of ``id`` decodes (so an error came from the event)."""
-        rec = self.engine.store.load(id)
-        cls = self.engine.workflows.get(rec.workflow)
+        rec = await self.driver.load(id)
+        cls = self.driver.workflows.get(rec.workflow)
         if cls is None:
             return False
         try:
@@ -352,9 +413,9 @@ class _Routes:
         model = defn.cls.start_input_model()
 
         async def serve(request: Request) -> Response:
-            checked = admitted(request)
+            checked = checked_of(request)
             id = request.path_params["id"] if with_id else None
-            snap = await run_in_threadpool(self.start, name, id, checked)
+            snap = await self.start(name, id, checked)
             return Response(snap.model_dump_json(), 201, None, "application/json")
 
         declared = ", ".join(defn.cls.start_input) or "nothing (start_input is empty)"
@@ -375,45 +436,41 @@ class _Routes:
             response_description="the instance, run until it blocks",
             responses=error_docs(*self.write_errors, 404, 409, 503),
             tags=[name],
-            dependencies=self.auth_deps,
+            dependencies=self.write_deps,
         )
 
     def add_generic_starts(self) -> None:
-        """The same starts for any name (hidden: each workflow has its typed operation)."""
-        initial = json_body("the declared start input of the workflow", "object")
-        started = "the instance, run until it blocks"
-        errors = error_docs(*self.write_errors, 404, 409, 503)
+        """The same starts for any name (hidden: each workflow has its typed operation).
 
-        @self.router.post(
-            "/workflows/{name}",
-            status_code=201,
-            response_model=Snapshot,
-            openapi_extra=initial,
-            response_description=started,
-            responses=errors,
-            dependencies=self.auth_deps,
-            include_in_schema=False,
-        )
-        def start_generated(name: str, checked: Checked) -> Snapshot:
-            return self.start(name, None, checked)
+        They answer a name without a typed route, and an unknown name with 404
+        ``UnknownWorkflow`` listing the known ones.
+        """
 
-        @self.router.put(
-            "/workflows/{name}/{id}",
-            status_code=201,
-            response_model=Snapshot,
-            openapi_extra=initial,
-            response_description=started,
-            responses=errors,
-            dependencies=self.auth_deps,
-            include_in_schema=False,
-        )
-        def start_with_id(name: str, id: str, checked: Checked) -> Snapshot:
-            return self.start(name, id, checked)
+        async def start_generated(name: str, checked: Checked) -> Snapshot:
+            return await self.start(name, None, checked)
+
+        async def start_with_id(name: str, id: str, checked: Checked) -> Snapshot:
+            return await self.start(name, id, checked)
+
+        for path, endpoint, method in (
+            ("/workflows/{name}", start_generated, "POST"),
+            ("/workflows/{name}/{id}", start_with_id, "PUT"),
+        ):
+            self.router.add_api_route(
+                path,
+                endpoint,
+                methods=[method],
+                status_code=201,
+                response_model=Snapshot,
+                dependencies=self.write_deps,
+                include_in_schema=False,
+                route_class_override=self.fallback_class,
+            )
 
     # ---------------------------------------------------------------- instances
 
     def add_instance_routes(self) -> None:
-        engine = self.engine
+        driver = self.driver
 
         @self.router.get(
             "/workflows",
@@ -424,7 +481,7 @@ class _Routes:
             tags=["workflows"],
             dependencies=self.auth_deps,
         )
-        def list_workflows(
+        async def list_workflows(
             status: Annotated[InstanceStatus | None, Query()] = None,
             workflow: Annotated[
                 str | None, Query(description="a workflow name", max_length=200)
@@ -434,7 +491,7 @@ class _Routes:
             ] = None,
             limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         ) -> ListPage:
-            return engine.list(
+            return await driver.list(
                 workflow=workflow,
                 status=None if status is None else status.value,
                 limit=limit,
@@ -450,8 +507,16 @@ class _Routes:
             tags=["workflows"],
             dependencies=self.auth_deps,
         )
-        def get_workflow(id: IdPath) -> Snapshot:
-            return engine.get(id)
+        async def get_workflow(id: IdPath) -> Snapshot:
+            if id in driver.workflows:  # as in OpenAPI, the literal path wins: a start
+                raise HTTPError(
+                    405,
+                    "MethodNotAllowed",
+                    f"/workflows/{id} starts a {id!r} instance (POST); a workflow name is "
+                    "never an instance id",
+                    {"Allow": "POST"},
+                )
+            return await driver.get(self.check_id(id))
 
         @self.router.post(
             "/workflows/{id}/cancel",
@@ -460,33 +525,33 @@ class _Routes:
             summary="Tear down the awaited events and mark the instance cancelled",
             responses=error_docs(*self.write_errors, 404, 409, 503),
             tags=["workflows"],
-            dependencies=self.auth_deps,
+            dependencies=self.write_deps,
         )
-        def cancel_workflow(id: IdPath, checked: Checked) -> Snapshot:
-            return engine.cancel(id)
+        async def cancel_workflow(id: IdPath, checked: Checked) -> Snapshot:
+            return await driver.cancel(self.check_id(id))
 
         @self.router.post(
             "/workflows/{id}/events/{event}",
             operation_id=self.operation_id("send_event"),
             openapi_extra=json_body("the handler's input (any JSON); empty: no input"),
             summary="Deliver any event; the response is the handler's output",
-            description=("403 for the name of a timer: timers fire when due, never on request."),
+            description="403 for the name of a timer: timers fire when due, never on request.",
             response_model=Any,
             responses=error_docs(*self.write_errors, 403, 404, 409, 500, 503),
             tags=["events"],
-            dependencies=self.auth_deps,
+            dependencies=self.write_deps,
         )
-        def send_event(
+        async def send_event(
             request: Request,
             id: IdPath,
-            event: str,
+            event: EventPath,
             checked: Checked,
             thread_id: ThreadQuery = None,
             pc: PcQuery = None,
             idempotency_key: KeyHeader = None,
         ) -> Response:
-            pc = parse_pc(request.query_params.get("pc"))  # as strict as the typed routes
-            return self.deliver(id, event, checked, thread_id, pc, None)
+            number = parse_pc(pc)  # as strict as the typed routes
+            return await self.deliver(id, event, checked, thread_id, number, None)
 
     # ---------------------------------------------------------------- typed events
 
@@ -504,14 +569,13 @@ class _Routes:
         """``POST /workflows/{workflow}/{id}/events/{event}``, typed from its handlers."""
 
         async def serve(request: Request) -> Response:
-            checked = admitted(request)
+            checked = checked_of(request)
             pc = parse_pc(request.query_params.get("pc"))
             thread_id = request.query_params.get("thread_id")
             if thread_id is not None and len(thread_id) > 200:
                 raise HTTPError(422, "InvalidRequest", "query.thread_id: at most 200 characters")
-            return await run_in_threadpool(
-                self.deliver, request.path_params["id"], event, checked, thread_id, pc, workflow
-            )
+            id = request.path_params["id"]
+            return await self.deliver(id, event, checked, thread_id, pc, workflow)
 
         op = self.operation_id(workflow, event)
         self.router.add_api_route(
@@ -530,18 +594,20 @@ class _Routes:
             response_description="the handler's output",
             responses=error_docs(*self.write_errors, 404, 409, 500, 503),
             tags=[workflow],
-            dependencies=self.auth_deps,
+            dependencies=self.write_deps,
         )
 
     # ---------------------------------------------------------------- graphs, health
 
     def add_graph_routes(self) -> None:
-        engine = self.engine
+        driver = self.driver
+        name_or_id_path = name_or_id_param(list(driver.workflows))
 
         def class_graph(name: str) -> Graph:
-            if name not in engine.workflows:
-                raise UnknownWorkflow(name, list(engine.workflows))
-            return Graph(workflow=name, mermaid=_mermaid()(engine.workflows[name]))
+            cls = driver.workflows.get(name)
+            if cls is None:
+                raise self.unknown(name)
+            return Graph(workflow=name, mermaid=_mermaid()(cls))
 
         @self.router.get(
             "/definitions/{name}/graph",
@@ -552,7 +618,9 @@ class _Routes:
             tags=["graphs"],
             dependencies=self.auth_deps,
         )
-        def definition_graph(name: str) -> Graph:
+        async def definition_graph(
+            name: Annotated[str, Path(description="a registered workflow name")],
+        ) -> Graph:
             return class_graph(name)
 
         @self.router.get(
@@ -564,22 +632,22 @@ class _Routes:
             tags=["graphs"],
             dependencies=self.auth_deps,
         )
-        def workflow_graph(name_or_id: str) -> Graph:
-            if name_or_id in engine.workflows:
+        async def workflow_graph(name_or_id: str = name_or_id_path) -> Graph:
+            if name_or_id in driver.workflows:
                 return class_graph(name_or_id)
-            rec = engine.store.load(self.check_id(name_or_id))
-            cls = engine.workflows.get(rec.workflow)
+            rec = await driver.load(self.check_id(name_or_id))
+            cls = driver.workflows.get(rec.workflow)
             if cls is None:
-                raise UnknownWorkflow(rec.workflow, list(engine.workflows))
+                raise self.unknown(rec.workflow)
             wf, state = loads(rec.blob, cls)  # the instance: its data may shape the definition
             return Graph(workflow=rec.workflow, id=rec.id, mermaid=_mermaid()(wf, state))
 
     def add_health(self) -> None:
-        engine = self.engine
+        driver = self.driver
 
-        def healthz() -> Health:
+        async def healthz() -> Health:
             try:
-                engine.store.list(limit=1)
+                await driver.list_records(limit=1)
             except StoreUnavailable:
                 raise
             except Exception as e:  # a driver error the store did not wrap

@@ -24,7 +24,7 @@ from fastapi.routing import APIRoute
 from gorch.engine import EventTypes, event_types
 from gorch.errors import GorchError
 from gorch.http.auth import IDEMPOTENCY_HEADER
-from gorch.http.request import KEY_PATTERN, MAX_PC
+from gorch.http.request import KEY_PATTERN, PC_PATTERN
 from gorch.statements import On, Select, Timeout
 from gorch.workflow import Workflow
 
@@ -60,6 +60,7 @@ def id_param(description: str = "the instance id") -> Any:
 
 
 IdPath = id_param()
+EventPath = Annotated[str, Path(description="the event's name, as the workflow awaits it")]
 
 KeyHeader = Annotated[
     str | None,
@@ -67,7 +68,7 @@ KeyHeader = Annotated[
         alias=IDEMPOTENCY_HEADER,
         description=(
             "Makes a retry apply nothing twice: a repeat with the same key returns the "
-            "first result; the same key with another request is a 422"
+            "first result; the same key with another request is a 409"
         ),
         json_schema_extra={"pattern": KEY_PATTERN, "minLength": 1, "maxLength": 255},
     ),
@@ -80,13 +81,25 @@ ThreadQuery = Annotated[
     ),
 ]
 PcQuery = Annotated[
-    int | None,
+    str | None,
     Query(
-        description="the wait's pc (from the snapshot's awaited list): 409 if that wait is over",
-        ge=0,
-        le=MAX_PC,
+        description=(
+            "the wait's pc (from the snapshot's awaited list), in decimal digits: 409 if "
+            "that wait is over"
+        ),
+        pattern=PC_PATTERN,
     ),
 ]
+
+
+def name_or_id_param(names: Sequence[str]) -> Any:
+    """The ``name_or_id`` path parameter (as a default): an id, or a registered name."""
+    extra = [re.escape(n) for n in names if not re.fullmatch(ID_PATTERN, n)]
+    pattern = ID_PATTERN if not extra else f"^(?:{ID_PATTERN[1:-1]}|{'|'.join(extra)})$"
+    return Path(
+        description="a registered workflow name, else an instance id",
+        json_schema_extra={"pattern": pattern, "minLength": 1},
+    )
 
 
 # --------------------------------------------------------------------------- definitions
