@@ -5,6 +5,7 @@ from gorch.codec import FORMAT_VERSION, dumps, loads
 from gorch.engine import Engine, InstanceStatus, Snapshot
 from gorch.errors import (
     AmbiguousEvent,
+    ConcurrentChange,
     Conflict,
     CursorNotFound,
     DAGFailed,
@@ -85,6 +86,7 @@ __all__ = [
     "Break",
     "Case",
     "CheckpointKind",
+    "ConcurrentChange",
     "Conflict",
     "Continue",
     "CursorNotFound",

@@ -199,6 +199,27 @@ class ThreadExists(GorchError):
         )
 
 
+class ConcurrentChange(GorchError):
+    """Two steps that ran at once (``aresume``) changed the same data.
+
+    Each step of a round runs on its own copy of the data, and their changes
+    are applied in thread order; two changes to one field would lose an
+    update, so the later step fails with this error instead (nothing of it is
+    applied, and a retry runs it on the data with the first one's changes).
+    Appending to one list from several steps is fine.
+    """
+
+    def __init__(self, path: str, step: str, other: str) -> None:
+        self.path = path
+        self.step = step
+        self.other = other
+        super().__init__(
+            f"step {step} changed {path!r}, which step {other} also changed while both ran at "
+            "once; give concurrent branches fields of their own (appending to one list is "
+            "fine), or run them one at a time (concurrency=1)"
+        )
+
+
 class TimerNotSendable(GorchError):
     """A ``Timeout`` case fires only when due (``run_due``, a worker, the test kit's clock).
 

@@ -36,18 +36,24 @@ generators with :func:`_adrive`, which awaits what they yield and sends the
 result back. So a plain step costs the same under both, and there is one
 interpreter.
 
-Under the async API, an async step whose thread is not alone (another thread
-is runnable, or has a step in flight) is not awaited in place: the walk
-yields a :class:`_Launch`, and the scheduler starts the step as an asyncio
-task on a private copy of the workflow (at most ``concurrency`` at a time)
-and moves on to the next runnable thread. Steps in flight are committed one
-by one, round robin in thread order, each only when its turn comes: its
-changes to the data (a diff of the copy's JSON data against what it started
-from) are applied to the live workflow, then its thread's walk resumes and
-records the step (cursor, checkpoint). Sync steps run in place, on the live
-data, in that same order. Which data a step sees and the order of every
-change are thus a function of the workflow alone, never of timing, and a
-save at any checkpoint holds only committed changes.
+Under the async API, independent threads run in *rounds*. The runnable
+threads are walked, in thread order, to their next step; an async step whose
+thread is not alone is not awaited in place but parked (the walk yields a
+:class:`_Launch`). When no thread can be walked further, the parked steps take
+off together as asyncio tasks (at most ``concurrency`` at a time), each on a
+private copy of the same data: the data last saved. They are then committed
+one by one in thread order, whatever order they finish in: a step's changes
+(a diff of its copy against the data it started from) are applied to the live
+workflow, and its thread's walk records it and goes on to its next step,
+parked for the next round. Checkpoints are held until the round's last commit,
+so every save is a round boundary, and a reload from it starts the same steps
+from the same data: a crash anywhere ends as a run without one. Two steps of a
+round that change the same data would lose an update: the later one fails
+with :class:`ConcurrentChange` (appending to one list is fine). A plain step
+in a thread that has company runs in place, on the live data, when its turn
+to commit comes (with ``executor=`` it takes off like an async step, on a
+thread of the executor), so with plain functions only, the async API runs
+exactly as the sync one.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ from gorch import clock
 from gorch.codec import Change, apply_changes, diff_data
 from gorch.errors import (
     AmbiguousEvent,
+    ConcurrentChange,
     CursorNotFound,
     DAGFailed,
     DefinitionError,
@@ -211,10 +218,12 @@ class _Call:
     check = True
     # Async API only: steps in flight by thread id, and how the scheduler goes on.
     flights: dict[str, _Flight] = {}
+    parked: dict[str, _Flight] = {}  # steps waiting for the next round to start
+    held: list[CheckpointKind] = []  # checkpoints due while a round is in flight
+    written: dict[tuple[str, ...], tuple[str, str]] = {}  # this round: path -> (op, step)
     stop = False  # a step failed while others were in flight: start no new step
     failure: StepFailed | None = None
     halted: set[str] = set()  # joining threads of fail_fast DAGs whose node failed
-    turn = -1  # position in state.threads of the thread committed last
     executor: Executor | None = None
     limit: asyncio.Semaphore
     root: Section
@@ -239,6 +248,9 @@ class _Call:
         if not sync:
             self.sync = False
             self.flights = {}
+            self.parked = {}
+            self.held = []
+            self.written = {}
             self.halted = set()
         if middleware:
             self.step_mw = wrappers(middleware, "around_step", not sync)
@@ -361,12 +373,35 @@ class _Call:
     def save(self, kind: CheckpointKind) -> Any:
         """Call the checkpoint callback; an awaitable it returns is for the walk to yield."""
         if self.checkpoint is not None:
+            if not self.sync and (self.flights or self.held):
+                return self._hold(kind)
             out = self.checkpoint(kind)
             if out is not None and is_awaitable(out):
                 if self.sync:
                     raise refuse_awaitable(out, "the checkpoint callback")
                 return out
         return None
+
+    def _hold(self, kind: CheckpointKind | None) -> Any:
+        """Async API: hold checkpoints while steps of a round are in flight, then make them.
+
+        A save made while some of a round's steps are uncommitted would hold a
+        state that a reload cannot reproduce (those steps would start again
+        from other data), so saves wait for the round's last commit.
+        """
+        if kind is not None:
+            self.held.append(kind)
+        if self.flights or not self.held:
+            return None
+        kinds, self.held = self.held, []
+        assert self.checkpoint is not None
+        outs = [self.checkpoint(k) for k in kinds]
+        waits = [out for out in outs if out is not None and is_awaitable(out)]
+        return _in_order(waits) if waits else None
+
+    def flush(self) -> Any:
+        """The checkpoints held for a round that is over (an awaitable, or None)."""
+        return self._hold(None) if self.held else None
 
     def wait(self, value: Any, what: str) -> Walk[Any]:
         """``yield from call.wait(aw, what)``: await ``aw`` (async API) or refuse it (sync)."""
@@ -378,7 +413,11 @@ class _Call:
         """Run a walk: to its end now (sync API), or as a coroutine to await (async API)."""
         if self.sync:
             return _finish(walk)
-        return _adrive(walk)
+        try:  # plain code runs now: a plain middleware gets a plain value
+            item = walk.send(None)
+        except StopIteration as e:
+            return e.value
+        return _adrive(walk, item)
 
     def chain(self, wrapped: Sequence[Callable[[Any, Any], Any]], ctx: Any, inner: Any) -> Any:
         return chain(wrapped, ctx, inner, not self.sync)
@@ -435,22 +474,35 @@ def _exhaust(walk: Walk[Any]) -> None:
         raise AssertionError("a walk of the sync API waited for something")
 
 
-async def _adrive(walk: Walk[T]) -> T:
-    """Run a walk under the async API: await what it yields, send the result back."""
+async def _adrive(walk: Walk[T], item: Any = None) -> T:
+    """Run a walk under the async API: await what it yields, send the result back.
+
+    ``item`` is what the walk yielded already, when it was started by the caller.
+    """
     value: Any = None
     error: BaseException | None = None
+    started = item is not None
     while True:
-        try:
-            item = walk.send(value) if error is None else walk.throw(error)
-        except StopIteration as e:
-            return e.value  # type: ignore[no-any-return]
-        finally:
-            error = None  # no reference cycle through the traceback
+        if started:
+            started = False
+        else:
+            try:
+                item = walk.send(value) if error is None else walk.throw(error)
+            except StopIteration as e:
+                return e.value  # type: ignore[no-any-return]
+            finally:
+                error = None  # no reference cycle through the traceback
         try:
             value = await item
         except BaseException as e:  # thrown into the walk, which decides (cancellation too)
             value = None
             error = e
+
+
+async def _in_order(waits: list[Any]) -> None:
+    """Await checkpoint callbacks one after the other, in the order they were made."""
+    for w in waits:
+        await w
 
 
 # --------------------------------------------------------------------------- cursors
@@ -648,12 +700,16 @@ async def aresume(
     run concurrently, at most ``concurrency`` at a time, each on a private
     copy of the data whose changes are applied in thread order (see the
     module's docstring); with ``executor``, plain steps run there too.
-    Checkpoints, results and errors are those of :func:`resume`. A step that
-    fails does not cancel the steps of other threads already running: they
-    finish and are recorded, then ``StepFailed`` is raised (a node of a
-    ``DAG(..., fail_fast=True)`` that fails cancels its sibling nodes' running
-    steps: those nodes count as skipped). Cancelling the task leaves every
-    running step's thread on that step, with none of its changes.
+    Checkpoints, results and errors are those of :func:`resume`, with one
+    difference: concurrent steps do not see each other's changes, and two
+    that change the same field fail the later one with ``ConcurrentChange``.
+    A step that fails does not cancel the steps of other threads already
+    running: they finish and are recorded, then ``StepFailed`` is raised (a
+    node of a ``DAG(..., fail_fast=True)`` that fails cancels its sibling
+    nodes' running steps: those nodes count as skipped). Cancelling the task
+    leaves every running step's thread on that step, with none of its changes
+    (a step awaited in place is undone too), and a crash at any checkpoint
+    resumes to the same data and cursors as a run without one.
     """
     return await arun(
         wf,
@@ -693,7 +749,7 @@ async def arun(
             out = await out
         return out  # type: ignore[no-any-return]
     finally:
-        if call.flights:  # an error or a cancellation: no step may go on unseen
+        if call.flights or call.parked:  # an error or a cancellation: no step goes on unseen
             await _abandon(call)
 
 
@@ -778,7 +834,7 @@ def _run(call: _Call) -> Walk[WorkflowStatus]:
             break
     # Advance the earliest-created runnable thread until none can; then release
     # WaitFors. Under the async API, a thread whose step is in flight is passed
-    # over until that step is committed (see _commit_next).
+    # over until that step is committed (see _commit_round).
     sync = call.sync
     while True:
         for t in state.threads:
@@ -788,23 +844,29 @@ def _run(call: _Call) -> Walk[WorkflowStatus]:
                 if sync:
                     yield from _run_thread(call, t)
                 else:
-                    if call.stop or t.id in call.flights:
+                    if call.stop or t.id in call.flights or t.id in call.parked:
                         continue
                     yield from _advance(call, t, _run_thread(call, t))
                     if call.halted:
                         yield from _halt_nodes(call)
                 break
         else:
-            if call.flights:
-                yield from _commit_next(call)
-                if call.halted:
-                    yield from _halt_nodes(call)
+            if call.parked and not call.stop:
+                _take_off(call)
+            elif call.parked:  # a step failed: the others start in a later resume
+                _ground(call)
+            elif call.flights:
+                yield from _commit_round(call)
             elif call.failure is not None:
+                aw = call.flush()
+                if aw is not None:
+                    yield aw
                 raise call.failure
             elif not _waits_condition(state) or not (yield from _release_condition(call)):
                 break
         if state.status is WorkflowStatus.FINISHED:
-            if call.flights:  # the main thread ended: the others are cancelled
+            if call.flights or call.parked:  # the main thread ended: the others are cancelled
+                _ground(call)
                 yield from _cancel_flights(call, list(call.flights.values()))
             call.pending = False  # AFTER_RESUME saves the last step too
             aw = call.save(CheckpointKind.AFTER_RESUME)
@@ -844,28 +906,38 @@ def _awaits_setup(state: State) -> bool:
 
 
 class _Launch:
-    """What a walk yields to have its step run concurrently (async API only)."""
+    """What a walk yields to have its step run in the next round (async API only).
 
-    __slots__ = ("name",)
+    ``here``: a plain step, run in place on the live data when its commit
+    comes (so it sees the steps committed before it, as under :func:`resume`).
+    """
 
-    def __init__(self, name: str) -> None:
+    __slots__ = ("here", "name")
+
+    def __init__(self, name: str, here: bool = False) -> None:
         self.name = name
+        self.here = here
 
 
 class _Flight:
-    """A step running as a task on a copy of the workflow, and the walk waiting for it."""
+    """A step running as a task on a copy of the workflow, and the walk waiting for it.
 
-    __slots__ = ("task", "thread", "walk")
+    Parked (``task`` None) until its round takes off.
+    """
 
-    def __init__(self, thread: Thread, walk: Walk[None], task: asyncio.Task[list[Change]]) -> None:
+    __slots__ = ("here", "name", "task", "thread", "walk")
+
+    def __init__(self, thread: Thread, walk: Walk[None], name: str, here: bool) -> None:
         self.thread = thread
         self.walk = walk
-        self.task = task
+        self.name = name
+        self.here = here
+        self.task: asyncio.Task[list[Change]] | None = None
 
 
 def _concurrent(call: _Call, t: Thread) -> bool:
     """Whether anything else could run while ``t``'s step does (else it is awaited in place)."""
-    if call.flights:
+    if call.flights or call.parked:
         return True
     for o in call.state.threads:
         if o is not t and (o.status is _RESUMING or o.status is _EXECUTING):
@@ -903,7 +975,7 @@ def _advance(
         finally:
             error = None
         if type(item) is _Launch:
-            call.flights[t.id] = _launch(call, t, item, walk)
+            call.parked[t.id] = _Flight(t, walk, item.name, item.here)
             return
         try:
             value = yield item
@@ -914,16 +986,38 @@ def _advance(
             error = e
 
 
-def _launch(call: _Call, t: Thread, launch: _Launch, walk: Walk[None]) -> _Flight:
-    """Start ``t``'s step as a task on a copy of the data as it is now (a fixed point)."""
+def _take_off(call: _Call) -> None:
+    """Start a round: every parked step, as a task on its own copy of the data as it is now.
+
+    Every step of a round starts from the same data, the state last saved (no
+    save is held: the previous round was committed in full), so a reload from
+    that save starts the same steps from the same data.
+    """
     wf = call.wf
     base = _data(wf)
-    try:
-        copy = wf.model_copy(deep=True)
-    except Exception:  # something in it cannot be deep-copied: a copy from the data
-        copy = type(wf).model_validate(base)
-    task = asyncio.get_running_loop().create_task(_isolated(call, t, launch.name, copy, base))
-    return _Flight(t, walk, task)
+    loop = asyncio.get_running_loop()
+    call.written = {}
+    for t in call.state.threads:  # thread order: the order of commits
+        f = call.parked.pop(t.id, None)
+        if f is None:
+            continue
+        call.flights[t.id] = f
+        if f.here:
+            continue
+        try:
+            copy = wf.model_copy(deep=True)
+        except Exception:  # something in it cannot be deep-copied: a copy from the data
+            copy = type(wf).model_validate(base)
+        f.task = loop.create_task(_isolated(call, t, f.name, copy, base))
+    assert not call.parked, "a parked step belongs to no thread"
+
+
+def _ground(call: _Call) -> None:
+    """Drop the parked steps: their threads stay on them, for a later resume."""
+    parked = list(call.parked.values())
+    call.parked.clear()
+    for f in parked:
+        f.walk.close()
 
 
 async def _isolated(
@@ -956,10 +1050,16 @@ def _data(wf: Workflow) -> dict[str, Any]:
     return wf.model_dump(mode="json", round_trip=True, warnings=False)
 
 
-def _merge(call: _Call, changes: list[Change]) -> None:
-    """Apply a committed step's changes to the live workflow (its untouched fields stay)."""
+def _merge(call: _Call, f: _Flight, changes: list[Change]) -> None:
+    """Apply a committed step's changes to the live workflow (its untouched fields stay).
+
+    Raises :class:`ConcurrentChange` (nothing applied) when a step committed
+    earlier in the same round changed the same data: each started from the
+    same copy, so applying both would lose an update.
+    """
     if not changes:
         return
+    _written(call, f, changes)
     wf = call.wf
     cls = type(wf)
     data = _data(wf)
@@ -971,23 +1071,53 @@ def _merge(call: _Call, changes: list[Change]) -> None:
     call.dirty = True
 
 
-def _next_flight(call: _Call) -> _Flight:
-    """The flight whose turn it is: round robin over the threads, in thread order."""
-    threads = call.state.threads
-    n = len(threads)
-    flights = call.flights
-    for k in range(n):
-        i = (call.turn + 1 + k) % n
-        f = flights.get(threads[i].id)
-        if f is not None and f.thread is threads[i]:
-            call.turn = i
-            return f
-    raise AssertionError("a step in flight belongs to no thread")
+def _written(call: _Call, f: _Flight, changes: list[Change], check: bool = True) -> None:
+    """Record what a step of the round changed; ConcurrentChange if another one did too.
+
+    A plain step run in place saw the steps committed before it: not checked.
+    """
+    written = call.written
+    step = f"{f.name!r} of thread {f.thread.id!r}"
+    for path, op, _ in changes if check else ():
+        for other, (other_op, by) in written.items():
+            n = min(len(path), len(other))
+            if path[:n] == other[:n] and not (op == other_op == "add" and path == other):
+                raise ConcurrentChange(".".join(path), step, by)
+    for path, op, _ in changes:
+        written.setdefault(path, (op, step))
 
 
-def _commit_next(call: _Call) -> Walk[None]:
-    """Wait for the step whose turn it is, apply its changes, and resume its thread's walk."""
-    f = _next_flight(call)
+def _commit_round(call: _Call) -> Walk[None]:
+    """Commit the steps of the round in flight, in thread order (the order they took off).
+
+    Each commit applies the step's changes and resumes its thread's walk, which
+    records the step and goes on to its next blocking point (a next step is
+    parked for the next round). Checkpoints are held until the round's last
+    commit (see :meth:`_Call.save`).
+    """
+    for f in list(call.flights.values()):
+        if call.flights.get(f.thread.id) is not f:
+            continue  # cancelled meanwhile (a fail_fast DAG, the workflow finished)
+        if f.here:  # a plain step: it runs now, on the live data
+            del call.flights[f.thread.id]
+            before = _data(call.wf) if call.flights else None
+            yield from _advance(call, f.thread, f.walk, _HERE)
+            if before is not None:  # later steps of the round must not overwrite it
+                _written(call, f, diff_data(before, _data(call.wf)), check=False)
+        else:
+            yield from _land(call, f)
+        if call.halted:
+            yield from _halt_nodes(call)
+        if call.state.status is WorkflowStatus.FINISHED:
+            return
+
+
+_HERE = object()  # sent to a parked plain step's walk: run it in place now
+
+
+def _land(call: _Call, f: _Flight) -> Walk[None]:
+    """Apply the changes of a step that ran on a copy, and resume its thread's walk."""
+    assert f.task is not None
     error: BaseException | None = None
     try:
         changes = yield f.task
@@ -997,8 +1127,8 @@ def _commit_next(call: _Call) -> Walk[None]:
         error = e
     else:
         try:
-            _merge(call, changes)
-        except Exception as e:  # its changes do not validate with the others: its failure
+            _merge(call, f, changes)
+        except Exception as e:  # it clashes with another step, or does not validate
             error = e
     del call.flights[f.thread.id]
     yield from _advance(call, f.thread, f.walk, None, error)
@@ -1006,11 +1136,14 @@ def _commit_next(call: _Call) -> Walk[None]:
 
 def _cancel_flights(call: _Call, flights: list[_Flight]) -> Walk[None]:
     """Cancel steps in flight: their threads stay on their steps, their changes are dropped."""
+    tasks = [f.task for f in flights if f.task is not None]
     for f in flights:
-        f.task.cancel()
+        if f.task is not None:
+            f.task.cancel()
         f.walk.close()
         del call.flights[f.thread.id]
-    yield asyncio.gather(*(f.task for f in flights), return_exceptions=True)
+    if tasks:
+        yield asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _halt_nodes(call: _Call) -> Walk[None]:
@@ -1020,10 +1153,16 @@ def _halt_nodes(call: _Call) -> Walk[None]:
     fails as soon as nothing of it runs any more; a retry runs them again.
     """
     halted, call.halted = call.halted, set()
-    stopped = [f for f in call.flights.values() if f.thread.parent in halted]
+    parked = [f for f in call.parked.values() if f.thread.parent in halted]
+    for f in parked:
+        del call.parked[f.thread.id]
+        f.walk.close()
+    flying = [f for f in call.flights.values() if f.thread.parent in halted]
+    stopped = parked + flying
     if not stopped:
         return
-    yield from _cancel_flights(call, stopped)
+    if flying:
+        yield from _cancel_flights(call, flying)
     for f in stopped:
         t = f.thread
         found = _dag_of_node(call, t)
@@ -1038,12 +1177,15 @@ def _halt_nodes(call: _Call) -> Walk[None]:
 
 async def _abandon(call: _Call) -> None:
     """The call ends with steps in flight (an error, a cancellation): cancel and reap them."""
+    _ground(call)
     flights = list(call.flights.values())
     call.flights.clear()
+    tasks = [f.task for f in flights if f.task is not None]
     for f in flights:
-        f.task.cancel()
+        if f.task is not None:
+            f.task.cancel()
         f.walk.close()
-    await asyncio.gather(*(f.task for f in flights), return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _refresh(call: _Call, t: Thread, last: tuple[int, int] | None) -> list[Frame]:
@@ -1176,8 +1318,9 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
             if call.checkpoint is not None:
                 if call.lazy:
                     call.pending = True
-                else:
-                    aw = call.checkpoint(CheckpointKind.AFTER_STEP)
+                else:  # (the async API may hold it: see _Call.save)
+                    kind_ = CheckpointKind.AFTER_STEP
+                    aw = call.checkpoint(kind_) if call.sync else call.save(kind_)
                     if aw is not None and is_awaitable(aw):
                         yield from call.wait(aw, "the checkpoint callback")
             top[1] = idx + 1
@@ -1337,17 +1480,46 @@ def _async_step(call: _Call, t: Thread, st: Step) -> Walk[str]:
     gen = call.gen
     isolated = False
     try:
-        if (call.executor is not None or is_async(fn)) and _concurrent(call, t):
-            isolated = True
-            yield _Launch(st.name)  # resumed when its turn to commit comes
-        else:
-            out = _run_step(call, call.wf, t, st.name, fn) if call.wrap_steps else call.call_fn(fn)
+        if call.executor is None and not is_async(fn):  # a plain step: in place, in turn
+            if call.flights or call.parked:
+                yield _Launch(st.name, here=True)  # resumed when its turn comes
+            wf = call.wf
+            out = _run_step(call, wf, t, st.name, fn) if call.wrap_steps else fn()
             if out is not None and is_awaitable(out):
-                yield out
+                yield from _awaited_in_place(wf, out)
+        elif _concurrent(call, t):
+            isolated = True
+            yield _Launch(st.name)  # resumed when its commit comes (see _commit_round)
+        else:
+            wf = call.wf
+            out = _run_step(call, wf, t, st.name, fn) if call.wrap_steps else call.call_fn(fn)
+            if out is not None and is_awaitable(out):
+                yield from _awaited_in_place(wf, out)
     except Exception as e:
         yield from _step_failed(call, t, st.name, st.retry, e, isolated)
         return _STOPPED  # a DAG node: failed for good, or retried after the others ran
     return _DONE if call.gen == gen else _MOVED
+
+
+def _awaited_in_place(wf: Workflow, out: Any) -> Walk[None]:
+    """Await a step running alone on the live workflow; if it is cancelled, undo its changes.
+
+    An async function has not run yet when it returns its coroutine, so the
+    data now is what the step starts from.
+    """
+    base = _data(wf)
+    try:
+        yield out
+    except asyncio.CancelledError:
+        _reset(wf, base)
+        raise
+
+
+def _reset(wf: Workflow, data: dict[str, Any]) -> None:
+    """Put the workflow's data back to ``data`` (a :func:`_data` dump of it)."""
+    before = type(wf).model_validate(data)
+    for name in type(wf).model_fields:
+        setattr(wf, name, getattr(before, name))
 
 
 def _truth(cond: Any, where: str) -> Any:
@@ -1656,7 +1828,7 @@ def _node_failed(
     call.state.threads.remove(t)
     parent, dag = found
     _dag_node_ended(call, parent, dag, t, NodeStatus.FAILED)
-    if dag.fail_fast and call.flights:
+    if dag.fail_fast and (call.flights or call.parked):
         call.halted.add(parent.id)
     return True
 

@@ -626,18 +626,6 @@ class Wrapped(Base):
 
 Op = tuple[Any, ...]
 
-#: Known bugs (minimal reproductions: test_async_concurrency.py and the end of this file).
-ORDER_BUG = (
-    "bug: aresume commits steps in flight round robin by *index* in state.threads: when a thread "
-    "ends and is removed, the next thread in order is skipped, so data changes apply out of "
-    "thread order (not as resume applies them)"
-)
-MIDDLEWARE_BUG = (
-    "bug: under aresume a plain around_step gets an awaitable from call_next() even when the step "
-    "and everything inside are plain, so its code after call_next() runs before the step (and "
-    "it cannot catch the step's exception), unlike under resume"
-)
-
 
 @dataclass
 class Scenario:
@@ -646,8 +634,7 @@ class Scenario:
     middleware: bool = False
     #: the async variant runs as the sync API does (False: differs by design, see the
     #: concurrency tests; a str: it should, and does not — the bug)
-    async_same: bool | str = True
-    plain_bug: str = ""
+    async_same: bool = True
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -683,9 +670,7 @@ SCENARIOS: dict[str, Scenario] = {
             ("resume",),
         ],
     ),
-    "parallel, |, >>": Scenario(
-        Composed, [("resume",), ("send", "c", 4), ("resume",)], async_same=ORDER_BUG
-    ),
+    "parallel, |, >>": Scenario(Composed, [("resume",), ("send", "c", 4), ("resume",)]),
     "dag with an event and a retried node": Scenario(
         Graph,
         [
@@ -697,7 +682,6 @@ SCENARIOS: dict[str, Scenario] = {
             ("send", "approved", 1, "etl.approve"),
             ("resume",),
         ],
-        async_same=ORDER_BUG,
     ),
     # Concurrent, the failing node's sibling is cancelled and skipped (by design).
     "dag fail_fast, then its retry": Scenario(
@@ -754,22 +738,17 @@ SCENARIOS: dict[str, Scenario] = {
             ("resume",),
         ],
     ),
-    "middleware": Scenario(
-        Wrapped, [("resume",), ("send", "go", 9), ("resume",)], True, plain_bug=MIDDLEWARE_BUG
-    ),
+    "middleware": Scenario(Wrapped, [("resume",), ("send", "go", 9), ("resume",)], True),
 }
 
 
 def scenarios(which: str) -> list[Any]:
-    """The scenario names as parameters, the ones that hit a known bug marked xfail."""
-    out = []
-    for name, sc in SCENARIOS.items():
-        bug = sc.plain_bug if which == "plain" else sc.async_same
-        if bug is False:
-            continue
-        marks = [pytest.mark.xfail(strict=True, reason=bug)] if isinstance(bug, str) and bug else []
-        out.append(pytest.param(name, marks=marks, id=name))
-    return out
+    """The scenario names as parameters (for async: those whose async run matches sync)."""
+    return [
+        pytest.param(name, id=name)
+        for name, sc in SCENARIOS.items()
+        if which == "plain" or sc.async_same
+    ]
 
 
 @dataclass
@@ -1015,6 +994,9 @@ async def play_tree(
                         break
                     except Died:
                         wf, state = gorch.loads(saved[-1], cls)
+                        if state.status is WS.FINISHED:  # a save held for a round that ended it
+                            status = state.status
+                            break
                 else:
                     raise AssertionError("no progress from the saved blobs")
             record.append(("resumed", status))
@@ -1289,7 +1271,6 @@ class Swallow(gorch.Middleware):
             return None
 
 
-@pytest.mark.xfail(strict=True, reason=MIDDLEWARE_BUG)
 def test_a_plain_middleware_sees_a_plain_steps_error_under_aresume_too() -> None:
     ref = Sequence(fail=["b"])
     ref_state = gorch.new_state("m-1", "seq")
