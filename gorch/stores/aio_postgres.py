@@ -2,8 +2,9 @@
 
 The tables, statements and the locking they rely on (the compare-and-swap
 ``UPDATE``, ``FOR UPDATE SKIP LOCKED`` claims, token-checked ``remember``) are
-those of :class:`~gorch.stores.postgres.PostgresStore`, imported from it, so a
-sync and an async store on one table are the same store.
+:class:`~gorch.stores.postgres_sql.PostgresSQL`'s, the ones
+:class:`~gorch.stores.postgres.PostgresStore` runs, so a sync and an async
+store on one table are the same store; this module only awaits them.
 
 Connections come from a ``psycopg_pool.AsyncConnectionPool`` (``pool_min`` kept
 open, at most ``pool_max``; a call waits up to ``pool_timeout`` seconds for a
@@ -21,33 +22,24 @@ nothing was written. A pool belongs to the event loop that first used it.
 from __future__ import annotations
 
 import asyncio
-import builtins
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
 import psycopg
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gorch.errors import Conflict, StoreUnavailable, WorkflowExists, WorkflowNotFound
-from gorch.stores._common import check_limit, opt_utc, page_cursor, redact_url, scrub, to_utc
-from gorch.stores.base import AsyncStore, Page, Record
-from gorch.stores.postgres import (
-    _COLUMNS,
-    _PURGE_BATCH,
-    _PURGE_EVERY,
-    _SCHEMA,
+from gorch.stores._ops import AsyncConnectorStore, Op, arun_steps
+from gorch.stores.postgres_sql import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TABLE,
-    PostgresStore,
-    _is_fault,
-    _record,
+    PURGE_BATCH,
+    PostgresSQL,
+    Statement,
+    Steps,
 )
 
 _Conn = psycopg.AsyncConnection[TupleRow]
@@ -58,7 +50,7 @@ DEFAULT_POOL_MAX = 10
 DEFAULT_POOL_TIMEOUT = 30.0
 
 
-class AsyncPostgresStore(AsyncStore):
+class AsyncPostgresStore(AsyncConnectorStore):
     """An :class:`AsyncStore` in the table :class:`PostgresStore` uses (``gorch_workflows``
     unless ``table`` says otherwise), and ``{table}_seen`` for :meth:`remember`."""
 
@@ -73,9 +65,7 @@ class AsyncPostgresStore(AsyncStore):
         pool_timeout: float = DEFAULT_POOL_TIMEOUT,
     ) -> None:
         """``dsn`` is a libpq URL or key=value string; ``table`` may be schema-qualified."""
-        parts = table.split(".")
-        if not 1 <= len(parts) <= 2 or not all(parts):
-            raise ValueError(f"table must be 'name' or 'schema.name', got {table!r}")
+        self._ops: PostgresSQL = PostgresSQL(dsn, table)
         if not 0 <= pool_min <= pool_max or pool_max < 1:
             raise ValueError(
                 f"need 0 <= pool_min <= pool_max and pool_max >= 1, got {pool_min}, {pool_max}"
@@ -83,35 +73,24 @@ class AsyncPostgresStore(AsyncStore):
         if pool_timeout <= 0:
             raise ValueError(f"pool_timeout must be positive, got {pool_timeout}")
         self._dsn = dsn
-        self.url = redact_url(dsn)
+        self.url = self._ops.url
         self.table = table
         self.pool_min, self.pool_max, self.pool_timeout = pool_min, pool_max, pool_timeout
         self._options: dict[str, Any] = {"autocommit": True}
         if "connect_timeout" not in conninfo_to_dict(dsn):
             self._options["connect_timeout"] = connect_timeout
-        self._q = PostgresStore._queries(parts)
-        self._list = sql.SQL("SELECT {cols} FROM {t}").format(
-            cols=_COLUMNS, t=sql.Identifier(*parts)
-        )
         self._pool: AsyncConnectionPool[_Conn] | None = None
         self._lock = asyncio.Lock()
         self._migrated = False
-        self._next_purge = 0.0
 
     # -- connections -----------------------------------------------------------------
-
-    def _fail(self, exc: BaseException, context: str = "") -> NoReturn:
-        message = scrub(" ".join(str(exc).split()), self._dsn)  # libpq's text spans lines
-        raise StoreUnavailable(
-            f"PostgreSQL store {self.url} is unavailable: {message}{context}"
-        ) from exc
 
     async def _connect(self) -> _Conn:
         """One connection outside the pool, its failure reported with libpq's reason."""
         try:
             return await psycopg.AsyncConnection.connect(self._dsn, **self._options)
         except psycopg.Error as exc:
-            self._fail(exc)
+            raise self._ops.unavailable(exc) from exc
 
     async def _ready(self) -> AsyncConnectionPool[_Conn]:
         """The open pool, the schema created first (once per store)."""
@@ -148,53 +127,29 @@ class AsyncPostgresStore(AsyncStore):
         """No connection within ``pool_timeout``: the server is gone, or the pool is busy."""
         probe = await self._connect()  # raises StoreUnavailable with the server's reason
         await probe.close()
-        self._fail(
+        raise self._ops.unavailable(
             exc,
             f"; all {self.pool_max} pooled connections stayed busy for {self.pool_timeout:g} s"
             " (raise pool_max or pool_timeout in the URL); nothing was written",
-        )
+        ) from exc
 
-    async def _read(self, query: sql.Composed, params: tuple[Any, ...]) -> builtins.list[TupleRow]:
-        """One SELECT in autocommit; once more on a new connection if this one was lost."""
-        for attempt in (1, 2):
-            conn: _Conn | None = None
-            try:
-                async with self._connection() as conn:
-                    cursor = await conn.execute(query, params)
-                    return await cursor.fetchall()
-            except psycopg.Error as exc:
-                lost = _lost(conn)
-                if not _is_fault(exc):
-                    raise
-                if not lost or attempt == 2:
-                    self._fail(exc)
-        raise AssertionError("unreachable")
-
-    async def _write(
-        self, work: Callable[[_Conn], Awaitable[_T]], *, idempotent: bool = False
-    ) -> _T:
-        """``work`` in one transaction; see :meth:`PostgresStore._write` for the retry rule."""
+    async def _run(self, op: Op[_T]) -> _T:
+        """``op`` on a pooled connection; run once more on another when
+        :meth:`PostgresSQL.settle` says so (the pool replaces a lost one)."""
         for attempt in (1, 2):
             conn: _Conn | None = None
             committing = False
             try:
                 async with self._connection() as conn:
+                    if not op.write:
+                        return await _execute(conn, op.steps())
                     async with conn.transaction():
-                        result = await work(conn)
+                        result = await _execute(conn, op.steps())
                         committing = True  # leaving the block sends COMMIT
                     return result
             except psycopg.Error as exc:
-                lost = _lost(conn)
-                if not _is_fault(exc):
-                    raise
-                if lost and committing and not idempotent:
-                    self._fail(
-                        exc,
-                        "; the connection was lost during COMMIT, so the write may or may"
-                        " not have been applied",
-                    )
-                if not lost or attempt == 2:
-                    self._fail(exc, "; nothing was written")
+                lost = conn is not None and (conn.broken or conn.closed)
+                self._ops.settle(exc, op, lost=lost, committing=committing, last=attempt == 2)
         raise AssertionError("unreachable")
 
     async def migrate(self) -> None:
@@ -202,134 +157,24 @@ class AsyncPostgresStore(AsyncStore):
         conn = await self._connect()
         try:
             async with conn.transaction():
-                # CREATE ... IF NOT EXISTS still races on the catalog; serialise it.
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
-                for i in range(len(_SCHEMA)):
-                    await conn.execute(self._q[f"schema{i}"])
+                await _execute(conn, self._ops.schema())
             self._migrated = True
         except psycopg.Error as exc:
-            if not _is_fault(exc):
-                raise
-            self._fail(exc)
+            self._ops.settle(exc, None, lost=False, last=True)
         finally:
             await conn.close()
 
-    # -- the protocol -----------------------------------------------------------------
-
-    async def create(
-        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
-    ) -> Record:
-        wake = opt_utc(wake_at)
-        params = (id, workflow, status, blob, wake)
-
-        async def work(conn: _Conn) -> TupleRow | None:
-            return await (await conn.execute(self._q["insert"], params)).fetchone()
-
-        if await self._write(work) is None:
-            raise WorkflowExists(id)
-        return Record(id, workflow, status, bytes(blob), 1, wake)
-
-    async def load(self, id: str) -> Record:
-        rows = await self._read(self._q["load"], (id,))
-        if not rows:
-            raise WorkflowNotFound(id)
-        return _record(rows[0])
-
-    async def save(
-        self,
-        id: str,
-        expected_version: int,
-        status: str,
-        blob: bytes,
-        wake_at: datetime | None,
-    ) -> Record:
-        wake = opt_utc(wake_at)
-
-        async def work(conn: _Conn) -> TupleRow:
-            cursor = await conn.execute(self._q["save"], (status, blob, wake, id, expected_version))
-            row = await cursor.fetchone()
-            if row is None:
-                current = await (await conn.execute(self._q["version"], (id,))).fetchone()
-                raise Conflict(id, expected_version, None if current is None else current[0])
-            return row
-
-        workflow, version = await self._write(work)
-        return Record(id, workflow, status, bytes(blob), version, wake)
-
-    async def delete(self, id: str) -> None:
-        async def work(conn: _Conn) -> TupleRow | None:
-            return await (await conn.execute(self._q["delete"], (id,))).fetchone()
-
-        if await self._write(work) is None:
-            raise WorkflowNotFound(id)
-
-    async def list(
-        self,
-        *,
-        workflow: str | None = None,
-        status: str | None = None,
-        limit: int = 100,
-        after: str | None = None,
-    ) -> Page:
-        check_limit(limit)
-        where: builtins.list[sql.Composable] = []
-        params: builtins.list[Any] = []
-        for condition, value in (
-            ("workflow = %s", workflow),
-            ("status = %s", status),
-            ("id > %s", after),
-        ):
-            if value is not None:
-                where.append(sql.SQL(condition))
-                params.append(value)
-        query = self._list
-        if where:
-            query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
-        query += sql.SQL(" ORDER BY id LIMIT %s")
-        records = [_record(row) for row in await self._read(query, (*params, limit + 1))]
-        return Page(records[:limit], page_cursor([r.id for r in records], limit))
-
-    async def claim_due(self, now: datetime, limit: int, lease: timedelta) -> builtins.list[Record]:
-        if limit < 1:
-            return []
-        now = to_utc(now)
-        until = now + lease
-        params = (now, limit, until)
-
-        async def work(conn: _Conn) -> builtins.list[TupleRow]:
-            return await (await conn.execute(self._q["claim"], params)).fetchall()
-
-        rows = await self._write(work)
-        # UPDATE ... RETURNING has no order: restore "earliest first" from the old wake_at.
-        rows.sort(key=lambda row: (row[5], row[0]))
-        return [
-            Record(id, workflow, status, bytes(blob), version, until)
-            for id, workflow, status, blob, version, _ in rows
-        ]
+    # -- beyond the protocol -----------------------------------------------------------
 
     async def remember(self, key: str, until: datetime) -> bool:
-        token = uuid.uuid4().hex  # tells our own earlier, committed attempt from a rival's
-
-        async def work(conn: _Conn) -> bool:
-            cursor = await conn.execute(self._q["remember"], (key, token, to_utc(until)))
-            if await cursor.fetchone():
-                return True
-            row = await (await conn.execute(self._q["token"], (key,))).fetchone()
-            return row is not None and row[0] == token
-
-        recorded = await self._write(work, idempotent=True)
-        if time.monotonic() >= self._next_purge:
-            self._next_purge = time.monotonic() + _PURGE_EVERY
+        recorded = await super().remember(key, until)
+        if self._ops.purge_due():
             await self.purge_expired()
         return recorded
 
-    async def purge_expired(self, limit: int = _PURGE_BATCH) -> int:
+    async def purge_expired(self, limit: int = PURGE_BATCH) -> int:
         """Delete up to ``limit`` expired keys of :meth:`remember`; how many went."""
-
-        async def work(conn: _Conn) -> int:
-            return (await conn.execute(self._q["purge"], (limit,))).rowcount
-
-        return await self._write(work, idempotent=True)
+        return await self._run(self._ops.purge_expired(limit))
 
     async def close(self) -> None:
         """Close the pool and its connections; the next call would open a new one."""
@@ -338,6 +183,13 @@ class AsyncPostgresStore(AsyncStore):
             await pool.close()
 
 
-def _lost(conn: _Conn | None) -> bool:
-    """Whether a pooled connection is gone (the pool replaces it when it comes back)."""
-    return conn is not None and (conn.broken or conn.closed)
+async def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
+    """Run each statement ``steps`` yields on ``conn``, awaited."""
+
+    async def send(statement: Statement) -> Any:
+        cursor = await conn.execute(statement.query, statement.params)
+        if statement.fetch == "one":
+            return await cursor.fetchone()
+        return await cursor.fetchall() if statement.fetch == "all" else cursor.rowcount
+
+    return await arun_steps(steps, send)

@@ -1,0 +1,313 @@
+"""PostgreSQL's side of the store, written once for the sync and the async connector.
+
+Nothing here does I/O. :class:`PostgresSQL` holds the schema and every
+statement composed with one table's quoted names, and describes each store
+operation as an :class:`~gorch.stores._ops.Op`: a generator of
+:class:`Statement` (the result of each is sent back in) that maps rows to
+records and raises the protocol's errors; a write runs in one transaction.
+It also holds the rule that decides, after a driver error, whether to try
+again on a new connection or what to report (:meth:`PostgresSQL.settle`).
+:class:`~gorch.stores.postgres.PostgresStore` and
+:class:`~gorch.stores.aio_postgres.AsyncPostgresStore` are the connectors: they
+carry the statements out, blocking or awaited, on connections of their own.
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+import uuid
+from collections.abc import Generator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, TypeAlias, TypeVar
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+from gorch.errors import Conflict, StoreUnavailable, WorkflowExists, WorkflowNotFound
+from gorch.stores._common import check_limit, opt_utc, page_cursor, redact_url, scrub, to_utc
+from gorch.stores._ops import Op
+from gorch.stores.base import Page, Record
+
+T = TypeVar("T")
+
+FAULTS = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.InternalError)
+"""Driver errors that mean the store cannot be used now: connection lost or refused, disk
+full, out of memory, lock or statement timeout, server shutting down, read-only server."""
+FAULT_STATES = frozenset({"42501", "42P01"})  # permission denied, table dropped under us
+PURGE_EVERY = 30.0  # seconds between two purges of expired keys by one store
+PURGE_BATCH = 1000
+
+DEFAULT_TABLE = "gorch_workflows"
+DEFAULT_CONNECT_TIMEOUT = 10
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS {t} (
+        id text COLLATE "C" PRIMARY KEY,
+        workflow text NOT NULL,
+        status text NOT NULL,
+        blob bytea NOT NULL,
+        version bigint NOT NULL,
+        wake_at timestamptz,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    )""",
+    "CREATE INDEX IF NOT EXISTS {wake_idx} ON {t} (wake_at, id) WHERE wake_at IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS {workflow_idx} ON {t} (workflow, id)",
+    "CREATE INDEX IF NOT EXISTS {status_idx} ON {t} (status, id)",
+    """CREATE TABLE IF NOT EXISTS {seen} (
+        key text COLLATE "C" PRIMARY KEY,
+        token text NOT NULL,
+        until timestamptz NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS {seen_idx} ON {seen} (until)",
+)
+COLUMNS = sql.SQL("id, workflow, status, blob, version, wake_at")
+
+_STATEMENTS = {
+    # CREATE ... IF NOT EXISTS still races on the catalog: migrations take this lock first.
+    "lock": "SELECT pg_advisory_xact_lock(hashtext(%s))",
+    "insert": "INSERT INTO {t} (id, workflow, status, blob, version, wake_at)"
+    " VALUES (%s, %s, %s, %s, 1, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
+    "load": "SELECT {cols} FROM {t} WHERE id = %s",
+    "save": "UPDATE {t} SET status = %s, blob = %s, wake_at = %s,"
+    " version = version + 1, updated_at = now()"
+    " WHERE id = %s AND version = %s RETURNING workflow, version",
+    "version": "SELECT version FROM {t} WHERE id = %s",
+    "delete": "DELETE FROM {t} WHERE id = %s RETURNING id",
+    "claim": "WITH due AS ("
+    " SELECT id, wake_at FROM {t} WHERE wake_at <= %s"
+    " ORDER BY wake_at, id LIMIT %s FOR UPDATE SKIP LOCKED)"
+    " UPDATE {t} AS w SET wake_at = %s, version = w.version + 1, updated_at = now()"
+    " FROM due WHERE w.id = due.id"
+    " RETURNING w.id, w.workflow, w.status, w.blob, w.version, due.wake_at",
+    # A live key is left alone (no row returned); an absent or expired one is
+    # taken. Concurrent callers queue on the key's row lock: one wins.
+    "remember": "INSERT INTO {seen} AS s (key, token, until) VALUES (%s, %s, %s)"
+    " ON CONFLICT (key) DO UPDATE SET token = EXCLUDED.token, until = EXCLUDED.until"
+    " WHERE s.until <= clock_timestamp() RETURNING token",
+    "token": "SELECT token FROM {seen} WHERE key = %s",
+    # SKIP LOCKED: a purge never waits for (or deadlocks with) a remember().
+    "purge": "DELETE FROM {seen} WHERE key IN (SELECT key FROM {seen}"
+    " WHERE until <= clock_timestamp() ORDER BY until LIMIT %s FOR UPDATE SKIP LOCKED)",
+    "select": "SELECT {cols} FROM {t}",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """One statement for a connector to run, and what of its cursor to send back."""
+
+    query: sql.Composed
+    params: tuple[Any, ...] = ()
+    fetch: Literal["one", "all", "rowcount"] = "one"
+
+
+Steps: TypeAlias = Generator[Statement, Any, T]
+"""An operation's statements in order; each one's result is sent back in."""
+
+
+def record(row: TupleRow) -> Record:
+    """The record of a row of :data:`COLUMNS`."""
+    id, workflow, status, blob, version, wake_at = row
+    return Record(id, workflow, status, bytes(blob), version, _utc(wake_at))
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC)
+
+
+def is_fault(exc: psycopg.Error) -> bool:
+    """Whether a driver error means the store is unusable now, rather than a bug of ours."""
+    return isinstance(exc, FAULTS) or exc.sqlstate in FAULT_STATES
+
+
+class PostgresSQL:
+    """The statements of one store table (and its ``_seen`` table) and the rules around them.
+
+    ``dsn`` is kept only to scrub its password from driver errors; ``url`` is
+    the redacted one the stores show.
+    """
+
+    def __init__(self, dsn: str, table: str) -> None:
+        parts = table.split(".")
+        if not 1 <= len(parts) <= 2 or not all(parts):
+            raise ValueError(f"table must be 'name' or 'schema.name', got {table!r}")
+        self.dsn = dsn
+        self.url = redact_url(dsn)
+        self.table = table
+        base = parts[-1]
+        names = {
+            "t": sql.Identifier(*parts),
+            "cols": COLUMNS,
+            "wake_idx": sql.Identifier(f"{base}_wake_at_idx"),
+            "workflow_idx": sql.Identifier(f"{base}_workflow_idx"),
+            "status_idx": sql.Identifier(f"{base}_status_idx"),
+            "seen": sql.Identifier(*parts[:-1], f"{base}_seen"),
+            "seen_idx": sql.Identifier(f"{base}_seen_until_idx"),
+        }
+        texts = {**{f"schema{i}": text for i, text in enumerate(SCHEMA)}, **_STATEMENTS}
+        #: Every statement, composed once with the (quoted) table and index names.
+        self.q = {key: sql.SQL(text).format(**names) for key, text in texts.items()}
+        self._next_purge = 0.0  # time.monotonic() after which remember() purges expired keys
+
+    # -- faults ----------------------------------------------------------------------
+
+    def unavailable(self, exc: BaseException, context: str = "") -> StoreUnavailable:
+        """The error a fault is reported as: the safe URL, libpq's reason, what it means."""
+        message = scrub(" ".join(str(exc).split()), self.dsn)  # libpq's text spans lines
+        return StoreUnavailable(f"PostgreSQL store {self.url} is unavailable: {message}{context}")
+
+    def settle(
+        self,
+        exc: psycopg.Error,
+        op: Op[Any] | None,
+        *,
+        lost: bool,
+        committing: bool = False,
+        last: bool,
+    ) -> None:
+        """After an attempt at ``op`` ended in ``exc``: return to try once more on a new
+        connection, or raise. ``op`` is None for creating the schema, told as a read is.
+
+        A connection ``lost`` before COMMIT was sent (idle, at BEGIN, in the
+        middle of a statement) cannot have applied anything: its transaction
+        ended with the session, uncommitted, so the write is run again, as is a
+        read. A connection lost during COMMIT may or may not have committed:
+        ``StoreUnavailable`` says the outcome is unknown (read the record back to
+        settle it), unless the write is ``idempotent``. Other faults (disk full, a
+        lock timeout) roll back, and ``StoreUnavailable`` says nothing was
+        written. An error that is no fault (a bug of ours) is raised as it is.
+        """
+        if not is_fault(exc):
+            raise exc
+        context = ""
+        if op is not None and op.write:
+            if lost and committing and not op.idempotent:
+                raise self.unavailable(
+                    exc,
+                    "; the connection was lost during COMMIT, so the write may or may"
+                    " not have been applied",
+                ) from exc
+            context = "; nothing was written"
+        if not lost or last:
+            raise self.unavailable(exc, context) from exc
+
+    # -- the operations ----------------------------------------------------------------
+
+    def schema(self) -> Steps[None]:
+        """Create the tables and their indexes if they are missing (in one transaction)."""
+        yield Statement(self.q["lock"], (self.table,), "rowcount")
+        for i in range(len(SCHEMA)):
+            yield Statement(self.q[f"schema{i}"], (), "rowcount")
+
+    def create(
+        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+    ) -> Op[Record]:
+        wake = opt_utc(wake_at)
+
+        def steps() -> Steps[Record]:
+            if (yield Statement(self.q["insert"], (id, workflow, status, blob, wake))) is None:
+                raise WorkflowExists(id)
+            return Record(id, workflow, status, bytes(blob), 1, wake)
+
+        return Op(steps)
+
+    def load(self, id: str) -> Op[Record]:
+        def steps() -> Steps[Record]:
+            row = yield Statement(self.q["load"], (id,))
+            if row is None:
+                raise WorkflowNotFound(id)
+            return record(row)
+
+        return Op(steps, write=False)
+
+    def save(
+        self, id: str, expected_version: int, status: str, blob: bytes, wake_at: datetime | None
+    ) -> Op[Record]:
+        wake = opt_utc(wake_at)
+
+        def steps() -> Steps[Record]:
+            row = yield Statement(self.q["save"], (status, blob, wake, id, expected_version))
+            if row is None:
+                current = yield Statement(self.q["version"], (id,))
+                raise Conflict(id, expected_version, None if current is None else current[0])
+            workflow, version = row
+            return Record(id, workflow, status, bytes(blob), version, wake)
+
+        return Op(steps)
+
+    def delete(self, id: str) -> Op[None]:
+        def steps() -> Steps[None]:
+            if (yield Statement(self.q["delete"], (id,))) is None:
+                raise WorkflowNotFound(id)
+
+        return Op(steps)
+
+    def list(
+        self, workflow: str | None, status: str | None, limit: int, after: str | None
+    ) -> Op[Page]:
+        check_limit(limit)
+        where: builtins.list[sql.Composable] = []
+        params: builtins.list[Any] = []
+        for condition, value in (
+            ("workflow = %s", workflow),
+            ("status = %s", status),
+            ("id > %s", after),
+        ):
+            if value is not None:
+                where.append(sql.SQL(condition))
+                params.append(value)
+        query = self.q["select"]
+        if where:
+            query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
+        query += sql.SQL(" ORDER BY id LIMIT %s")
+        params.append(limit + 1)
+
+        def steps() -> Steps[Page]:
+            records = [record(row) for row in (yield Statement(query, tuple(params), "all"))]
+            return Page(records[:limit], page_cursor([r.id for r in records], limit))
+
+        return Op(steps, write=False)
+
+    def claim_due(self, now: datetime, limit: int, lease: timedelta) -> Op[builtins.list[Record]]:
+        now = to_utc(now)
+        until = now + lease
+
+        def steps() -> Steps[builtins.list[Record]]:
+            rows = yield Statement(self.q["claim"], (now, limit, until), "all")
+            # UPDATE ... RETURNING has no order: restore "earliest first" from the old wake_at.
+            rows.sort(key=lambda row: (row[5], row[0]))
+            return [
+                Record(id, workflow, status, bytes(blob), version, until)
+                for id, workflow, status, blob, version, _ in rows
+            ]
+
+        return Op(steps)
+
+    def remember(self, key: str, until: datetime) -> Op[bool]:
+        token = uuid.uuid4().hex  # tells our own earlier, committed attempt from a rival's
+        params = (key, token, to_utc(until))
+
+        def steps() -> Steps[bool]:
+            if (yield Statement(self.q["remember"], params)) is not None:
+                return True
+            row = yield Statement(self.q["token"], (key,))
+            return row is not None and row[0] == token
+
+        return Op(steps, idempotent=True)
+
+    def purge_due(self) -> bool:
+        """Whether ``remember`` should purge expired keys now (every :data:`PURGE_EVERY` s)."""
+        if time.monotonic() < self._next_purge:
+            return False
+        self._next_purge = time.monotonic() + PURGE_EVERY
+        return True
+
+    def purge_expired(self, limit: int) -> Op[int]:
+        def steps() -> Steps[int]:
+            count: int = yield Statement(self.q["purge"], (limit,), "rowcount")
+            return count
+
+        return Op(steps, idempotent=True)

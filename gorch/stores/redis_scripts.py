@@ -1,0 +1,418 @@
+"""Redis's side of the store, written once for the sync and the async connector.
+
+Nothing here does I/O. :class:`RedisScripts` names the keys of one prefix (the
+layout is in :mod:`gorch.stores.redis`), holds the Lua scripts that make every
+write atomic, and describes each store operation as an
+:class:`~gorch.stores._ops.Op`: a generator of requests (a :class:`Script`, a :class:`Command`, a
+:class:`Transaction`; each one's reply is sent back in) that builds the
+arguments, maps replies to records and raises the protocol's errors. It also
+holds the rule that decides, after a driver error, whether to try again or what
+to report (:meth:`RedisScripts.settle`). :class:`~gorch.stores.redis.RedisStore`
+and :class:`~gorch.stores.aio_redis.AsyncRedisStore` are the connectors: they
+send the requests, blocking or awaited, through their own client.
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+import uuid
+from collections.abc import Generator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeAlias, TypeVar
+
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT
+
+from gorch.errors import Conflict, StoreUnavailable, WorkflowExists, WorkflowNotFound
+from gorch.stores._common import (
+    check_limit,
+    from_micros,
+    matches,
+    opt_utc,
+    page_cursor,
+    redact_url,
+    scrub,
+    to_micros,
+    to_utc,
+)
+from gorch.stores._ops import Op
+from gorch.stores.base import Page, Record
+
+T = TypeVar("T")
+
+KEYS_LUA = """
+local p = ARGV[1]
+local function st_key(s) return p .. ':idx:st:' .. s end
+local function ws_key(w, s) return p .. ':idx:ws:' .. string.len(w) .. ':' .. w .. ':' .. s end
+local function wf_key(w) return p .. ':idx:wf:' .. w end
+"""
+
+# KEYS: rec wake all wf st ws; ARGV: prefix id workflow status blob wake_us score updated_us
+CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'workflow', ARGV[3], 'status', ARGV[4], 'blob', ARGV[5],
+           'version', 1, 'wake_at', ARGV[6], 'updated_at', ARGV[8])
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[2], ARGV[7], ARGV[2]) end
+for i = 3, 6 do redis.call('ZADD', KEYS[i], 0, ARGV[2]) end
+return 1
+"""
+
+# KEYS: rec wake; ARGV: prefix id expected status blob wake_us score updated_us
+SAVE = (
+    KEYS_LUA
+    + """
+local current = redis.call('HGET', KEYS[1], 'version')
+if not current then return {0} end
+if tonumber(current) ~= tonumber(ARGV[3]) then return {0, tonumber(current)} end
+local wf = redis.call('HGET', KEYS[1], 'workflow')
+local old = redis.call('HGET', KEYS[1], 'status')
+if old ~= ARGV[4] then
+  redis.call('ZREM', st_key(old), ARGV[2])
+  redis.call('ZREM', ws_key(wf, old), ARGV[2])
+  redis.call('ZADD', st_key(ARGV[4]), 0, ARGV[2])
+  redis.call('ZADD', ws_key(wf, ARGV[4]), 0, ARGV[2])
+end
+local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'status', ARGV[4], 'blob', ARGV[5], 'wake_at', ARGV[6],
+           'updated_at', ARGV[8])
+if ARGV[6] == '' then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+else
+  redis.call('ZADD', KEYS[2], ARGV[7], ARGV[2])
+end
+return {1, version, wf}
+"""
+)
+
+# KEYS: rec wake all; ARGV: prefix id
+DELETE = (
+    KEYS_LUA
+    + """
+local f = redis.call('HMGET', KEYS[1], 'workflow', 'status')
+if not f[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('ZREM', wf_key(f[1]), ARGV[2])
+redis.call('ZREM', st_key(f[2]), ARGV[2])
+redis.call('ZREM', ws_key(f[1], f[2]), ARGV[2])
+return 1
+"""
+)
+
+# KEYS: wake; ARGV: prefix now_score limit until_us until_score updated_us
+CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
+local out = {}
+for _, id in ipairs(ids) do
+  local key = ARGV[1] .. ':rec:' .. id
+  if redis.call('EXISTS', key) == 1 then
+    local version = redis.call('HINCRBY', key, 'version', 1)
+    redis.call('HSET', key, 'wake_at', ARGV[4], 'updated_at', ARGV[6])
+    redis.call('ZADD', KEYS[1], ARGV[5], id)
+    local f = redis.call('HMGET', key, 'workflow', 'status', 'blob')
+    out[#out + 1] = {id, f[1], f[2], f[3], version}
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return out
+"""
+
+
+# KEYS: seen; ARGV: token until_ms. True if taken now, or earlier by this very token (a retry).
+REMEMBER = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PXAT', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+return 0
+"""
+
+LOST = (RedisConnectionError, RedisTimeoutError)
+"""The connection was refused, dropped or timed out (includes a failed AUTH, LOADING)."""
+SERVER_FAULTS = (
+    OutOfMemoryError,
+    ReadOnlyError,
+    NoPermissionError,
+    MasterDownError,
+    TryAgainError,
+    ClusterDownError,
+)
+"""Replies that mean the server cannot serve the store now: full (maxmemory), a replica
+after a failover, an ACL that forbids the commands."""
+FAULT_PREFIXES = ("MISCONF", "BUSY", "NOREPLICAS", "MASTERDOWN")  # refused, nothing applied
+
+
+def is_fault(exc: RedisError) -> bool:
+    """Whether a driver error means the store is unusable now, rather than a bug of ours."""
+    if isinstance(exc, LOST + SERVER_FAULTS):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(FAULT_PREFIXES)
+
+
+def score(micros: int) -> str:
+    """Epoch seconds as Redis parses them back to the same double (repr round-trips)."""
+    return repr(micros / 1_000_000)
+
+
+def now_micros() -> str:
+    """This machine's clock for ``updated_at``, in integer microseconds."""
+    return str(time.time_ns() // 1000)
+
+
+SCRIPTS = {"create": CREATE, "save": SAVE, "delete": DELETE, "claim": CLAIM, "remember": REMEMBER}
+"""Every script by name; a connector registers each once with its client."""
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """Run the script :data:`SCRIPTS` names ``name`` (atomic on the server)."""
+
+    name: str
+    keys: builtins.list[str]
+    args: builtins.list[EncodableT]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One command, e.g. ``("HGETALL", key)``; its reply parsed as redis-py parses it."""
+
+    args: tuple[EncodableT, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """Commands sent together in MULTI/EXEC, in one round trip; their replies as a list."""
+
+    commands: builtins.list[tuple[EncodableT, ...]]
+
+
+Request: TypeAlias = Script | Command | Transaction
+Steps: TypeAlias = Generator[Request, Any, T]
+"""An operation's requests in order; each one's reply is sent back in."""
+
+
+def record(id: str, fields: dict[bytes, bytes]) -> Record:
+    """The record of the hash of ``id``."""
+    wake = fields.get(b"wake_at", b"")
+    return Record(
+        id,
+        fields[b"workflow"].decode(),
+        fields[b"status"].decode(),
+        fields[b"blob"],
+        int(fields[b"version"]),
+        from_micros(int(wake)) if wake else None,
+    )
+
+
+def _wake_args(wake: datetime | None) -> tuple[str, str]:
+    """``wake_at`` as the scripts take it: exact microseconds, and the score to order by."""
+    if wake is None:
+        return "", ""
+    micros = to_micros(wake)
+    return str(micros), score(micros)
+
+
+class RedisScripts:
+    """The keys of one store under ``prefix``, the requests of its operations, and the
+    rules around them. ``url`` is kept only to scrub its password from driver errors."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        if not prefix:
+            raise ValueError("prefix must not be empty")
+        self._url = url
+        self.url = redact_url(url)
+        self.prefix = prefix
+        self.wake = f"{prefix}:wake"
+        self.all = f"{prefix}:idx:all"
+
+    # -- keys and faults -----------------------------------------------------------
+
+    def rec(self, id: str) -> str:
+        """The hash of record ``id``."""
+        return f"{self.prefix}:rec:{id}"
+
+    def index(self, workflow: str | None, status: str | None) -> str:
+        """The id set that holds exactly the records passing these filters."""
+        if workflow is not None and status is not None:
+            return f"{self.prefix}:idx:ws:{len(workflow.encode())}:{workflow}:{status}"
+        if workflow is not None:
+            return f"{self.prefix}:idx:wf:{workflow}"
+        if status is not None:
+            return f"{self.prefix}:idx:st:{status}"
+        return self.all
+
+    def seen(self, key: str) -> str:
+        """Where :meth:`remember` records ``key``."""
+        return f"{self.prefix}:seen:{key}"
+
+    def unavailable(self, exc: RedisError, read: bool) -> StoreUnavailable:
+        """The error a fault is reported as: the safe URL, the driver's reason, what it means
+        (``read``: nothing in flight could have changed the store)."""
+        message = scrub(" ".join(str(exc).split()), self._url)
+        if not isinstance(exc, LOST):
+            context = "; nothing was written"  # the server refused the command
+        elif read:
+            context = ""
+        else:
+            context = "; a write in flight may or may not have been applied"
+        return StoreUnavailable(
+            f"Redis store {self.url} is unavailable: {type(exc).__name__}: {message}{context}"
+        )
+
+    def settle(self, exc: RedisError, op: Op[Any], *, last: bool) -> None:
+        """After an attempt at ``op`` ended in ``exc``: return to try once more, or raise.
+
+        Only an operation safe to repeat (a read, an idempotent write) is tried
+        again, once, when the connection dropped (a new one replaces it). Once a
+        write is sent, a dropped connection cannot tell whether it ran, and a
+        re-sent compare-and-swap whose first attempt did land would report a
+        false ``Conflict``: ``StoreUnavailable`` says the outcome is unknown, and
+        the caller settles it by reading back.
+        An error that is no fault (a bug of ours) is raised as it is.
+        """
+        if not is_fault(exc):
+            raise exc
+        repeatable = not op.write or op.idempotent
+        if repeatable and not last and isinstance(exc, LOST):
+            return
+        raise self.unavailable(exc, repeatable) from exc
+
+    # -- the operations ----------------------------------------------------------------
+
+    def create(
+        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+    ) -> Op[Record]:
+        wake = opt_utc(wake_at)
+        wake_us, wake_score = _wake_args(wake)
+        keys = [
+            self.rec(id),
+            self.wake,
+            self.all,
+            self.index(workflow, None),
+            self.index(None, status),
+            self.index(workflow, status),
+        ]
+        args: builtins.list[EncodableT] = [
+            self.prefix,
+            id,
+            workflow,
+            status,
+            blob,
+            wake_us,
+            wake_score,
+            now_micros(),
+        ]
+
+        def steps() -> Steps[Record]:
+            if not (yield Script("create", keys, args)):
+                raise WorkflowExists(id)
+            return Record(id, workflow, status, bytes(blob), 1, wake)
+
+        return Op(steps)
+
+    def load(self, id: str) -> Op[Record]:
+        def steps() -> Steps[Record]:
+            fields = yield Command(("HGETALL", self.rec(id)))
+            if not fields:
+                raise WorkflowNotFound(id)
+            return record(id, fields)
+
+        return Op(steps, write=False)
+
+    def save(
+        self, id: str, expected_version: int, status: str, blob: bytes, wake_at: datetime | None
+    ) -> Op[Record]:
+        wake = opt_utc(wake_at)
+        wake_us, wake_score = _wake_args(wake)
+        args: builtins.list[EncodableT] = [
+            self.prefix,
+            id,
+            expected_version,
+            status,
+            blob,
+            wake_us,
+            wake_score,
+            now_micros(),
+        ]
+
+        def steps() -> Steps[Record]:
+            result = yield Script("save", [self.rec(id), self.wake], args)
+            if result[0] == 0:
+                raise Conflict(id, expected_version, int(result[1]) if len(result) > 1 else None)
+            return Record(id, result[2].decode(), status, bytes(blob), int(result[1]), wake)
+
+        return Op(steps)
+
+    def delete(self, id: str) -> Op[None]:
+        def steps() -> Steps[None]:
+            if not (yield Script("delete", [self.rec(id), self.wake, self.all], [self.prefix, id])):
+                raise WorkflowNotFound(id)
+
+        return Op(steps)
+
+    def list(
+        self, workflow: str | None, status: str | None, limit: int, after: str | None
+    ) -> Op[Page]:
+        check_limit(limit)
+        low = b"-" if after is None else b"(" + after.encode()
+        page = ("ZRANGEBYLEX", self.index(workflow, status), low, b"+", "LIMIT", 0, limit + 1)
+
+        def steps() -> Steps[Page]:
+            ids = [i.decode() for i in (yield Command(page))]
+            hashes = []
+            if ids:
+                hashes = yield Transaction([("HGETALL", self.rec(id)) for id in ids[:limit]])
+            # A record may change between the two round trips: re-check it still belongs here.
+            records = [
+                rec
+                for id, fields in zip(ids, hashes, strict=False)
+                if fields and matches(rec := record(id, fields), workflow, status)
+            ]
+            return Page(records, page_cursor(ids, limit))
+
+        return Op(steps, write=False)
+
+    def claim_due(self, now: datetime, limit: int, lease: timedelta) -> Op[builtins.list[Record]]:
+        now = to_utc(now)
+        until = now + lease
+        until_us = to_micros(until)
+        args: builtins.list[EncodableT] = [
+            self.prefix,
+            score(to_micros(now)),
+            limit,
+            str(until_us),
+            score(until_us),
+            now_micros(),
+        ]
+
+        def steps() -> Steps[builtins.list[Record]]:
+            rows = yield Script("claim", [self.wake], args)
+            return [
+                Record(id.decode(), wf.decode(), st.decode(), bytes(blob), int(version), until)
+                for id, wf, st, blob, version in rows
+            ]
+
+        return Op(steps)
+
+    def remember(self, key: str, until: datetime) -> Op[bool]:
+        until_ms = max(1, -(-to_micros(until) // 1000))  # rounded up: never expire early
+        # The token tells our own earlier, applied attempt from a rival's: safe to repeat.
+        args: builtins.list[EncodableT] = [uuid.uuid4().hex, until_ms]
+
+        def steps() -> Steps[bool]:
+            return bool((yield Script("remember", [self.seen(key)], args)))
+
+        return Op(steps, idempotent=True)
