@@ -958,3 +958,47 @@ def test_cancelling_a_step_awaited_in_place_keeps_none_of_its_changes() -> None:
 
     asyncio.run(go())
     assert wf == gorch.loads(saves.blobs[-1], Writes)[0]
+
+
+# --------------------------------------------------------------------------- clashing changes
+
+
+class Counters(gorch.Workflow):
+    """Three concurrent branches: two bump one shared counter, all append to one list."""
+
+    done: int = 0
+    own: dict[str, int] = Field(default_factory=dict)
+    log: list[str] = Field(default_factory=list)
+
+    def definition(self) -> gorch.Section:
+        return S(Parallel("p", S(Step("x", self.bump("x"))), S(Step("y", self.bump("y")))))
+
+    def bump(self, name: str) -> Callable[[], Any]:
+        async def step() -> None:
+            await asyncio.sleep(0)
+            self.done += 1
+            self.log.append(name)
+
+        return step
+
+
+def test_two_concurrent_steps_changing_one_field_fail_the_later_and_lose_nothing() -> None:
+    wf = Counters()
+    state = new(wf)
+    saved: list[bytes] = []
+    with pytest.raises(gorch.StepFailed) as info:
+        asyncio.run(aresume(wf, state, lambda kind: saved.append(gorch.dumps(wf, state))))
+    cause = info.value.__cause__
+    assert isinstance(cause, gorch.ConcurrentChange)
+    assert (cause.path, cause.step, cause.other) == (
+        "done",
+        "'y' of thread 'p.y'",
+        "'x' of thread 'p.x'",
+    )
+    assert "concurrency=1" in str(cause)
+    assert (wf.done, wf.log) == (1, ["x"])  # x's changes applied; nothing of y's
+    y = state.thread("p.y")
+    assert y is not None and y.cur_step == "y" and "ConcurrentChange" in y.error
+    # The retry runs y alone, on the data with x's change: no update is lost.
+    assert asyncio.run(aresume(wf, state)) is WS.FINISHED
+    assert (wf.done, wf.log) == (2, ["x", "y"])
