@@ -897,6 +897,7 @@ STATUS = {
     "SyncCallRefused": 500,
     "WorkflowFinishedError": 409,
     "StepFailed": 500,
+    "ConcurrentChange": 500,
     "DAGFailed": 500,
     "HandlerFailed": 500,
     "SetupError": 500,

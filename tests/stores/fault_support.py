@@ -328,6 +328,12 @@ def redis_kill(url: str, client_id: int) -> None:
     admin = redis.Redis.from_url(url)
     try:
         killed = admin.execute_command("CLIENT", "KILL", "ID", str(client_id))
+        # The server may close the socket after it answered: wait until it has, so
+        # the store's next call finds the connection closed (not a race with it).
+        wait_until(
+            lambda: not admin.execute_command("CLIENT", "LIST", "ID", str(client_id)).strip(),
+            f"Redis client {client_id} to be gone",
+        )
     finally:
         admin.close()
     assert killed == 1, f"client {client_id} was not found"
