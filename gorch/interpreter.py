@@ -64,7 +64,7 @@ import logging
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from gorch import clock
 from gorch.codec import Change, apply_changes, diff_data
@@ -131,6 +131,7 @@ from gorch.statements import (
     K_WAITFOR,
     Go,
     On,
+    Parallel,
     Section,
     Select,
     Step,
@@ -821,13 +822,19 @@ def _active(t: Thread) -> list[WaitEvent]:
 def _run(call: _Call) -> Walk[WorkflowStatus]:
     """Steps 2 to 5 of a resume (see SPEC §2): teardowns, the threads, setups, status."""
     state = call.state
-    for t in state.threads:  # every cursor must exist before anything changes
-        if t.cur_step:
-            _locate(call, t)
-        elif not _is_main(t):
-            found = call.find(t.name)
-            if found is None or not isinstance(found[1], Go):
-                raise CursorNotFound(t.id, t.name, "the Go that started the thread is gone")
+    moved = _reattach(call)
+    try:
+        for t in state.threads:  # every cursor must exist before anything changes
+            if t.cur_step:
+                _locate(call, t)
+            elif not _is_main(t):
+                found = call.find(t.name)
+                if found is None or not isinstance(found[1], Go):
+                    raise CursorNotFound(t.id, t.name, "the Go that started the thread is gone")
+    except Exception:
+        for t, old in moved:  # state untouched
+            t.name = old
+        raise
     for t in state.threads:
         if t.wait_events:  # maybe events to tear down
             yield from _teardown_finished_waits(call)
@@ -890,7 +897,10 @@ def _run(call: _Call) -> Walk[WorkflowStatus]:
 
 
 def _waits_condition(state: State) -> bool:
-    return any(t.status is _WAITING_CONDITION for t in state.threads)
+    for t in state.threads:  # noqa: SIM110 - a loop: no generator on the hot path
+        if t.status is _WAITING_CONDITION:
+            return True
+    return False
 
 
 def _awaits_setup(state: State) -> bool:
@@ -1483,6 +1493,7 @@ def _async_step(call: _Call, t: Thread, st: Step) -> Walk[str]:
         if call.executor is None and not is_async(fn):  # a plain step: in place, in turn
             if call.flights or call.parked:
                 yield _Launch(st.name, here=True)  # resumed when its turn comes
+                call.dirty = True  # other walks read the data meanwhile: it changes now
             wf = call.wf
             out = _run_step(call, wf, t, st.name, fn) if call.wrap_steps else fn()
             if out is not None and is_awaitable(out):
@@ -1635,7 +1646,10 @@ def _release_condition(call: _Call) -> Walk[bool]:
 def _ending_waits(state: State, t: Thread) -> bool:
     """Whether ``t``'s end leaves events to drop (the main thread's: any thread's)."""
     if t.id == MAIN_THREAD:
-        return any(o.wait_events for o in state.threads)
+        for o in state.threads:  # noqa: SIM110 - a loop: no generator on the hot path
+            if o.wait_events:
+                return True
+        return False
     return bool(t.wait_events)
 
 
@@ -1735,6 +1749,86 @@ def _plain_result(out: Any, what: str) -> Any:
 
 
 # --------------------------------------------------------------------------- Parallel and DAG
+
+
+def _reattach(call: _Call) -> list[tuple[Thread, str]]:
+    """Rename Parallel branch threads whose branch was relabelled by a deploy.
+
+    An unnamed section branch is labelled by its statements' names, so a
+    rename inside it renames its Go. A thread keeps its id; its name becomes
+    the Go of the parent's Parallel that now holds its cursor or, for a thread
+    that has not started, the one branch that no sibling holds. Anything else
+    is left to the cursor checks. Returns ``(thread, old name)`` to undo with.
+    """
+    moved: list[tuple[Thread, str]] = []
+    threads = call.state.threads
+    for t in threads:
+        if not t.parent or _is_go(call, t.name):
+            continue
+        parent = call.state.thread(t.parent)
+        found = call.find(parent.cur_step) if parent is not None else None
+        if found is None or type(found[1]) is not Parallel:
+            continue
+        names = [g.name for g in found[1].branches]
+        if t.cur_step:
+            path = call.index.paths.get(t.cur_step)  # type: ignore[union-attr]
+            at = _navigate(call.root, path, t.cur_step) if path is not None else None
+            new = at[3] if at is not None and at[3] in names else None
+        else:
+            held = {o.name for o in threads if o.parent == t.parent}
+            free = [n for n in names if n not in held]
+            orphans = [o for o in threads if o.parent == t.parent and o.name not in names]
+            new = free[0] if len(free) == 1 and orphans == [t] else None
+        if new is not None:
+            moved.append((t, t.name))
+            t.name = new
+    return moved
+
+
+class Placement(NamedTuple):
+    """Where :func:`locate_threads` found a thread (``stmt``), or why not (``problem``)."""
+
+    thread: Thread
+    stmt: Stmt | None
+    """The statement its cursor names; its Go if it has not started; None for a new main."""
+    problem: str
+    """Empty when the thread can be placed."""
+    known: bool
+    """Whether the definition still has a statement of the cursor's name (anywhere)."""
+
+
+def locate_threads(wf: Workflow, state: State) -> list[Placement]:
+    """Where ``resume`` would find each thread of ``state`` in ``wf``'s current definition.
+
+    For the pre-deploy check (:mod:`gorch.check`): nothing runs and ``state``
+    is left as it was. ``DefinitionError`` propagates.
+    """
+    call = _Call(wf, state, None, DEFAULT_MAX_UNITS, check=False)
+    moved = _reattach(call)
+    out: list[Placement] = []
+    try:
+        for t in state.threads:
+            name = t.cur_step or ("" if _is_main(t) else t.name)
+            found = call.find(name) if name else None
+            try:
+                if t.cur_step:
+                    out.append(Placement(t, _locate(call, t)[1], "", True))
+                elif name and (found is None or type(found[1]) is not Go):
+                    gone = f"the Go {name!r} that started the thread is gone"
+                    out.append(Placement(t, None, gone, found is not None))
+                else:
+                    out.append(Placement(t, found[1] if found is not None else None, "", True))
+            except CursorNotFound as e:
+                out.append(Placement(t, None, str(e), found is not None))
+    finally:
+        for t, old in moved:
+            t.name = old
+    return out
+
+
+def _is_go(call: _Call, name: str) -> bool:
+    found = call.find(name)
+    return found is not None and type(found[1]) is Go
 
 
 def _child_id(t: Thread, name: str) -> str:

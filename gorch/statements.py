@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from gorch.errors import DefinitionError
+
 if TYPE_CHECKING:
     from gorch.handlers import Handler
     from gorch.retry import Retry
@@ -76,19 +78,28 @@ class Stmt:
 
 
 class Section(Stmt):
-    """A sequence of statements: ``S(a, b, c)``. Nested sections behave as if flattened."""
+    """A sequence of statements: ``S(a, b, c)``. Nested sections behave as if flattened.
 
-    __slots__ = ("stmts",)
+    ``name`` labels the section when it is a branch of a :class:`Parallel`:
+    the branch's thread id is then ``"{parallel}.{name}"`` whatever its
+    statements are called, so renaming them never strands a stored instance.
+    """
+
+    __slots__ = ("name", "stmts")
     _kind = K_SECTION
 
-    def __init__(self, *stmts: Stmt) -> None:
+    def __init__(self, *stmts: Stmt, name: str | None = None) -> None:
+        if name is not None and (not isinstance(name, str) or not name):
+            raise DefinitionError(f"a section's name must be a non-empty str, got {name!r}")
         self.stmts: Body = stmts
+        self.name = name
 
     def children(self) -> tuple[Body, ...]:
         return (self.stmts,)
 
     def __repr__(self) -> str:
-        return f"S({', '.join(map(repr, self.stmts))})"
+        named = f", name={self.name!r}" if self.name is not None else ""
+        return f"S({', '.join(map(repr, self.stmts))}{named})"
 
 
 S = Section
@@ -325,17 +336,24 @@ class Parallel(Stmt):
     """Run each branch as its own thread; continue when all of them have ended.
 
     Branch ``b`` runs in a thread named ``"{name}.{label}"``, where the label
-    is the branch's own name (for a section: its statements' names joined
-    by ``>>``), so thread names stay stable when branches are reordered. A
-    branch may wait on events and timers like any thread.
+    is the branch's own name: a statement's name, a named section's
+    ``S(..., name=...)``; for an unnamed section, its statements' names joined
+    by ``>>`` (see :func:`label_of`). Thread names stay stable when branches
+    are reordered. A branch may wait on events and timers like any thread.
+
+    A thread keeps the id it started with: after a deploy that renames
+    statements inside a branch, a stored branch thread finds its branch again
+    through its cursor (see ``interpreter._reattach``), so only new threads
+    take the new label.
     """
 
-    __slots__ = ("_auto", "branches", "name")
+    __slots__ = ("_auto", "_sources", "branches", "name")
     _kind = K_PARALLEL
 
     def __init__(self, name: str, *branches: Stmt, _auto: bool = False) -> None:
         self.name = name
         self._auto = _auto  # made by ``|``: a further ``|`` adds branches to it
+        self._sources = branches  # as written: a further ``|`` keeps their labels
         self.branches: tuple[Go, ...] = _threads(name, branches)
 
     def children(self) -> tuple[Body, ...]:
@@ -405,7 +423,11 @@ class DAG(Stmt):
 
 
 def label_of(st: Stmt) -> str:
-    """A stable label for a branch: its name, or its statements' names joined by ``>>``."""
+    """A branch's label: its own name (a named section's too), else its statements' names.
+
+    An unnamed section of one statement is labelled like that statement, so
+    ``S(step)`` and ``step`` give one thread id.
+    """
     name = getattr(st, "name", None)
     if isinstance(name, str) and name:
         return name
@@ -440,12 +462,13 @@ def _check_operand(left: object, op: str, right: object) -> None:
 
 
 def _seq_parts(st: Stmt) -> Body:
-    return st.stmts if type(st) is Section else (st,)
+    """A section's statements (a named section stays whole: its name labels a branch)."""
+    return st.stmts if type(st) is Section and st.name is None else (st,)
 
 
 def _par_parts(st: Stmt) -> tuple[Stmt, ...]:
     if type(st) is Parallel and st._auto:
-        return tuple(g.body[0] if len(g.body) == 1 else Section(*g.body) for g in st.branches)
+        return st._sources
     return (st,)
 
 

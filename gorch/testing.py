@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import pathlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
@@ -40,6 +42,7 @@ from typing import Any, Literal, TypeVar, overload
 
 import pydantic
 
+from gorch.check import CheckReport, check_blob, format_report, report
 from gorch.clock import use_clock
 from gorch.codec import dumps, loads
 from gorch.engine import initial_data
@@ -57,7 +60,9 @@ from gorch.handlers import ASYNC_API_HINT
 from gorch.hooks import CallNext, StepContext
 from gorch.interpreter import DEFAULT_CONCURRENCY, ahandle_event, arun, awaited_events, handle_event
 from gorch.interpreter import run as run_state
+from gorch.snapshot import ACTIVE_STATUSES
 from gorch.state import CheckpointKind, EventRequest, State, WorkflowStatus, new_state
+from gorch.stores.base import Store
 from gorch.timers import due_events, next_wakeup
 from gorch.workflow import Workflow
 
@@ -70,7 +75,9 @@ __all__ = [
     "TimerLimitError",
     "UnawaitedCoroutineError",
     "WorkflowEnv",
+    "check_samples",
     "gorch_env",
+    "save_samples",
 ]
 
 #: Where a :class:`WorkflowEnv`'s clock starts unless told otherwise: fixed, so runs repeat.
@@ -875,6 +882,76 @@ def _diff(a: Any, b: Any, path: str) -> tuple[str, Any, Any] | None:
                 return found
         return None
     return None if _same_scalar(a, b) else (path, a, b)
+
+
+# --------------------------------------------------------------------------- samples
+
+#: The file suffix of a sample blob: ``{folder}/{workflow}/{id}.gorch``.
+SAMPLE_SUFFIX = ".gorch"
+
+
+def save_samples(
+    store: Store, folder: str | os.PathLike[str], *, per_workflow: int = 50
+) -> list[pathlib.Path]:
+    """Copy up to ``per_workflow`` in-flight instances of each workflow from ``store``.
+
+    Samples are kept from production so that :func:`check_samples` can run the
+    pre-deploy check in CI, without the production store. Each blob is
+    written as ``{folder}/{workflow}/{id}.gorch``, byte for byte as stored.
+    ``store`` is a sync store (``engine.store`` of a :class:`gorch.Engine`).
+    """
+    root = pathlib.Path(folder)
+    taken: dict[str, int] = {}
+    written: list[pathlib.Path] = []
+    for status in sorted(ACTIVE_STATUSES):
+        after: str | None = None
+        while True:
+            page = store.list(status=status.value, limit=100, after=after)
+            for rec in page.records:
+                if taken.get(rec.workflow, 0) >= per_workflow:
+                    continue
+                taken[rec.workflow] = taken.get(rec.workflow, 0) + 1
+                path = root / rec.workflow / f"{rec.id}{SAMPLE_SUFFIX}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(rec.blob)
+                written.append(path)
+            if page.next_cursor is None:
+                break
+            after = page.next_cursor
+    return written
+
+
+def check_samples(
+    folder: str | os.PathLike[str], workflows: Mapping[str, type[Workflow]]
+) -> CheckReport:
+    """Check every sample blob in ``folder`` against the current code (the pre-deploy check).
+
+    Samples are ``{folder}/{workflow}/{id}.gorch`` files (see :func:`save_samples`).
+    Raises ``AssertionError`` with one line per problem when any sample would
+    be stranded, so a plain ``check_samples(...)`` call is a pytest test; an
+    empty or missing folder is an error too, since it checks nothing.
+    Returns the report when every sample is fine.
+    """
+    root = pathlib.Path(folder)
+    files = sorted(root.glob(f"*/*{SAMPLE_SUFFIX}"))
+    if not files:
+        raise AssertionError(
+            f"no samples in {str(root)!r}: expected {{workflow}}/{{id}}{SAMPLE_SUFFIX} files "
+            "(gorch.testing.save_samples writes them)"
+        )
+    problems = [
+        problem
+        for path in files
+        for problem in check_blob(
+            path.name[: -len(SAMPLE_SUFFIX)], path.parent.name, path.read_bytes(), workflows
+        )
+    ]
+    rep = report(len(files), problems)
+    if not rep.ok:
+        raise AssertionError(
+            f"samples in {str(root)!r} that the current code would strand:\n{format_report(rep)}"
+        )
+    return rep
 
 
 def _hint(cls: type[Workflow], path: str) -> str:

@@ -650,6 +650,7 @@ def test_random_trees_run_the_same_whatever_order_steps_finish_in(
 
 
 TREE_CRASHES = settings(
+    derandomize=True,  # the same trees on every run: CI is not left to chance
     max_examples=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -692,6 +693,31 @@ def test_random_trees_continued_from_every_checkpoint_end_the_same(
         ["go", "go6", "none", None, []],
     ],
     choices=[],
+)
+@example(  # a plain step run in its turn changes the data that a WaitFor then reads
+    tree=[
+        [
+            "select",
+            "sel1",
+            [
+                ["a", "none", []],
+                ["b", "none", []],
+                [
+                    "c",
+                    "none",
+                    [
+                        ["seq", []],
+                        ["go", "go2", "none", None, [["step", "step3"]]],
+                        ["step", "step5"],
+                    ],
+                ],
+            ],
+            None,
+        ],
+        ["for", "loop6", 0, "bool", []],
+        ["joinall", "joinall", "bool"],
+    ],
+    choices=[128],
 )
 @given(tree=trees(), choices=choices_st)
 def test_random_trees_with_threads_continued_from_every_checkpoint_end_the_same(
@@ -1002,3 +1028,64 @@ def test_two_concurrent_steps_changing_one_field_fail_the_later_and_lose_nothing
     # The retry runs y alone, on the data with x's change: no update is lost.
     assert asyncio.run(aresume(wf, state)) is WS.FINISHED
     assert (wf.done, wf.log) == (2, ["x", "y"])
+
+
+GAP_TREE = [
+    ["switch", [[["hit", "a", 0, "bool"], [["go", "go1", "none", None, []]]]], None],
+    ["step", "step2"],
+    ["select", "sel3", [["a", "none", []]], None],
+    [
+        "switch",
+        [
+            [
+                ["hit", "a", 0, "bool"],
+                [
+                    ["step", "step4"],
+                    ["go", "go5", "none", None, []],
+                    [
+                        "select",
+                        "sel6",
+                        [
+                            ["a", "none", []],
+                            [
+                                "b",
+                                "none",
+                                [
+                                    [
+                                        "go",
+                                        "go7",
+                                        "none",
+                                        None,
+                                        [["step", "step8"], ["step", "step9"], ["return", "ret10"]],
+                                    ],
+                                    ["step", "step11"],
+                                ],
+                            ],
+                            ["c", "none", []],
+                        ],
+                        None,
+                    ],
+                ],
+            ],
+            [["hit", "a", 0, "bool"], [["return", "ret12"]]],
+        ],
+        None,
+    ],
+    ["go", "go13", "none", "wg", []],
+]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "known gap: after a crash, the plain 'done' steps of two Go threads (go7, go13) "
+        "commit in the other order; a round boundary is not yet reproduced exactly when "
+        "plain steps run in place next to parked async ones"
+    ),
+)
+def test_a_crash_does_not_reorder_plain_steps_of_two_go_threads() -> None:
+    P.delay = {}
+    plain = asyncio.run(play_tree(SlowTreeFlow, GAP_TREE, [0, 1], "async"))
+    crashed = asyncio.run(play_tree(SlowTreeFlow, GAP_TREE, [0, 1], "async", crash=True))
+    want = [r for r in plain if r[0] in ("resumed", "handled", "final")]
+    assert [_without_pc(r) for r in crashed] == [_without_pc(r) for r in want]
