@@ -1,6 +1,7 @@
 """gorch: long-running, event-driven workflows that live in your own database."""
 
 from gorch.async_engine import AsyncEngine
+from gorch.check import CheckProblem, CheckReport
 from gorch.codec import FORMAT_VERSION, dumps, loads
 from gorch.engine import Engine, InstanceStatus, Snapshot
 from gorch.errors import (
@@ -34,6 +35,7 @@ from gorch.errors import (
     WorkflowNotFound,
 )
 from gorch.handlers import FunctionHandler, Handler
+from gorch.history import History, HistoryEntry
 from gorch.hooks import EventContext, LoggingMiddleware, Middleware, ResumeContext, StepContext
 from gorch.interpreter import acancel, ahandle_event, aresume, awaited_events, handle_event, resume
 from gorch.retry import Retry
@@ -85,6 +87,8 @@ __all__ = [
     "AsyncEngine",
     "Break",
     "Case",
+    "CheckProblem",
+    "CheckReport",
     "CheckpointKind",
     "ConcurrentChange",
     "Conflict",
@@ -104,6 +108,8 @@ __all__ = [
     "GorchError",
     "Handler",
     "HandlerFailed",
+    "History",
+    "HistoryEntry",
     "IdempotencyKeyReused",
     "If",
     "InstanceStatus",

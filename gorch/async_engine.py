@@ -27,7 +27,9 @@ from concurrent.futures import Executor
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from gorch.check import CheckReport, Progress, check_op
 from gorch.engine import (
+    RETAINED_STATUSES,
     Awaited,
     Cancel,
     EngineCore,
@@ -39,9 +41,10 @@ from gorch.engine import (
     Resume,
     StoreCall,
 )
+from gorch.history import History
 from gorch.interpreter import DEFAULT_CONCURRENCY, acancel, ahandle_event, arun
 from gorch.snapshot import DueResult, ListPage, Snapshot
-from gorch.stores.base import AsyncStore, Store
+from gorch.stores.base import DEFAULT_HISTORY_LIMIT, AsyncStore, Store
 from gorch.workflow import Workflow
 
 __all__ = ["AsyncEngine"]
@@ -83,6 +86,9 @@ class AsyncEngine(EngineCore):
         idempotency_keys: int = 100,
         concurrency: int = DEFAULT_CONCURRENCY,
         executor: Executor | None = None,
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        retention: timedelta | float | None = None,
+        retention_every: timedelta | float = 3600.0,
     ) -> None:
         if isinstance(store, str):
             from gorch.stores import open_async_store
@@ -117,6 +123,9 @@ class AsyncEngine(EngineCore):
             middleware=middleware,
             store_retries=store_retries,
             idempotency_keys=idempotency_keys,
+            history_limit=history_limit,
+            retention=retention,
+            retention_every=retention_every,
         )
 
     # ------------------------------------------------------------------ public API
@@ -128,9 +137,10 @@ class AsyncEngine(EngineCore):
         data: Mapping[str, Any] | Workflow | None = None,
         *,
         key: str | None = None,
+        by: str | None = None,
     ) -> Snapshot:
         """:meth:`gorch.Engine.start`: create an instance and run it until it blocks."""
-        return await self._run(self._start(name, id, data, key))
+        return await self._run(self._start(name, id, data, key, by))
 
     async def send(
         self,
@@ -171,6 +181,24 @@ class AsyncEngine(EngineCore):
     async def cancel(self, id: str) -> Snapshot:
         """:meth:`gorch.Engine.cancel`: tear down awaited events, mark cancelled."""
         return await self._run(self._cancel(id))
+
+    async def history(self, id: str) -> History:
+        """:meth:`gorch.Engine.history`: what happened to the instance, oldest first."""
+        return await self._run(self._history(id))
+
+    async def purge(
+        self,
+        *,
+        finished_before: datetime,
+        statuses: Sequence[str] = RETAINED_STATUSES,
+        batch: int = 500,
+    ) -> int:
+        """:meth:`gorch.Engine.purge`: delete old finished/cancelled instances in batches."""
+        return await self._run(self._purge(finished_before, statuses, batch))
+
+    async def check(self, *, page_size: int = 100, progress: Progress | None = None) -> CheckReport:
+        """:meth:`gorch.Engine.check`: the in-flight instances the current code would strand."""
+        return await self._run(check_op(self, page_size, progress))
 
     async def run_due(
         self,

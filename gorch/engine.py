@@ -41,6 +41,7 @@ from uuid import uuid4
 import pydantic
 
 from gorch import clock
+from gorch.check import CheckReport, Progress, check_op
 from gorch.codec import dumps, loads
 from gorch.errors import (
     Conflict,
@@ -64,6 +65,7 @@ from gorch.errors import (
     summarize_validation,
 )
 from gorch.handlers import discard
+from gorch.history import History, HistoryEntry, Recorder, entry, jsonable
 from gorch.idempotency import (
     START_KEY,
     check_key,
@@ -93,7 +95,7 @@ from gorch.snapshot import (
 )
 from gorch.state import ACTIVE_EVENT, CheckpointKind, State, ThreadStatus, WorkflowStatus, new_state
 from gorch.statements import Select, Timeout
-from gorch.stores.base import Page, Record, Store
+from gorch.stores.base import DEFAULT_HISTORY_LIMIT, HistoryLog, Page, Record, Store
 from gorch.timers import due_events, due_time, next_wakeup
 from gorch.workflow import Workflow
 
@@ -213,6 +215,8 @@ class _Loaded:
     state: State
     lease_until: datetime | None = None
     """Set when run_due claimed the record: our claim lasts until then."""
+    history: builtins.list[HistoryEntry] = field(default_factory=builtins.list)
+    """Entries that go to the store with the next save (then cleared)."""
 
 
 def _seconds(v: timedelta | float) -> timedelta:
@@ -272,6 +276,9 @@ class EngineCore:
         middleware: Sequence[object] = (),
         store_retries: int = 3,
         idempotency_keys: int = 100,
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        retention: timedelta | float | None = None,
+        retention_every: timedelta | float = 3600.0,
     ) -> None:
         self.workflows = dict(workflows)
         for name, cls in self.workflows.items():
@@ -295,6 +302,7 @@ class EngineCore:
             self.telemetry, middleware = _otel.with_telemetry(middleware)
         #: Wraps every resume, step and handler call (see :mod:`gorch.hooks`).
         self.middleware: tuple[object, ...] = tuple(middleware)
+        self._setup_history(history_limit, retention, retention_every)
 
     # ------------------------------------------------------------------ operations
 
@@ -304,9 +312,11 @@ class EngineCore:
         id: str | None,
         data: Mapping[str, Any] | Workflow | None,
         key: str | None,
+        by: str | None = None,
     ) -> Op[Snapshot]:
         cls = self._cls(name)
         wf = initial_data(name, cls, data)
+        started = entry("started", name=name, by=by, input=wf.model_dump(mode="json"))
         if id is not None:
             wid = self._check_id(id)
         elif key is not None:
@@ -327,7 +337,10 @@ class EngineCore:
         wake = _now() if self.defer_resume else _now() + self.lease
         try:
             rec = yield from self._put(
-                Record(wid, name, InstanceStatus.RESUMING, b"", 0, None), blob, wake
+                Record(wid, name, InstanceStatus.RESUMING, b"", 0, None),
+                blob,
+                wake,
+                self._annex([started], state),
             )
         except WorkflowExists:
             if key is None:
@@ -380,6 +393,7 @@ class EngineCore:
             try:
                 self._check_active(cur)
                 self._refuse_timer(cur, event, thread_id, pc)
+                delivered = self._event_entry(cur, event, input, None, thread_id, pc)
                 out = yield HandleEvent(cur.wf, cur.state, event, input, thread_id, pc)
             except EventNotFound as e:
                 # A resume is pending (another event's case body has not run yet, so
@@ -401,6 +415,8 @@ class EngineCore:
             except GorchError as e:
                 self._rejected(cur, event, e)
                 raise
+            delivered.output = jsonable(out)
+            cur.history.append(delivered)
             if key is not None:
                 remember_send(cur.state, key, event, input, out, self.idempotency_keys)
             try:
@@ -458,6 +474,7 @@ class EngineCore:
                 raise WorkflowNotActive(id, cur.rec.status)
             for t in cur.state.threads:
                 t.attempts = 0
+            cur.history.append(entry("retried"))
             try:
                 yield from self._write(cur, InstanceStatus.RESUMING)
                 yield from self._drive(cur, "retry")
@@ -491,6 +508,7 @@ class EngineCore:
             if status in (InstanceStatus.FINISHED, InstanceStatus.CANCELLED):
                 raise WorkflowNotActive(id, status)
             yield Cancel(cur.wf, cur.state)
+            cur.history.append(entry("cancelled"))
             try:
                 yield from self._write(cur, InstanceStatus.CANCELLED)
             except Conflict:
@@ -506,6 +524,7 @@ class EngineCore:
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be at least 1 (or None for all), got {limit}")
         fixed = None if now is None else (now if now.tzinfo else now.replace(tzinfo=UTC))
+        yield from self._apply_retention()
         results: builtins.list[DueResult] = []
         seen: set[str] = set()
         with contextlib.ExitStack() as stack:
@@ -547,6 +566,9 @@ class EngineCore:
                     except (StaleEvent, EventNotFound):
                         continue  # an earlier timer of the same wait ended it
                     fired.append(req.name)
+                    cur.history.append(
+                        entry("timer", name=req.name, thread_id=req.thread_id, pc=req.pc)
+                    )
                     due_at = due_time(req)
                     if self.telemetry is not None and due_at is not None:
                         lag = (_now() - due_at).total_seconds()
@@ -632,7 +654,13 @@ class EngineCore:
                 yield Pause(_backoff(n))
         raise AssertionError("unreachable")
 
-    def _put(self, rec: Record, blob: bytes, wake: datetime | None) -> Op[Record]:
+    def _put(
+        self,
+        rec: Record,
+        blob: bytes,
+        wake: datetime | None,
+        annex: dict[str, Any] | None = None,
+    ) -> Op[Record]:
         """Create (``rec.version == 0``) or compare-and-swap ``rec`` with ``blob`` and ``wake``.
 
         A write that fails with ``StoreUnavailable`` may still have committed (the
@@ -648,9 +676,13 @@ class EngineCore:
             try:
                 saved: Record
                 if not rec.version:
-                    saved = yield StoreCall("create", (rec.id, rec.workflow, status, blob, wake))
+                    saved = yield StoreCall(
+                        "create", (rec.id, rec.workflow, status, blob, wake), annex or {}
+                    )
                 else:
-                    saved = yield StoreCall("save", (rec.id, rec.version, status, blob, wake))
+                    saved = yield StoreCall(
+                        "save", (rec.id, rec.version, status, blob, wake), annex or {}
+                    )
                 return saved
             except StoreUnavailable as e:
                 if n == self.store_retries:
@@ -710,12 +742,23 @@ class EngineCore:
             wake = None
         blob = dumps(cur.wf, state)
         rec = cur.rec
-        if blob == rec.blob and status == rec.status and wake == rec.wake_at:
+        if status != rec.status and status in (InstanceStatus.FINISHED, InstanceStatus.FAILED):
+            error = next((t.error for t in state.threads if t.error), "")
+            ended = entry("finished" if status is InstanceStatus.FINISHED else "failed")
+            if status is InstanceStatus.FAILED and error:
+                ended.error = error
+            if not any(e.kind == ended.kind for e in cur.history):
+                cur.history.append(ended)
+        if blob == rec.blob and status == rec.status and wake == rec.wake_at and not cur.history:
             return  # nothing changed: keep the version (an idle resume writes nothing)
         try:
             cur.rec = yield from self._put(
-                Record(rec.id, rec.workflow, status, rec.blob, rec.version, rec.wake_at), blob, wake
+                Record(rec.id, rec.workflow, status, rec.blob, rec.version, rec.wake_at),
+                blob,
+                wake,
+                self._annex(cur.history, state),
             )
+            cur.history.clear()
         except Conflict:
             if self.telemetry is not None:
                 store = type(self.store).__name__.removesuffix("Store").lower()
@@ -766,6 +809,7 @@ class EngineCore:
             if kind is not CheckpointKind.AFTER_SETUP:
                 yield from self._write(cur, driving=True)
 
+        self._recorder.watch(cur.rec.id, cur.history)
         try:
             yield Resume(cur, reason, checkpoint, lambda: self._restore_data(cur))
         except StepFailed as e:
@@ -802,6 +846,97 @@ class EngineCore:
             log.error("gorch: resume of %r failed: %s", cur.rec.id, e)
             yield from self._write(cur, InstanceStatus.RESUMING, _now() + self.error_backoff)
             raise
+        finally:
+            self._recorder.unwatch(cur.rec.id, cur.history)
+
+    # ------------------------------------------------------------------ history and retention
+
+    def _setup_history(
+        self,
+        history_limit: int,
+        retention: timedelta | float | None,
+        retention_every: timedelta | float,
+    ) -> None:
+        if isinstance(history_limit, bool) or history_limit < 1:
+            raise ValueError(f"history_limit must be at least 1, got {history_limit!r}")
+        #: How many history entries each instance keeps (the oldest are dropped, and counted).
+        self.history_limit = history_limit
+        #: Finished and cancelled instances older than this are purged by ``run_due``
+        #: (and so by ``work``), at most once per ``retention_every``; None: never.
+        self.retention = None if retention is None else _seconds(retention)
+        self.retention_every = _seconds(retention_every)
+        if self.retention is not None and self.retention <= timedelta(0):
+            raise ValueError(f"retention must be positive, got {retention!r}")
+        self._next_retention: datetime | None = None
+        self._recorder = Recorder()
+        # A store whose save takes no history (a custom or wrapping one) gets none.
+        self._keeps_history = _takes_history(self.store)
+        if self._keeps_history:
+            self.middleware = (*self.middleware, self._recorder)  # innermost: times the step
+
+    def _annex(self, entries: builtins.list[HistoryEntry], state: State) -> dict[str, Any]:
+        """What a create or save writes next to the blob: history entries and cursor names."""
+        if not self._keeps_history:
+            return {}
+        return {
+            "history": [e.model_dump_json(exclude_none=True) for e in entries],
+            "history_limit": self.history_limit,
+            "cursors": [t.cur_step for t in state.threads if t.cur_step],
+        }
+
+    def _history(self, id: str) -> Op[History]:
+        log: HistoryLog = yield from self._read("history", (self._check_id(id),))
+        return History([HistoryEntry.model_validate_json(e) for e in log.entries], log.dropped)
+
+    def _purge(self, before: datetime, statuses: Sequence[str], batch: int) -> Op[int]:
+        """Delete in batches of ``batch``, each its own short write; the number deleted."""
+        if isinstance(statuses, str):
+            raise TypeError(f"statuses must be a sequence of statuses, not {statuses!r}")
+        unknown = [s for s in statuses if s not in {i.value for i in InstanceStatus}]
+        if unknown:
+            raise ValueError(
+                f"unknown status {unknown[0]!r}: use {', '.join(i.value for i in InstanceStatus)}"
+            )
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        before = before if before.tzinfo else before.replace(tzinfo=UTC)
+        total = 0
+        while True:
+            ids: builtins.list[str] = yield from self._read(
+                "purge", (before, tuple(statuses), batch)
+            )
+            total += len(ids)
+            if ids:
+                log.info("gorch: purged %d instances (%d so far)", len(ids), total)
+            if len(ids) < batch:
+                return total
+
+    def _apply_retention(self) -> Op[None]:
+        """The automatic purge of ``retention``: at most once per ``retention_every``."""
+        if self.retention is None:
+            return
+        now = _now()
+        if self._next_retention is not None and now < self._next_retention:
+            return
+        self._next_retention = now + self.retention_every
+        try:
+            yield from self._purge(now - self.retention, RETAINED_STATUSES, 500)
+        except (StoreError, NotImplementedError) as e:
+            log.warning("gorch: retention purge failed: %s; next try later", _one_line(e))
+
+    @staticmethod
+    def _event_entry(
+        cur: _Loaded, event: str, input: Any, out: Any, thread_id: str | None, pc: int | None
+    ) -> HistoryEntry:
+        """The entry of a delivered event, at the wait it was delivered to."""
+        for t in cur.state.threads:
+            if t.status is not ThreadStatus.WAITING_EVENT or thread_id not in (None, t.id):
+                continue
+            for we in t.wait_events:
+                if we.req.name == event and we.status in ACTIVE_EVENT and pc in (None, we.req.pc):
+                    thread_id, pc = t.id, we.req.pc
+                    break
+        return entry("event", name=event, input=input, output=out, thread_id=thread_id, pc=pc)
 
     # ------------------------------------------------------------------ pure helpers
 
@@ -898,6 +1033,19 @@ def _new_id() -> str:
     return uuid4().hex
 
 
+RETAINED_STATUSES = (InstanceStatus.FINISHED.value, InstanceStatus.CANCELLED.value)
+"""What ``Engine.purge`` (and the ``retention`` policy) removes unless told otherwise."""
+
+
+def _takes_history(store: object) -> bool:
+    """Whether ``store.save`` accepts the history and cursors of this version."""
+    try:
+        params = inspect.signature(store.save).parameters  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return "history" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 # --------------------------------------------------------------------------- the sync driver
 
 
@@ -927,6 +1075,9 @@ class Engine(EngineCore):
         middleware: Sequence[object] = (),
         store_retries: int = 3,
         idempotency_keys: int = 100,
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        retention: timedelta | float | None = None,
+        retention_every: timedelta | float = 3600.0,
     ) -> None:
         if isinstance(store, str):
             from gorch.stores import open_store
@@ -942,6 +1093,9 @@ class Engine(EngineCore):
             middleware=middleware,
             store_retries=store_retries,
             idempotency_keys=idempotency_keys,
+            history_limit=history_limit,
+            retention=retention,
+            retention_every=retention_every,
         )
 
     # ------------------------------------------------------------------ public API
@@ -953,6 +1107,7 @@ class Engine(EngineCore):
         data: Mapping[str, Any] | Workflow | None = None,
         *,
         key: str | None = None,
+        by: str | None = None,
     ) -> Snapshot:
         """Create an instance, run it until it blocks (unless deferred), return its snapshot.
 
@@ -967,8 +1122,11 @@ class Engine(EngineCore):
         id is derived from ``name`` and ``key``; a repeat with the same key
         returns the existing instance's snapshot, and the same key with other
         data raises ``IdempotencyKeyReused``.
+
+        ``by`` (a user, a service) is written to the ``started`` entry of the
+        instance's history.
         """
-        return self._run(self._start(name, id, data, key))
+        return self._run(self._start(name, id, data, key, by))
 
     def send(
         self,
@@ -1027,6 +1185,35 @@ class Engine(EngineCore):
     def cancel(self, id: str) -> Snapshot:
         """Tear down the awaited events and mark the instance cancelled."""
         return self._run(self._cancel(id))
+
+    def history(self, id: str) -> History:
+        """What happened to the instance, oldest first (``.dropped``: older entries cut off).
+
+        Each save writes its entries in the same write as the state, so the
+        history never tells of a step, event or timer the state does not
+        reflect. At most ``history_limit`` entries are kept per instance.
+        """
+        return self._run(self._history(id))
+
+    def purge(
+        self,
+        *,
+        finished_before: datetime,
+        statuses: Sequence[str] = RETAINED_STATUSES,
+        batch: int = 500,
+    ) -> int:
+        """Delete instances in ``statuses`` not updated since ``finished_before``; how many.
+
+        Runs in batches of ``batch``, each its own short write (no table lock),
+        and a record is deleted only if it still matches at that moment, so an
+        instance that a concurrent call just moved (a retry of a failed one)
+        stays. Their history goes with them.
+        """
+        return self._run(self._purge(finished_before, statuses, batch))
+
+    def check(self, *, page_size: int = 100, progress: Progress | None = None) -> CheckReport:
+        """Which in-flight instances the current code would strand (see :mod:`gorch.check`)."""
+        return self._run(check_op(self, page_size, progress))
 
     def run_due(
         self,

@@ -7,9 +7,10 @@ or in memory when it is unset.
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 import gorch
-from gorch import On, S, Select
+from gorch import On, S, Select, Step
 from gorch.demo import DemoExpense
 from gorch.engine import Engine
 
@@ -28,9 +29,42 @@ class Ticket(gorch.Workflow):
         return f"closed by {by}"
 
 
-WORKFLOWS: dict[str, type[gorch.Workflow]] = {"expense": DemoExpense, "ticket": Ticket}
+class Charge(gorch.Workflow):
+    """A step that fails while ``Charge.broken`` is set (tests flip it), then a wait."""
+
+    broken: ClassVar[bool] = False
+    amount: int
+    charged: bool = False
+
+    def definition(self) -> gorch.Section:
+        return S(Step("charge", self.charge), Select("receipt", On("ack", self.ack)))
+
+    def charge(self) -> None:
+        if Charge.broken:
+            raise RuntimeError("card declined")
+        self.charged = True
+
+    def ack(self) -> None:
+        pass
+
+
+WORKFLOWS: dict[str, type[gorch.Workflow]] = {
+    "expense": DemoExpense,
+    "ticket": Ticket,
+    "charge": Charge,
+}
 
 NONE: dict[str, type[gorch.Workflow]] = {}
+
+
+class TicketRenamed(Ticket):
+    """The next release of Ticket: its wait was renamed, so stored tickets would be stranded."""
+
+    def definition(self) -> gorch.Section:
+        return S(Select("pending", On("close", self.close)))
+
+
+NEXT_RELEASE: dict[str, type[gorch.Workflow]] = {**WORKFLOWS, "ticket": TicketRenamed}
 
 engine = Engine(os.environ.get("GORCH_STORE") or "memory://", WORKFLOWS)
 

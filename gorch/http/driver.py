@@ -17,6 +17,7 @@ from typing import Any, cast
 from starlette.concurrency import run_in_threadpool
 
 from gorch.engine import EngineCore, ListPage, Snapshot
+from gorch.history import History
 from gorch.stores.base import Page, Record
 from gorch.workflow import Workflow
 
@@ -90,6 +91,9 @@ class Driver:
 
     async def cancel(self, id: str) -> Snapshot:
         return cast(Snapshot, await _call(self.engine, "cancel", id))
+
+    async def history(self, id: str) -> History:
+        return cast(History, await _call(self.engine, "history", id))
 
     # ------------------------------------------------------------------ store
 

@@ -33,6 +33,7 @@ from gorch.errors import (
     UnknownWorkflow,
     summarize_validation,
 )
+from gorch.history import HistoryPage
 from gorch.http.auth import (
     IDEMPOTENCY_HEADER,
     SIGNATURE_HEADER,
@@ -529,6 +530,19 @@ class _Routes:
         )
         async def cancel_workflow(id: IdPath, checked: Checked) -> Snapshot:
             return await driver.cancel(self.check_id(id))
+
+        @self.router.get(
+            "/workflows/{id}/history",
+            response_model=HistoryPage,
+            operation_id=self.operation_id("workflow_history"),
+            summary="What happened to an instance, oldest first (capped per instance)",
+            responses=error_docs(*self.read_errors, 404, 422, 503),
+            tags=["workflows"],
+            dependencies=self.auth_deps,
+        )
+        async def workflow_history(id: IdPath) -> HistoryPage:
+            history = await driver.history(self.check_id(id))
+            return HistoryPage(id=id, dropped=history.dropped, entries=list(history))
 
         @self.router.post(
             "/workflows/{id}/events/{event}",

@@ -18,7 +18,15 @@ from gorch.errors import StoreError
 from gorch.stores._common import redact_url
 from gorch.stores.aio_memory import AsyncMemoryStore
 from gorch.stores.aio_sqlite import AsyncSQLiteStore
-from gorch.stores.base import AsyncStore, Page, Record, Store
+from gorch.stores.base import (
+    DEFAULT_HISTORY_LIMIT,
+    AsyncStore,
+    HistoryLog,
+    Page,
+    Record,
+    Store,
+    UnsupportedByStore,
+)
 from gorch.stores.memory import MemoryStore
 from gorch.stores.sqlite import SQLiteStore
 
@@ -29,12 +37,14 @@ if TYPE_CHECKING:
     from gorch.stores.redis import RedisStore
 
 __all__ = [
+    "DEFAULT_HISTORY_LIMIT",
     "SUPPORTED_SCHEMES",
     "AsyncMemoryStore",
     "AsyncPostgresStore",
     "AsyncRedisStore",
     "AsyncSQLiteStore",
     "AsyncStore",
+    "HistoryLog",
     "MemoryStore",
     "Page",
     "PostgresStore",
@@ -42,6 +52,7 @@ __all__ = [
     "RedisStore",
     "SQLiteStore",
     "Store",
+    "UnsupportedByStore",
     "UnsupportedStoreURL",
     "open_async_store",
     "open_store",

@@ -11,7 +11,7 @@ import contextlib
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Generic, Protocol, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -184,3 +184,29 @@ class PerThread(Generic[C]):
 def _close_quietly(conn: Closable) -> None:
     with contextlib.suppress(Exception):
         conn.close()
+
+
+def check_history_limit(limit: int) -> None:
+    """A history log must keep at least its newest entry."""
+    if limit < 1:
+        raise ValueError(f"history_limit must be at least 1, got {limit}")
+
+
+def append_history(
+    old: list[str], dropped: int, new: Sequence[str], limit: int
+) -> tuple[list[str], int]:
+    """``old + new`` cut to the newest ``limit`` entries, and the dropped count raised to match."""
+    entries = [*old, *new]
+    excess = max(0, len(entries) - limit)
+    return entries[excess:], dropped + excess
+
+
+def check_purge(statuses: Sequence[str], limit: int) -> list[str]:
+    """The statuses of a purge, refused when they could never match or the batch is empty."""
+    check_limit(limit)
+    if isinstance(statuses, str):
+        raise TypeError(f"statuses must be a sequence of statuses, not the string {statuses!r}")
+    found = list(dict.fromkeys(statuses))
+    if not found:
+        raise ValueError("statuses must name at least one status")
+    return found

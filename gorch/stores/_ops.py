@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import abc
 import builtins
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
-from gorch.stores.base import AsyncStore, Page, Record, Store
+from gorch.stores.base import DEFAULT_HISTORY_LIMIT, AsyncStore, HistoryLog, Page, Record, Store
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -69,14 +69,36 @@ class Operations(Protocol):
     """What a backend's protocol module provides: the :class:`Op` of each store call."""
 
     def create(
-        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+        self,
+        id: str,
+        workflow: str,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        history: Sequence[str],
+        history_limit: int,
+        cursors: Sequence[str],
     ) -> Op[Record]: ...
 
     def load(self, id: str) -> Op[Record]: ...
 
     def save(
-        self, id: str, expected_version: int, status: str, blob: bytes, wake_at: datetime | None
+        self,
+        id: str,
+        expected_version: int,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        history: Sequence[str],
+        history_limit: int,
+        cursors: Sequence[str],
     ) -> Op[Record]: ...
+
+    def history(self, id: str) -> Op[HistoryLog]: ...
+
+    def purge(
+        self, before: datetime, statuses: Sequence[str], limit: int
+    ) -> Op[builtins.list[str]]: ...
 
     def delete(self, id: str) -> Op[None]: ...
 
@@ -101,9 +123,19 @@ class ConnectorStore(Store):
         """Carry ``op`` out on the driver, blocking; faults as the backend's rule says."""
 
     def create(
-        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+        self,
+        id: str,
+        workflow: str,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
     ) -> Record:
-        return self._run(self._ops.create(id, workflow, status, blob, wake_at))
+        op = self._ops.create(id, workflow, status, blob, wake_at, history, history_limit, cursors)
+        return self._run(op)
 
     def load(self, id: str) -> Record:
         return self._run(self._ops.load(id))
@@ -115,8 +147,22 @@ class ConnectorStore(Store):
         status: str,
         blob: bytes,
         wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
     ) -> Record:
-        return self._run(self._ops.save(id, expected_version, status, blob, wake_at))
+        return self._run(
+            self._ops.save(
+                id, expected_version, status, blob, wake_at, history, history_limit, cursors
+            )
+        )
+
+    def history(self, id: str) -> HistoryLog:
+        return self._run(self._ops.history(id))
+
+    def purge(self, before: datetime, statuses: Sequence[str], limit: int) -> builtins.list[str]:
+        return self._run(self._ops.purge(before, statuses, limit))
 
     def delete(self, id: str) -> None:
         self._run(self._ops.delete(id))
@@ -150,9 +196,19 @@ class AsyncConnectorStore(AsyncStore):
         """Carry ``op`` out on the driver, awaited; faults as the backend's rule says."""
 
     async def create(
-        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+        self,
+        id: str,
+        workflow: str,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
     ) -> Record:
-        return await self._run(self._ops.create(id, workflow, status, blob, wake_at))
+        op = self._ops.create(id, workflow, status, blob, wake_at, history, history_limit, cursors)
+        return await self._run(op)
 
     async def load(self, id: str) -> Record:
         return await self._run(self._ops.load(id))
@@ -164,8 +220,24 @@ class AsyncConnectorStore(AsyncStore):
         status: str,
         blob: bytes,
         wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
     ) -> Record:
-        return await self._run(self._ops.save(id, expected_version, status, blob, wake_at))
+        return await self._run(
+            self._ops.save(
+                id, expected_version, status, blob, wake_at, history, history_limit, cursors
+            )
+        )
+
+    async def history(self, id: str) -> HistoryLog:
+        return await self._run(self._ops.history(id))
+
+    async def purge(
+        self, before: datetime, statuses: Sequence[str], limit: int
+    ) -> builtins.list[str]:
+        return await self._run(self._ops.purge(before, statuses, limit))
 
     async def delete(self, id: str) -> None:
         await self._run(self._ops.delete(id))

@@ -9,9 +9,10 @@ this wraps one instead of sending work to a thread. Sharing the instance (see
 from __future__ import annotations
 
 import builtins
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from gorch.stores.base import AsyncStore, Page, Record
+from gorch.stores.base import DEFAULT_HISTORY_LIMIT, AsyncStore, HistoryLog, Page, Record
 from gorch.stores.memory import MemoryStore
 
 
@@ -24,9 +25,27 @@ class AsyncMemoryStore(AsyncStore):
         self.url = self.store.url
 
     async def create(
-        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+        self,
+        id: str,
+        workflow: str,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
     ) -> Record:
-        return self.store.create(id, workflow, status, blob, wake_at)
+        return self.store.create(
+            id,
+            workflow,
+            status,
+            blob,
+            wake_at,
+            history=history,
+            history_limit=history_limit,
+            cursors=cursors,
+        )
 
     async def load(self, id: str) -> Record:
         return self.store.load(id)
@@ -38,8 +57,21 @@ class AsyncMemoryStore(AsyncStore):
         status: str,
         blob: bytes,
         wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
     ) -> Record:
-        return self.store.save(id, expected_version, status, blob, wake_at)
+        return self.store.save(
+            id,
+            expected_version,
+            status,
+            blob,
+            wake_at,
+            history=history,
+            history_limit=history_limit,
+            cursors=cursors,
+        )
 
     async def delete(self, id: str) -> None:
         self.store.delete(id)
@@ -59,6 +91,14 @@ class AsyncMemoryStore(AsyncStore):
 
     async def remember(self, key: str, until: datetime) -> bool:
         return self.store.remember(key, until)
+
+    async def history(self, id: str) -> HistoryLog:
+        return self.store.history(id)
+
+    async def purge(
+        self, before: datetime, statuses: Sequence[str], limit: int
+    ) -> builtins.list[str]:
+        return self.store.purge(before, statuses, limit)
 
     async def close(self) -> None:
         self.store.close()

@@ -25,12 +25,12 @@ import builtins
 import contextvars
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import ParamSpec, TypeVar
 
-from gorch.stores.base import AsyncStore, Page, Record
+from gorch.stores.base import DEFAULT_HISTORY_LIMIT, AsyncStore, HistoryLog, Page, Record
 from gorch.stores.sqlite import SQLiteStore
 
 _P = ParamSpec("_P")
@@ -69,9 +69,28 @@ class AsyncSQLiteStore(AsyncStore):
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def create(
-        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+        self,
+        id: str,
+        workflow: str,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
     ) -> Record:
-        return await self._run(self.store.create, id, workflow, status, blob, wake_at)
+        return await self._run(
+            self.store.create,
+            id,
+            workflow,
+            status,
+            blob,
+            wake_at,
+            history=history,
+            history_limit=history_limit,
+            cursors=cursors,
+        )
 
     async def load(self, id: str) -> Record:
         return await self._run(self.store.load, id)
@@ -83,8 +102,22 @@ class AsyncSQLiteStore(AsyncStore):
         status: str,
         blob: bytes,
         wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
     ) -> Record:
-        return await self._run(self.store.save, id, expected_version, status, blob, wake_at)
+        return await self._run(
+            self.store.save,
+            id,
+            expected_version,
+            status,
+            blob,
+            wake_at,
+            history=history,
+            history_limit=history_limit,
+            cursors=cursors,
+        )
 
     async def delete(self, id: str) -> None:
         await self._run(self.store.delete, id)
@@ -106,6 +139,14 @@ class AsyncSQLiteStore(AsyncStore):
 
     async def remember(self, key: str, until: datetime) -> bool:
         return await self._run(self.store.remember, key, until)
+
+    async def history(self, id: str) -> HistoryLog:
+        return await self._run(self.store.history, id)
+
+    async def purge(
+        self, before: datetime, statuses: Sequence[str], limit: int
+    ) -> builtins.list[str]:
+        return await self._run(self.store.purge, before, statuses, limit)
 
     async def close(self) -> None:
         """Wait for calls in flight, then close every connection and the pool's threads

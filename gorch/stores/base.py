@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import abc
 import builtins
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+
+DEFAULT_HISTORY_LIMIT = 200
+"""How many history entries a record keeps unless the caller says otherwise."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +41,27 @@ class Page:
     next_cursor: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class HistoryLog:
+    """A record's history as stored: JSON texts, oldest first, and how many were dropped."""
+
+    entries: builtins.list[str] = field(default_factory=builtins.list)
+    """Each entry one JSON object, as the Engine wrote it."""
+    dropped: int = 0
+    """Entries removed to keep the log under its cap (the oldest go first)."""
+
+
+class UnsupportedByStore(NotImplementedError):
+    """A store (a custom one) that does not implement history or purging: a setup
+    mistake to fix in code, not a runtime condition, hence no ``GorchError``."""
+
+    def __init__(self, store: object, what: str) -> None:
+        super().__init__(
+            f"{type(store).__name__} does not implement {what}: use one of gorch's stores"
+            " (memory, SQLite, PostgreSQL, Redis) or implement it"
+        )
+
+
 class Store(abc.ABC):
     """A key-value store of workflow records with compare-and-swap and a wake-up index.
 
@@ -50,9 +75,24 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def create(
-        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+        self,
+        id: str,
+        workflow: str,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
     ) -> Record:
-        """Insert a new record at version 1; ``WorkflowExists`` if the id is taken."""
+        """Insert a new record at version 1; ``WorkflowExists`` if the id is taken.
+
+        ``history``: JSON texts that start the record's history log, in the same
+        write (at most ``history_limit`` are kept). ``cursors``: the statement
+        names the instance's threads stand on, kept as a plain column where the
+        backend has columns, so SQL can filter on them.
+        """
 
     @abc.abstractmethod
     def load(self, id: str) -> Record:
@@ -66,11 +106,17 @@ class Store(abc.ABC):
         status: str,
         blob: bytes,
         wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
     ) -> Record:
         """Replace the record if it is still at ``expected_version``; return it at version + 1.
 
         ``Conflict`` when the version differs (or the record was deleted):
-        nothing is written.
+        nothing is written. ``history`` is appended to the record's log in the
+        same atomic write; the oldest entries beyond ``history_limit`` are
+        dropped (and counted). ``cursors`` replaces the record's cursor names.
         """
 
     @abc.abstractmethod
@@ -109,6 +155,22 @@ class Store(abc.ABC):
         signature in every process that shares the store.
         """
 
+    def history(self, id: str) -> HistoryLog:
+        """The record's history log; ``WorkflowNotFound`` if there is no record."""
+        raise UnsupportedByStore(self, "history")
+
+    def purge(self, before: datetime, statuses: Sequence[str], limit: int) -> builtins.list[str]:
+        """Delete up to ``limit`` records in one of ``statuses`` not updated since ``before``;
+        their ids.
+
+        Each record is deleted only if it still matches when it is deleted (the
+        status and update-time test is part of the delete itself), so a record
+        that a concurrent save moved to another status, or just touched, stays.
+        One call is one short write (one transaction, one script): callers loop
+        in batches instead of locking the table.
+        """
+        raise UnsupportedByStore(self, "purge")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
@@ -133,7 +195,16 @@ class AsyncStore(abc.ABC):
 
     @abc.abstractmethod
     async def create(
-        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+        self,
+        id: str,
+        workflow: str,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
     ) -> Record:
         """:meth:`Store.create`."""
 
@@ -149,6 +220,10 @@ class AsyncStore(abc.ABC):
         status: str,
         blob: bytes,
         wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
     ) -> Record:
         """:meth:`Store.save`."""
 
@@ -174,6 +249,16 @@ class AsyncStore(abc.ABC):
     @abc.abstractmethod
     async def remember(self, key: str, until: datetime) -> bool:
         """:meth:`Store.remember`."""
+
+    async def history(self, id: str) -> HistoryLog:
+        """:meth:`Store.history`."""
+        raise UnsupportedByStore(self, "history")
+
+    async def purge(
+        self, before: datetime, statuses: Sequence[str], limit: int
+    ) -> builtins.list[str]:
+        """:meth:`Store.purge`."""
+        raise UnsupportedByStore(self, "purge")
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

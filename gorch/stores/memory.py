@@ -12,13 +12,23 @@ import builtins
 import heapq
 import threading
 from bisect import bisect_right, insort
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
 from gorch import clock
 from gorch.errors import Conflict, WorkflowExists, WorkflowNotFound
-from gorch.stores._common import check_limit, matches, opt_utc, page_cursor, to_utc
-from gorch.stores.base import Page, Record, Store
+from gorch.stores._common import (
+    append_history,
+    check_history_limit,
+    check_limit,
+    check_purge,
+    matches,
+    opt_utc,
+    page_cursor,
+    to_utc,
+)
+from gorch.stores.base import DEFAULT_HISTORY_LIMIT, HistoryLog, Page, Record, Store
 
 _Wakeup = tuple[datetime, str]
 
@@ -40,15 +50,30 @@ class MemoryStore(Store):
         self._scheduled = 0  # records whose wake_at is not None
         self._seen: dict[str, datetime] = {}  # remembered key -> until
         self._expiries: list[tuple[datetime, str]] = []  # heap, to purge expired keys
+        self._history: dict[str, HistoryLog] = {}
+        self._updated: dict[str, datetime] = {}  # by gorch.clock, so a test clock moves it
 
     def create(
-        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+        self,
+        id: str,
+        workflow: str,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
     ) -> Record:
+        check_history_limit(history_limit)
         record = Record(id, workflow, status, bytes(blob), 1, opt_utc(wake_at))
+        log = HistoryLog(*append_history([], 0, history, history_limit))
         with self._lock:
             if id in self._records:
                 raise WorkflowExists(id)
             self._records[id] = record
+            self._history[id] = log
+            self._updated[id] = clock.now()
             insort(self._ids, id)
             self._schedule(None, record)
         return record
@@ -67,24 +92,61 @@ class MemoryStore(Store):
         status: str,
         blob: bytes,
         wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
     ) -> Record:
+        check_history_limit(history_limit)
         with self._lock:
             old = self._records.get(id)
             if old is None or old.version != expected_version:
                 raise Conflict(id, expected_version, None if old is None else old.version)
             new = Record(id, old.workflow, status, bytes(blob), old.version + 1, opt_utc(wake_at))
+            if history:
+                log = self._history[id]
+                self._history[id] = HistoryLog(
+                    *append_history(log.entries, log.dropped, history, history_limit)
+                )
             self._records[id] = new
+            self._updated[id] = clock.now()
             self._schedule(old, new)
         return new
 
     def delete(self, id: str) -> None:
         with self._lock:
-            old = self._records.pop(id, None)
-            if old is None:
+            if id not in self._records:
                 raise WorkflowNotFound(id)
-            del self._ids[bisect_right(self._ids, id) - 1]
-            if old.wake_at is not None:
-                self._scheduled -= 1  # its heap entry goes stale and is pruned later
+            self._drop(id)
+
+    def _drop(self, id: str) -> None:
+        """Remove record ``id`` (the lock held)."""
+        old = self._records.pop(id)
+        self._history.pop(id, None)
+        self._updated.pop(id, None)
+        del self._ids[bisect_right(self._ids, id) - 1]
+        if old.wake_at is not None:
+            self._scheduled -= 1  # its heap entry goes stale and is pruned later
+
+    def history(self, id: str) -> HistoryLog:
+        with self._lock:
+            log = self._history.get(id)
+        if log is None:
+            raise WorkflowNotFound(id)
+        return HistoryLog(list(log.entries), log.dropped)
+
+    def purge(self, before: datetime, statuses: Sequence[str], limit: int) -> builtins.list[str]:
+        wanted = set(check_purge(statuses, limit))
+        before = to_utc(before)
+        with self._lock:  # the test and the delete under one lock: nothing changes between
+            old = sorted(
+                (at, id)
+                for id, at in self._updated.items()
+                if at < before and self._records[id].status in wanted
+            )[:limit]
+            for _, id in old:
+                self._drop(id)
+        return [id for _, id in old]
 
     def list(
         self,
@@ -121,6 +183,7 @@ class MemoryStore(Store):
                     continue  # stale entry (deleted, rescheduled or a duplicate)
                 new = replace(record, version=record.version + 1, wake_at=until)
                 self._records[id] = new
+                self._updated[id] = clock.now()
                 seen.add(id)
                 claimed.append(new)
             # Pushed only now: with a zero lease the new entries would be due again at once.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import builtins
 import time
 import uuid
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeAlias, TypeVar
@@ -27,9 +27,19 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from gorch.errors import Conflict, StoreUnavailable, WorkflowExists, WorkflowNotFound
-from gorch.stores._common import check_limit, opt_utc, page_cursor, redact_url, scrub, to_utc
+from gorch.stores._common import (
+    append_history,
+    check_history_limit,
+    check_limit,
+    check_purge,
+    opt_utc,
+    page_cursor,
+    redact_url,
+    scrub,
+    to_utc,
+)
 from gorch.stores._ops import Op
-from gorch.stores.base import Page, Record
+from gorch.stores.base import HistoryLog, Page, Record
 
 T = TypeVar("T")
 
@@ -51,11 +61,16 @@ SCHEMA = (
         blob bytea NOT NULL,
         version bigint NOT NULL,
         wake_at timestamptz,
-        updated_at timestamptz NOT NULL DEFAULT now()
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        created_at timestamptz NOT NULL DEFAULT now(),
+        cursors text[] NOT NULL DEFAULT '{{}}',
+        history jsonb NOT NULL DEFAULT '[]',
+        history_dropped bigint NOT NULL DEFAULT 0
     )""",
     "CREATE INDEX IF NOT EXISTS {wake_idx} ON {t} (wake_at, id) WHERE wake_at IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS {workflow_idx} ON {t} (workflow, id)",
     "CREATE INDEX IF NOT EXISTS {status_idx} ON {t} (status, id)",
+    "CREATE INDEX IF NOT EXISTS {purge_idx} ON {t} (status, updated_at)",
     """CREATE TABLE IF NOT EXISTS {seen} (
         key text COLLATE "C" PRIMARY KEY,
         token text NOT NULL,
@@ -64,16 +79,45 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS {seen_idx} ON {seen} (until)",
 )
 COLUMNS = sql.SQL("id, workflow, status, blob, version, wake_at")
+ADDED_COLUMNS = {  # columns of later versions, added to a table created before them
+    "created_at": "timestamptz",  # then filled from updated_at, then given its default
+    "cursors": "text[] NOT NULL DEFAULT '{{}}'",
+    "history": "jsonb NOT NULL DEFAULT '[]'",
+    "history_dropped": "bigint NOT NULL DEFAULT 0",
+}
 
 _STATEMENTS = {
     # CREATE ... IF NOT EXISTS still races on the catalog: migrations take this lock first.
     "lock": "SELECT pg_advisory_xact_lock(hashtext(%s))",
-    "insert": "INSERT INTO {t} (id, workflow, status, blob, version, wake_at)"
-    " VALUES (%s, %s, %s, %s, 1, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
+    "insert": "INSERT INTO {t} (id, workflow, status, blob, version, wake_at, cursors,"
+    " history, history_dropped) VALUES (%s, %s, %s, %s, 1, %s, %s::text[], %s::jsonb, %s)"
+    " ON CONFLICT (id) DO NOTHING RETURNING id",
     "load": "SELECT {cols} FROM {t} WHERE id = %s",
     "save": "UPDATE {t} SET status = %s, blob = %s, wake_at = %s,"
-    " version = version + 1, updated_at = now()"
+    " version = version + 1, updated_at = now(), cursors = %s::text[]"
     " WHERE id = %s AND version = %s RETURNING workflow, version",
+    # The same, appending to the history log in the same statement: the newest
+    # ``limit`` entries are kept (a jsonpath slice), the rest counted as dropped.
+    "save_history": "UPDATE {t} SET status = %(status)s, blob = %(blob)s,"
+    " wake_at = %(wake)s, version = version + 1, updated_at = now(),"
+    " cursors = %(cursors)s::text[],"
+    " history = jsonb_path_query_array(history || %(new)s::jsonb, '$[$n to last]',"
+    " jsonb_build_object('n', greatest(0, jsonb_array_length(history) + %(count)s - %(limit)s))),"
+    " history_dropped = history_dropped"
+    " + greatest(0, jsonb_array_length(history) + %(count)s - %(limit)s)"
+    " WHERE id = %(id)s AND version = %(expected)s RETURNING workflow, version",
+    "history": "SELECT array(SELECT e::text FROM jsonb_array_elements(history) AS e),"
+    " history_dropped FROM {t} WHERE id = %s",
+    # The test is repeated in the DELETE itself: a row a concurrent save moved or
+    # touched after the inner SELECT read it (and before it was locked) stays.
+    # A locking CTE runs once (an IN (subquery) may be rescanned past its LIMIT).
+    "purge_records": "WITH doomed AS (SELECT id FROM {t}"
+    " WHERE status = ANY(%(statuses)s) AND updated_at < %(before)s"
+    " ORDER BY updated_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+    " DELETE FROM {t} AS w USING doomed WHERE w.id = doomed.id"
+    " AND w.status = ANY(%(statuses)s) AND w.updated_at < %(before)s RETURNING w.id",
+    "columns": "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s)"
+    " AND attnum > 0 AND NOT attisdropped",
     "version": "SELECT version FROM {t} WHERE id = %s",
     "delete": "DELETE FROM {t} WHERE id = %s RETURNING id",
     "claim": "WITH due AS ("
@@ -100,7 +144,7 @@ class Statement:
     """One statement for a connector to run, and what of its cursor to send back."""
 
     query: sql.Composed
-    params: tuple[Any, ...] = ()
+    params: tuple[Any, ...] | dict[str, Any] = ()
     fetch: Literal["one", "all", "rowcount"] = "one"
 
 
@@ -112,6 +156,11 @@ def record(row: TupleRow) -> Record:
     """The record of a row of :data:`COLUMNS`."""
     id, workflow, status, blob, version, wake_at = row
     return Record(id, workflow, status, bytes(blob), version, _utc(wake_at))
+
+
+def _array(entries: builtins.list[str]) -> str:
+    """Entries (each a JSON text) as one JSON array text."""
+    return "[" + ",".join(entries) + "]"
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -144,10 +193,22 @@ class PostgresSQL:
             "wake_idx": sql.Identifier(f"{base}_wake_at_idx"),
             "workflow_idx": sql.Identifier(f"{base}_workflow_idx"),
             "status_idx": sql.Identifier(f"{base}_status_idx"),
+            "purge_idx": sql.Identifier(f"{base}_status_updated_idx"),
             "seen": sql.Identifier(*parts[:-1], f"{base}_seen"),
             "seen_idx": sql.Identifier(f"{base}_seen_until_idx"),
         }
         texts = {**{f"schema{i}": text for i, text in enumerate(SCHEMA)}, **_STATEMENTS}
+        for column, definition in ADDED_COLUMNS.items():
+            texts[f"add_{column}"] = (
+                f"ALTER TABLE {{t}} ADD COLUMN IF NOT EXISTS {column} {definition}"
+            )
+        texts["fill_created_at"] = "UPDATE {t} SET created_at = updated_at WHERE created_at IS NULL"
+        texts["default_created_at"] = (
+            "ALTER TABLE {t} ALTER COLUMN created_at SET DEFAULT now(),"
+            " ALTER COLUMN created_at SET NOT NULL"
+        )
+        #: The table's name as ``to_regclass`` reads it (quoted, schema-qualified if given).
+        self.regclass = ".".join('"' + part.replace('"', '""') + '"' for part in parts)
         #: Every statement, composed once with the (quoted) table and index names.
         self.q = {key: sql.SQL(text).format(**names) for key, text in texts.items()}
         self._next_purge = 0.0  # time.monotonic() after which remember() purges expired keys
@@ -199,16 +260,37 @@ class PostgresSQL:
     def schema(self) -> Steps[None]:
         """Create the tables and their indexes if they are missing (in one transaction)."""
         yield Statement(self.q["lock"], (self.table,), "rowcount")
-        for i in range(len(SCHEMA)):
+        yield Statement(self.q["schema0"], (), "rowcount")
+        # A table of an earlier version gets the newer columns. ALTER TABLE locks the
+        # whole table, so it runs only when a column is missing, never on every start.
+        have = {row[0] for row in (yield Statement(self.q["columns"], (self.regclass,), "all"))}
+        missing = [column for column in ADDED_COLUMNS if column not in have]
+        for column in missing:
+            yield Statement(self.q[f"add_{column}"], (), "rowcount")
+        if "created_at" in missing:
+            yield Statement(self.q["fill_created_at"], (), "rowcount")
+            yield Statement(self.q["default_created_at"], (), "rowcount")
+        for i in range(1, len(SCHEMA)):
             yield Statement(self.q[f"schema{i}"], (), "rowcount")
 
     def create(
-        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+        self,
+        id: str,
+        workflow: str,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        history: Sequence[str],
+        history_limit: int,
+        cursors: Sequence[str],
     ) -> Op[Record]:
+        check_history_limit(history_limit)
         wake = opt_utc(wake_at)
+        entries, dropped = append_history([], 0, history, history_limit)
+        params = (id, workflow, status, blob, wake, list(cursors), _array(entries), dropped)
 
         def steps() -> Steps[Record]:
-            if (yield Statement(self.q["insert"], (id, workflow, status, blob, wake))) is None:
+            if (yield Statement(self.q["insert"], params)) is None:
                 raise WorkflowExists(id)
             return Record(id, workflow, status, bytes(blob), 1, wake)
 
@@ -224,12 +306,39 @@ class PostgresSQL:
         return Op(steps, write=False)
 
     def save(
-        self, id: str, expected_version: int, status: str, blob: bytes, wake_at: datetime | None
+        self,
+        id: str,
+        expected_version: int,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        history: Sequence[str],
+        history_limit: int,
+        cursors: Sequence[str],
     ) -> Op[Record]:
+        check_history_limit(history_limit)
         wake = opt_utc(wake_at)
+        update: Statement
+        if history:
+            params = {
+                "status": status,
+                "blob": blob,
+                "wake": wake,
+                "cursors": list(cursors),
+                "new": _array(list(history)),
+                "count": len(history),
+                "limit": history_limit,
+                "id": id,
+                "expected": expected_version,
+            }
+            update = Statement(self.q["save_history"], params)
+        else:
+            update = Statement(
+                self.q["save"], (status, blob, wake, list(cursors), id, expected_version)
+            )
 
         def steps() -> Steps[Record]:
-            row = yield Statement(self.q["save"], (status, blob, wake, id, expected_version))
+            row = yield update
             if row is None:
                 current = yield Statement(self.q["version"], (id,))
                 raise Conflict(id, expected_version, None if current is None else current[0])
@@ -237,6 +346,31 @@ class PostgresSQL:
             return Record(id, workflow, status, bytes(blob), version, wake)
 
         return Op(steps)
+
+    def history(self, id: str) -> Op[HistoryLog]:
+        def steps() -> Steps[HistoryLog]:
+            row = yield Statement(self.q["history"], (id,))
+            if row is None:
+                raise WorkflowNotFound(id)
+            return HistoryLog(list(row[0]), int(row[1]))
+
+        return Op(steps, write=False)
+
+    def purge(
+        self, before: datetime, statuses: Sequence[str], limit: int
+    ) -> Op[builtins.list[str]]:
+        params = {
+            "statuses": check_purge(statuses, limit),
+            "before": to_utc(before),
+            "limit": limit,
+        }
+
+        def steps() -> Steps[builtins.list[str]]:
+            rows = yield Statement(self.q["purge_records"], params, "all")
+            return [row[0] for row in rows]
+
+        # Repeating it after an unknown outcome deletes only what still matches: safe.
+        return Op(steps, idempotent=True)
 
     def delete(self, id: str) -> Op[None]:
         def steps() -> Steps[None]:

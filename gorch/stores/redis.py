@@ -8,6 +8,9 @@ other client can interleave with, whichever machine it runs on.
 Keys, all under ``prefix``::
 
     {prefix}:rec:{id}                       hash: workflow status blob version wake_at updated_at
+                                            created_at cursors (JSON) history_dropped
+    {prefix}:hist:{id}                      list: the history log, oldest first (JSON each)
+    {prefix}:upd:{status}                   sorted set: ids in a status by updated_at (for purge)
     {prefix}:wake                           sorted set: id scored by wake_at (epoch seconds)
     {prefix}:idx:all                        sorted set of every id, all scored 0 (lexicographic)
     {prefix}:idx:wf:{workflow}              ... of the ids of one workflow

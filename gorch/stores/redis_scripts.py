@@ -15,9 +15,10 @@ send the requests, blocking or awaited, through their own client.
 from __future__ import annotations
 
 import builtins
+import json
 import time
 import uuid
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeAlias, TypeVar
@@ -38,7 +39,9 @@ from redis.typing import EncodableT
 
 from gorch.errors import Conflict, StoreUnavailable, WorkflowExists, WorkflowNotFound
 from gorch.stores._common import (
+    check_history_limit,
     check_limit,
+    check_purge,
     from_micros,
     matches,
     opt_utc,
@@ -49,7 +52,7 @@ from gorch.stores._common import (
     to_utc,
 )
 from gorch.stores._ops import Op
-from gorch.stores.base import Page, Record
+from gorch.stores.base import HistoryLog, Page, Record
 
 T = TypeVar("T")
 
@@ -58,19 +61,50 @@ local p = ARGV[1]
 local function st_key(s) return p .. ':idx:st:' .. s end
 local function ws_key(w, s) return p .. ':idx:ws:' .. string.len(w) .. ':' .. w .. ':' .. s end
 local function wf_key(w) return p .. ':idx:wf:' .. w end
+local function upd_key(s) return p .. ':upd:' .. s end
+local function hist_key(id) return p .. ':hist:' .. id end
+-- Append ARGV[first..] to the history list, keep the newest `limit`, count the rest.
+local function append_history(rec, hist, first, limit)
+  if #ARGV < first then return end
+  redis.call('RPUSH', hist, unpack(ARGV, first))
+  local n = redis.call('LLEN', hist)
+  if n > limit then
+    redis.call('LTRIM', hist, n - limit, -1)
+    redis.call('HINCRBY', rec, 'history_dropped', n - limit)
+  end
+end
+-- Remove record `id` (of workflow `w`, in status `s`) and every index entry of it.
+local function drop(id, w, s)
+  redis.call('DEL', p .. ':rec:' .. id, hist_key(id))
+  redis.call('ZREM', p .. ':wake', id)
+  redis.call('ZREM', p .. ':idx:all', id)
+  redis.call('ZREM', wf_key(w), id)
+  redis.call('ZREM', st_key(s), id)
+  redis.call('ZREM', ws_key(w, s), id)
+  redis.call('ZREM', upd_key(s), id)
+end
 """
 
-# KEYS: rec wake all wf st ws; ARGV: prefix id workflow status blob wake_us score updated_us
-CREATE = """
+# KEYS: rec wake all wf st ws hist; ARGV: prefix id workflow status blob wake_us score
+# updated_us updated_score limit cursors entries...
+CREATE = (
+    KEYS_LUA
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'workflow', ARGV[3], 'status', ARGV[4], 'blob', ARGV[5],
-           'version', 1, 'wake_at', ARGV[6], 'updated_at', ARGV[8])
+           'version', 1, 'wake_at', ARGV[6], 'updated_at', ARGV[8], 'created_at', ARGV[8],
+           'cursors', ARGV[11], 'history_dropped', 0)
 if ARGV[6] ~= '' then redis.call('ZADD', KEYS[2], ARGV[7], ARGV[2]) end
 for i = 3, 6 do redis.call('ZADD', KEYS[i], 0, ARGV[2]) end
+redis.call('ZADD', upd_key(ARGV[4]), ARGV[9], ARGV[2])
+redis.call('DEL', KEYS[7])
+append_history(KEYS[1], KEYS[7], 12, tonumber(ARGV[10]))
 return 1
 """
+)
 
-# KEYS: rec wake; ARGV: prefix id expected status blob wake_us score updated_us
+# KEYS: rec wake hist; ARGV: prefix id expected status blob wake_us score updated_us
+# updated_score limit cursors entries...
 SAVE = (
     KEYS_LUA
     + """
@@ -82,48 +116,76 @@ local old = redis.call('HGET', KEYS[1], 'status')
 if old ~= ARGV[4] then
   redis.call('ZREM', st_key(old), ARGV[2])
   redis.call('ZREM', ws_key(wf, old), ARGV[2])
+  redis.call('ZREM', upd_key(old), ARGV[2])
   redis.call('ZADD', st_key(ARGV[4]), 0, ARGV[2])
   redis.call('ZADD', ws_key(wf, ARGV[4]), 0, ARGV[2])
 end
+redis.call('ZADD', upd_key(ARGV[4]), ARGV[9], ARGV[2])
 local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'status', ARGV[4], 'blob', ARGV[5], 'wake_at', ARGV[6],
-           'updated_at', ARGV[8])
+           'updated_at', ARGV[8], 'cursors', ARGV[11])
 if ARGV[6] == '' then
   redis.call('ZREM', KEYS[2], ARGV[2])
 else
   redis.call('ZADD', KEYS[2], ARGV[7], ARGV[2])
 end
+append_history(KEYS[1], KEYS[3], 12, tonumber(ARGV[10]))
 return {1, version, wf}
 """
 )
 
-# KEYS: rec wake all; ARGV: prefix id
+# KEYS: rec; ARGV: prefix id
 DELETE = (
     KEYS_LUA
     + """
 local f = redis.call('HMGET', KEYS[1], 'workflow', 'status')
 if not f[1] then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[2])
-redis.call('ZREM', KEYS[3], ARGV[2])
-redis.call('ZREM', wf_key(f[1]), ARGV[2])
-redis.call('ZREM', st_key(f[2]), ARGV[2])
-redis.call('ZREM', ws_key(f[1], f[2]), ARGV[2])
+drop(ARGV[2], f[1], f[2])
 return 1
 """
 )
 
-# KEYS: wake; ARGV: prefix now_score limit until_us until_score updated_us
-CLAIM = """
+# ARGV: prefix before_us before_score limit statuses...
+# Candidates come from each status's index by update time; each is deleted only if
+# its hash still says that status and an older update (the index may lag a claim).
+PURGE = (
+    KEYS_LUA
+    + """
+local out = {}
+local left = tonumber(ARGV[4])
+for i = 5, #ARGV do
+  if left <= 0 then break end
+  local s = ARGV[i]
+  local ids = redis.call('ZRANGEBYSCORE', upd_key(s), '-inf', '(' .. ARGV[3], 'LIMIT', 0, left)
+  for _, id in ipairs(ids) do
+    local f = redis.call('HMGET', p .. ':rec:' .. id, 'workflow', 'status', 'updated_at')
+    if not f[1] or f[2] ~= s then
+      redis.call('ZREM', upd_key(s), id)
+    elseif tonumber(f[3]) < tonumber(ARGV[2]) then
+      drop(id, f[1], s)
+      out[#out + 1] = id
+      left = left - 1
+    end
+  end
+end
+return out
+"""
+)
+
+# KEYS: wake; ARGV: prefix now_score limit until_us until_score updated_us updated_score
+CLAIM = (
+    KEYS_LUA
+    + """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
 local out = {}
 for _, id in ipairs(ids) do
-  local key = ARGV[1] .. ':rec:' .. id
+  local key = p .. ':rec:' .. id
   if redis.call('EXISTS', key) == 1 then
     local version = redis.call('HINCRBY', key, 'version', 1)
     redis.call('HSET', key, 'wake_at', ARGV[4], 'updated_at', ARGV[6])
     redis.call('ZADD', KEYS[1], ARGV[5], id)
     local f = redis.call('HMGET', key, 'workflow', 'status', 'blob')
+    redis.call('ZADD', upd_key(f[2]), ARGV[7], id)
     out[#out + 1] = {id, f[1], f[2], f[3], version}
   else
     redis.call('ZREM', KEYS[1], id)
@@ -131,6 +193,7 @@ for _, id in ipairs(ids) do
 end
 return out
 """
+)
 
 
 # KEYS: seen; ARGV: token until_ms. True if taken now, or earlier by this very token (a retry).
@@ -167,12 +230,20 @@ def score(micros: int) -> str:
     return repr(micros / 1_000_000)
 
 
-def now_micros() -> str:
-    """This machine's clock for ``updated_at``, in integer microseconds."""
-    return str(time.time_ns() // 1000)
+def _stamp() -> tuple[str, str]:
+    """``updated_at`` as the scripts take it: exact microseconds, and the score to order by."""
+    micros = time.time_ns() // 1000
+    return str(micros), score(micros)
 
 
-SCRIPTS = {"create": CREATE, "save": SAVE, "delete": DELETE, "claim": CLAIM, "remember": REMEMBER}
+SCRIPTS = {
+    "create": CREATE,
+    "save": SAVE,
+    "delete": DELETE,
+    "claim": CLAIM,
+    "remember": REMEMBER,
+    "purge": PURGE,
+}
 """Every script by name; a connector registers each once with its client."""
 
 
@@ -254,6 +325,10 @@ class RedisScripts:
             return f"{self.prefix}:idx:st:{status}"
         return self.all
 
+    def hist(self, id: str) -> str:
+        """The list of record ``id``'s history entries."""
+        return f"{self.prefix}:hist:{id}"
+
     def seen(self, key: str) -> str:
         """Where :meth:`remember` records ``key``."""
         return f"{self.prefix}:seen:{key}"
@@ -293,8 +368,17 @@ class RedisScripts:
     # -- the operations ----------------------------------------------------------------
 
     def create(
-        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+        self,
+        id: str,
+        workflow: str,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        history: Sequence[str],
+        history_limit: int,
+        cursors: Sequence[str],
     ) -> Op[Record]:
+        check_history_limit(history_limit)
         wake = opt_utc(wake_at)
         wake_us, wake_score = _wake_args(wake)
         keys = [
@@ -304,6 +388,7 @@ class RedisScripts:
             self.index(workflow, None),
             self.index(None, status),
             self.index(workflow, status),
+            self.hist(id),
         ]
         args: builtins.list[EncodableT] = [
             self.prefix,
@@ -313,7 +398,10 @@ class RedisScripts:
             blob,
             wake_us,
             wake_score,
-            now_micros(),
+            *_stamp(),
+            history_limit,
+            json.dumps(list(cursors)),
+            *history,
         ]
 
         def steps() -> Steps[Record]:
@@ -333,8 +421,17 @@ class RedisScripts:
         return Op(steps, write=False)
 
     def save(
-        self, id: str, expected_version: int, status: str, blob: bytes, wake_at: datetime | None
+        self,
+        id: str,
+        expected_version: int,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        history: Sequence[str],
+        history_limit: int,
+        cursors: Sequence[str],
     ) -> Op[Record]:
+        check_history_limit(history_limit)
         wake = opt_utc(wake_at)
         wake_us, wake_score = _wake_args(wake)
         args: builtins.list[EncodableT] = [
@@ -345,11 +442,14 @@ class RedisScripts:
             blob,
             wake_us,
             wake_score,
-            now_micros(),
+            *_stamp(),
+            history_limit,
+            json.dumps(list(cursors)),
+            *history,
         ]
 
         def steps() -> Steps[Record]:
-            result = yield Script("save", [self.rec(id), self.wake], args)
+            result = yield Script("save", [self.rec(id), self.wake, self.hist(id)], args)
             if result[0] == 0:
                 raise Conflict(id, expected_version, int(result[1]) if len(result) > 1 else None)
             return Record(id, result[2].decode(), status, bytes(blob), int(result[1]), wake)
@@ -358,10 +458,47 @@ class RedisScripts:
 
     def delete(self, id: str) -> Op[None]:
         def steps() -> Steps[None]:
-            if not (yield Script("delete", [self.rec(id), self.wake, self.all], [self.prefix, id])):
+            if not (yield Script("delete", [self.rec(id)], [self.prefix, id])):
                 raise WorkflowNotFound(id)
 
         return Op(steps)
+
+    def history(self, id: str) -> Op[HistoryLog]:
+        read = Transaction(
+            [
+                ("EXISTS", self.rec(id)),
+                ("LRANGE", self.hist(id), 0, -1),
+                ("HGET", self.rec(id), "history_dropped"),
+            ]
+        )
+
+        def steps() -> Steps[HistoryLog]:
+            exists, entries, dropped = yield read
+            if not exists:
+                raise WorkflowNotFound(id)
+            return HistoryLog([e.decode() for e in entries], int(dropped or 0))
+
+        return Op(steps, write=False)
+
+    def purge(
+        self, before: datetime, statuses: Sequence[str], limit: int
+    ) -> Op[builtins.list[str]]:
+        wanted = check_purge(statuses, limit)
+        before_us = to_micros(before)
+        args: builtins.list[EncodableT] = [
+            self.prefix,
+            before_us,
+            score(before_us),
+            limit,
+            *wanted,
+        ]
+
+        def steps() -> Steps[builtins.list[str]]:
+            ids = yield Script("purge", [], args)
+            return [i.decode() for i in ids]
+
+        # Repeating it after an unknown outcome deletes only what still matches: safe.
+        return Op(steps, idempotent=True)
 
     def list(
         self, workflow: str | None, status: str | None, limit: int, after: str | None
@@ -395,7 +532,7 @@ class RedisScripts:
             limit,
             str(until_us),
             score(until_us),
-            now_micros(),
+            *_stamp(),
         ]
 
         def steps() -> Steps[builtins.list[Record]]:

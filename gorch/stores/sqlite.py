@@ -11,11 +11,12 @@ index on ``wake_at`` orders them exactly.
 from __future__ import annotations
 
 import builtins
+import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,14 +25,17 @@ from gorch import clock
 from gorch.errors import Conflict, StoreUnavailable, WorkflowExists, WorkflowNotFound
 from gorch.stores._common import (
     PerThread,
+    append_history,
+    check_history_limit,
     check_limit,
+    check_purge,
     from_micros,
     opt_utc,
     page_cursor,
     to_micros,
     to_utc,
 )
-from gorch.stores.base import Page, Record, Store
+from gorch.stores.base import DEFAULT_HISTORY_LIMIT, HistoryLog, Page, Record, Store
 
 _SCHEMA = {  # every table and index, by name
     "gorch_workflows": """CREATE TABLE IF NOT EXISTS gorch_workflows (
@@ -41,7 +45,12 @@ _SCHEMA = {  # every table and index, by name
         blob BLOB NOT NULL,
         version INTEGER NOT NULL,
         wake_at INTEGER,
-        updated_at INTEGER NOT NULL
+        updated_at INTEGER NOT NULL,
+        created_at INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000000
+            AS INTEGER)),
+        cursors TEXT NOT NULL DEFAULT '[]',
+        history TEXT NOT NULL DEFAULT '[]',
+        history_dropped INTEGER NOT NULL DEFAULT 0
     )""",
     "gorch_workflows_wake_at": """CREATE INDEX IF NOT EXISTS gorch_workflows_wake_at
         ON gorch_workflows (wake_at, id) WHERE wake_at IS NOT NULL""",
@@ -49,11 +58,19 @@ _SCHEMA = {  # every table and index, by name
     " ON gorch_workflows (workflow, id)",
     "gorch_workflows_status": "CREATE INDEX IF NOT EXISTS gorch_workflows_status"
     " ON gorch_workflows (status, id)",
+    "gorch_workflows_purge": "CREATE INDEX IF NOT EXISTS gorch_workflows_purge"
+    " ON gorch_workflows (status, updated_at)",
     "gorch_seen": """CREATE TABLE IF NOT EXISTS gorch_seen (
         key TEXT PRIMARY KEY,
         until INTEGER NOT NULL
     )""",
     "gorch_seen_until": "CREATE INDEX IF NOT EXISTS gorch_seen_until ON gorch_seen (until)",
+}
+_ADDED_COLUMNS = {  # columns of later versions, added to a table created before them
+    "created_at": "INTEGER NOT NULL DEFAULT 0",
+    "cursors": "TEXT NOT NULL DEFAULT '[]'",
+    "history": "TEXT NOT NULL DEFAULT '[]'",
+    "history_dropped": "INTEGER NOT NULL DEFAULT 0",
 }
 _PURGE_BATCH = 100  # expired keys removed per remember(): bounded work, and enough to keep up
 _COLUMNS = "id, workflow, status, blob, version, wake_at"
@@ -69,6 +86,11 @@ def _record(row: tuple[Any, ...]) -> Record:
         version,
         None if wake_at is None else from_micros(wake_at),
     )
+
+
+def _json_array(entries: builtins.list[str]) -> str:
+    """Entries (each a JSON text) as one JSON array text."""
+    return "[" + ",".join(entries) + "]"
 
 
 def _micros_or_none(when: datetime | None) -> int | None:
@@ -149,16 +171,29 @@ class SQLiteStore(Store):
         found = conn.execute(
             f"SELECT count(*) FROM sqlite_master WHERE name IN ({marks})", tuple(_SCHEMA)
         ).fetchone()[0]
-        if found == len(_SCHEMA):
+        if found == len(_SCHEMA) and not self._missing_columns(conn):
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
+            conn.execute(_SCHEMA["gorch_workflows"])
+            for column in self._missing_columns(conn):  # an older table: migrate it
+                conn.execute(
+                    f"ALTER TABLE gorch_workflows ADD COLUMN {column} {_ADDED_COLUMNS[column]}"
+                )
+                if column == "created_at":  # the best guess for records made before
+                    conn.execute("UPDATE gorch_workflows SET created_at = updated_at")
             for statement in _SCHEMA.values():
                 conn.execute(statement)
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+
+    @staticmethod
+    def _missing_columns(conn: sqlite3.Connection) -> builtins.list[str]:
+        """The columns of :data:`_ADDED_COLUMNS` the table lacks (none if it does not exist)."""
+        have = {row[1] for row in conn.execute("PRAGMA table_info(gorch_workflows)")}
+        return [c for c in _ADDED_COLUMNS if have and c not in have]
 
     def _unavailable(self, exc: sqlite3.Error) -> StoreUnavailable:
         """``StoreUnavailable`` saying what went wrong and what to do about it."""
@@ -228,14 +263,38 @@ class SQLiteStore(Store):
     # -- the protocol -----------------------------------------------------------------
 
     def create(
-        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+        self,
+        id: str,
+        workflow: str,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
     ) -> Record:
+        check_history_limit(history_limit)
         wake = opt_utc(wake_at)
+        entries, dropped = append_history([], 0, history, history_limit)
+        stamp = _now_micros()
         with self._write() as conn:
             cur = conn.execute(
                 "INSERT INTO gorch_workflows (id, workflow, status, blob, version, wake_at,"
-                " updated_at) VALUES (?, ?, ?, ?, 1, ?, ?) ON CONFLICT (id) DO NOTHING",
-                (id, workflow, status, bytes(blob), _micros_or_none(wake), _now_micros()),
+                " updated_at, created_at, cursors, history, history_dropped)"
+                " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                (
+                    id,
+                    workflow,
+                    status,
+                    bytes(blob),
+                    _micros_or_none(wake),
+                    stamp,
+                    stamp,
+                    json.dumps(list(cursors)),
+                    _json_array(entries),
+                    dropped,
+                ),
             )
             if cur.rowcount != 1:
                 raise WorkflowExists(id)
@@ -254,26 +313,44 @@ class SQLiteStore(Store):
         status: str,
         blob: bytes,
         wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
     ) -> Record:
+        check_history_limit(history_limit)
         wake = opt_utc(wake_at)
         with self._write() as conn:
             row = conn.execute(
-                "SELECT workflow, version FROM gorch_workflows WHERE id = ?", (id,)
+                "SELECT workflow, version, history, history_dropped FROM gorch_workflows"
+                " WHERE id = ?",
+                (id,),
             ).fetchone()
             if row is None or row[1] != expected_version:
                 raise Conflict(id, expected_version, None if row is None else row[1])
-            conn.execute(
-                "UPDATE gorch_workflows SET status = ?, blob = ?, version = ?, wake_at = ?,"
-                " updated_at = ? WHERE id = ?",
-                (
-                    status,
-                    bytes(blob),
-                    expected_version + 1,
-                    _micros_or_none(wake),
-                    _now_micros(),
-                    id,
-                ),
+            params: tuple[Any, ...] = (
+                status,
+                bytes(blob),
+                expected_version + 1,
+                _micros_or_none(wake),
+                _now_micros(),
+                json.dumps(list(cursors)),
             )
+            if history:  # the log is rewritten only when it grows
+                entries, dropped = append_history(
+                    [json.dumps(e) for e in json.loads(row[2])], row[3], history, history_limit
+                )
+                conn.execute(
+                    "UPDATE gorch_workflows SET status = ?, blob = ?, version = ?, wake_at = ?,"
+                    " updated_at = ?, cursors = ?, history = ?, history_dropped = ? WHERE id = ?",
+                    (*params, _json_array(entries), dropped, id),
+                )
+            else:
+                conn.execute(
+                    "UPDATE gorch_workflows SET status = ?, blob = ?, version = ?, wake_at = ?,"
+                    " updated_at = ?, cursors = ? WHERE id = ?",
+                    (*params, id),
+                )
         return Record(id, row[0], status, bytes(blob), expected_version + 1, wake)
 
     def delete(self, id: str) -> None:
@@ -281,6 +358,27 @@ class SQLiteStore(Store):
             cur = conn.execute("DELETE FROM gorch_workflows WHERE id = ?", (id,))
             if cur.rowcount != 1:
                 raise WorkflowNotFound(id)
+
+    def history(self, id: str) -> HistoryLog:
+        rows = self._read(
+            "SELECT history, history_dropped FROM gorch_workflows WHERE id = ?", (id,)
+        )
+        if not rows:
+            raise WorkflowNotFound(id)
+        return HistoryLog([json.dumps(e) for e in json.loads(rows[0][0])], rows[0][1])
+
+    def purge(self, before: datetime, statuses: Sequence[str], limit: int) -> builtins.list[str]:
+        wanted = check_purge(statuses, limit)
+        marks = ", ".join("?" * len(wanted))
+        before_us = to_micros(before)
+        with self._write() as conn:  # the write lock: nothing changes between test and delete
+            rows = conn.execute(
+                f"DELETE FROM gorch_workflows WHERE id IN (SELECT id FROM gorch_workflows"
+                f" WHERE status IN ({marks}) AND updated_at < ? ORDER BY updated_at LIMIT ?)"
+                f" AND status IN ({marks}) AND updated_at < ? RETURNING id",
+                (*wanted, before_us, limit, *wanted, before_us),
+            ).fetchall()
+        return [row[0] for row in rows]
 
     def list(
         self,

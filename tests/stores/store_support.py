@@ -20,7 +20,7 @@ import functools
 import os
 import threading
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -38,6 +38,7 @@ from gorch.stores import (
     SQLiteStore,
     Store,
 )
+from gorch.stores.base import HistoryLog
 
 PG_DSN = os.environ.get("GORCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("GORCH_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -170,17 +171,37 @@ class SyncOverAsync(Store):
         return done.result()
 
     def create(
-        self, id: str, workflow: str, status: str, blob: bytes, wake_at: datetime | None
+        self,
+        id: str,
+        workflow: str,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        **options: Any,
     ) -> Record:
-        return self._run(lambda: self.aio.create(id, workflow, status, blob, wake_at))
+        return self._run(lambda: self.aio.create(id, workflow, status, blob, wake_at, **options))
 
     def load(self, id: str) -> Record:
         return self._run(lambda: self.aio.load(id))
 
     def save(
-        self, id: str, expected_version: int, status: str, blob: bytes, wake_at: datetime | None
+        self,
+        id: str,
+        expected_version: int,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        **options: Any,
     ) -> Record:
-        return self._run(lambda: self.aio.save(id, expected_version, status, blob, wake_at))
+        return self._run(
+            lambda: self.aio.save(id, expected_version, status, blob, wake_at, **options)
+        )
+
+    def history(self, id: str) -> HistoryLog:
+        return self._run(lambda: self.aio.history(id))
+
+    def purge(self, before: datetime, statuses: Sequence[str], limit: int) -> builtins.list[str]:
+        return self._run(lambda: self.aio.purge(before, statuses, limit))
 
     def delete(self, id: str) -> None:
         self._run(lambda: self.aio.delete(id))
