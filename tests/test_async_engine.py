@@ -438,12 +438,7 @@ def open_async(spec: StoreSpec) -> AsyncStore:
         "postgres": ("gorch.stores.aio_postgres", "AsyncPostgresStore", "table"),
         "redis": ("gorch.stores.aio_redis", "AsyncRedisStore", "prefix"),
     }[spec.kind]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        pytest.skip(f"{module_name} is not there yet")
+    module = importlib.import_module(module_name)
     store: AsyncStore = getattr(module, cls_name)(spec.target, **{option: spec.namespace})
     return store
 
