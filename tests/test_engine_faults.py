@@ -49,6 +49,7 @@ from stores.fault_support import (
     redis_address,
     redis_kill,
     redis_own_client_id,
+    redis_store_sees_close,
     wait_until,
 )
 from stores.store_support import StoreSpec, make_spec
@@ -171,6 +172,7 @@ def _redis_harness(spec: StoreSpec) -> Iterator[Harness]:
             assert mode == "idle" and not outage
             client_id = redis_own_client_id(store)
             redis_kill(spec.target, client_id)
+            redis_store_sees_close(store)
             idle_kills.append(client_id)
 
     try:

@@ -321,6 +321,28 @@ def redis_own_client_id(store: Any) -> int:
     return int(store._client.client_id())
 
 
+def redis_store_sees_close(store: Any) -> None:
+    """Wait until the store's idle connections have seen the server's close.
+
+    Between the store and Redis there may be a relay, which passes the close
+    on a little later: until it has, the store cannot know its connection is
+    gone, and a command sent then would be lost in flight.
+    """
+    import redis
+
+    def closed(conn: Any) -> bool:
+        try:
+            return bool(conn.can_read(timeout=0))
+        except (redis.ConnectionError, OSError):
+            return True
+
+    pool = store._client.connection_pool
+    wait_until(
+        lambda: all(closed(c) for c in list(pool._available_connections)),
+        "the store's connection to see the server's close",
+    )
+
+
 def redis_kill(url: str, client_id: int) -> None:
     """``CLIENT KILL ID``, from a connection of our own, of one connection of our store."""
     import redis

@@ -33,6 +33,7 @@ from fault_support import (
     redis_address,
     redis_kill,
     redis_own_client_id,
+    redis_store_sees_close,
 )
 from store_support import StoreSpec, make_spec
 
@@ -246,6 +247,7 @@ def test_redis_connection_killed_between_calls_is_replaced(
     def kill() -> None:
         killed.append(redis_own_client_id(store))
         redis_kill(url, killed[-1])
+        redis_store_sees_close(store)
 
     result, error, before, after = _with_fault(store, method, kill, lambda: None)
     assert error is None and len(killed) == 1
