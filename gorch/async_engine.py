@@ -42,7 +42,13 @@ from gorch.engine import (
     StoreCall,
 )
 from gorch.history import History
-from gorch.interpreter import DEFAULT_CONCURRENCY, acancel, ahandle_event, arun
+from gorch.interpreter import (
+    DEFAULT_CONCURRENCY,
+    acancel,
+    ahandle_event,
+    arun,
+    check_concurrency,
+)
 from gorch.snapshot import DueResult, ListPage, Snapshot
 from gorch.stores.base import DEFAULT_HISTORY_LIMIT, AsyncStore, Store
 from gorch.workflow import Workflow
@@ -104,11 +110,7 @@ class AsyncEngine(EngineCore):
             raise TypeError(
                 f"AsyncEngine needs a gorch.stores.base.AsyncStore or a store URL, got {store!r}"
             )
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ValueError(
-                "concurrency must be an int of at least 1 (how many steps of one instance "
-                f"run at once), got {concurrency!r}"
-            )
+        check_concurrency(concurrency)
         self.store = store
         #: How many async steps of one instance's independent threads run at once.
         self.concurrency = concurrency

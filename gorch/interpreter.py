@@ -292,15 +292,7 @@ class _Call:
 
     def rebuild(self) -> None:
         """Call ``definition()`` again: values read from now on reflect current data."""
-        try:
-            root = self.wf.definition()
-        except GorchError:
-            raise
-        except Exception as e:
-            raise DefinitionError(
-                f"{self.index.owner}.definition() raised {type(e).__name__}: {e}"
-            ) from e
-        self.root = root if type(root) is Section else _as_root(root, self.index.owner)
+        self.root = _build(self.wf, self.index.owner)
         self.gen += 1
         self.dirty = False
         if self.index.paths is None:
@@ -676,8 +668,7 @@ def run(
     """
     call = _start(wf, state, checkpoint, max_units, lazy_steps, middleware, restore, True)
     if not middleware and not call.index.hooks:
-        for _ in _run(call):
-            raise AssertionError("a walk of the sync API waited for something")
+        _exhaust(_run(call))
         return state.status
     out = _resume_call(call, middleware, reason)
     return _plain_result(out, "the middleware around_resume")  # type: ignore[no-any-return]
@@ -723,6 +714,16 @@ async def aresume(
     )
 
 
+def check_concurrency(concurrency: object) -> int:
+    """``concurrency`` as the async API takes it, or ValueError: one rule for every entry point."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(
+            "concurrency must be an int of at least 1 (how many steps of one instance "
+            f"run at once), got {concurrency!r}"
+        )
+    return concurrency
+
+
 async def arun(
     wf: Workflow,
     state: State,
@@ -737,10 +738,7 @@ async def arun(
     executor: Executor | None = None,
 ) -> WorkflowStatus:
     """:func:`run` for the async API (the options of :func:`aresume` and :func:`run`)."""
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(
-            f"concurrency must be an int of at least 1 (steps run at once), got {concurrency!r}"
-        )
+    check_concurrency(concurrency)
     call = _start(wf, state, checkpoint, max_units, lazy_steps, middleware, restore, False)
     call.limit = asyncio.Semaphore(concurrency)
     call.executor = executor
@@ -1490,18 +1488,14 @@ def _async_step(call: _Call, t: Thread, st: Step) -> Walk[str]:
     gen = call.gen
     isolated = False
     try:
-        if call.executor is None and not is_async(fn):  # a plain step: in place, in turn
-            if call.flights or call.parked:
-                yield _Launch(st.name, here=True)  # resumed when its turn comes
-                call.dirty = True  # other walks read the data meanwhile: it changes now
-            wf = call.wf
-            out = _run_step(call, wf, t, st.name, fn) if call.wrap_steps else fn()
-            if out is not None and is_awaitable(out):
-                yield from _awaited_in_place(wf, out)
-        elif _concurrent(call, t):
+        plain = call.executor is None and not is_async(fn)
+        if plain and (call.flights or call.parked):  # in place, when its turn comes
+            yield _Launch(st.name, here=True)
+            call.dirty = True  # other walks read the data meanwhile: it changes now
+        elif not plain and _concurrent(call, t):
             isolated = True
             yield _Launch(st.name)  # resumed when its commit comes (see _commit_round)
-        else:
+        if not isolated:  # in place, on the live workflow
             wf = call.wf
             out = _run_step(call, wf, t, st.name, fn) if call.wrap_steps else call.call_fn(fn)
             if out is not None and is_awaitable(out):

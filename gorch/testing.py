@@ -58,7 +58,14 @@ from gorch.errors import (
 )
 from gorch.handlers import ASYNC_API_HINT
 from gorch.hooks import CallNext, StepContext
-from gorch.interpreter import DEFAULT_CONCURRENCY, ahandle_event, arun, awaited_events, handle_event
+from gorch.interpreter import (
+    DEFAULT_CONCURRENCY,
+    ahandle_event,
+    arun,
+    awaited_events,
+    check_concurrency,
+    handle_event,
+)
 from gorch.interpreter import run as run_state
 from gorch.snapshot import ACTIVE_STATUSES
 from gorch.state import CheckpointKind, EventRequest, State, WorkflowStatus, new_state
@@ -278,11 +285,7 @@ class WorkflowEnv:
         self.check_round_trip = check_round_trip
         #: The most timers one :meth:`advance` fires before raising :class:`TimerLimitError`.
         self.max_timers = max_timers
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ValueError(
-                "concurrency must be an int of at least 1 (how many steps of one instance "
-                f"run at once), got {concurrency!r}"
-            )
+        check_concurrency(concurrency)
         #: The async methods' limit on steps of independent branches running at once.
         self.concurrency = concurrency
         #: Where the async methods run plain steps (None: called directly).

@@ -1073,6 +1073,7 @@ async def test_a_worker_task_can_be_cancelled_while_it_waits(memory: AsyncStore)
     engine = gorch.AsyncEngine(memory, WORKFLOWS)
     worker = asyncio.ensure_future(engine.work(poll=30))
     await asyncio.sleep(0.01)
+    assert not worker.done()  # it waits for its next poll, 30 s away
     await cancel(worker)
 
 
