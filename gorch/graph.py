@@ -64,7 +64,18 @@ from gorch.statements import (
 from gorch.timers import due_time
 from gorch.workflow import Workflow
 
-__all__ = ["CLASS_DEFS", "escape", "humanize_duration", "mermaid", "mermaid_for"]
+__all__ = [
+    "CLASS_DEFS",
+    "Mark",
+    "Marks",
+    "case_label",
+    "cond_label",
+    "escape",
+    "humanize_duration",
+    "marks",
+    "mermaid",
+    "mermaid_for",
+]
 
 #: The ``classDef`` of each highlight class (only the classes used are written).
 CLASS_DEFS: dict[str, str] = {
@@ -144,8 +155,11 @@ def _seconds(us: int) -> str:
     return f"{whole}.{frac:06d}".rstrip("0") + "s"
 
 
-def _cond_label(cond: Cond) -> str:
-    """The name of a callable condition when it has a meaningful one, else ``cond``."""
+def cond_label(cond: Cond) -> str:
+    """A condition's label in a drawing: a callable's name when it has a meaningful one.
+
+    Else ``cond`` (a lambda, a bool, an expression object).
+    """
     if isinstance(cond, bool) or not callable(cond):
         return "cond"
     fn: Any = cond
@@ -180,7 +194,8 @@ def _input_type(handler: Any) -> str:
     return "" if tp is None else _type_name(tp)
 
 
-def _case_label(case: On | Timeout) -> str:
+def case_label(case: On | Timeout) -> str:
+    """A Select case's label in a drawing: ``event (InputType)``, or ``⏱ timer (3d)``."""
     if isinstance(case, Timeout):
         return f"⏱ {case.event} ({humanize_duration(case.after)})"
     tp = _input_type(case.handler)
@@ -301,7 +316,7 @@ class _Chart:
                 if i and i == last and cond is True:
                     label = "else"
                 else:
-                    label = f"{'elif' if i else 'if'} {_cond_label(cond)}"
+                    label = f"{'elif' if i else 'if'} {cond_label(cond)}"
                 out += self.body(branch, [_Exit(ident, label)], ctx)
             if not (last and st.branches[-1][0] is True):
                 out.append(_Exit(ident, "else"))
@@ -315,7 +330,7 @@ class _Chart:
                 if i == len(st.cases) - 1 and case.cond is True:
                     label, has_default = "default", True
                 else:
-                    label = f"case {i + 1}: {_cond_label(case.cond)}"
+                    label = f"case {i + 1}: {cond_label(case.cond)}"
                 out += self.body(case.body, [_Exit(ident, label)], ctx)
             if not has_default:
                 out.append(_Exit(ident, "no case"))
@@ -326,7 +341,7 @@ class _Chart:
             self.connect(exits, ident)
             loop = _Loop(ident)
             inner = _Ctx(block, loop, ctx.returns_to)
-            label = f"while {_cond_label(st.cond)}"
+            label = f"while {cond_label(st.cond)}"
             self.connect(self.body(st.body, [_Exit(ident, label)], inner), ident)
             return [_Exit(ident, "done"), *loop.breaks]
         if isinstance(st, Break):
@@ -346,7 +361,7 @@ class _Chart:
             self.connect(exits, ident)
             out = []
             for sc in st.cases:
-                out += self.body(sc.body, [_Exit(ident, _case_label(sc))], ctx)
+                out += self.body(sc.body, [_Exit(ident, case_label(sc))], ctx)
             return out
         if isinstance(st, WaitFor):
             ident = self.node(block, "round", f"wait: {st.name}", st.name)
@@ -667,6 +682,16 @@ def mermaid(
     invalid tree, :class:`InvalidWorkflowData` when the ``data`` dict does not
     validate. The output is deterministic: same definition and state, same text.
     """
+    _root, chart, notes, classes = _charted(workflow_cls, state, data)
+    return chart.render(notes, classes)
+
+
+def _charted(
+    workflow_cls: type[Workflow] | Workflow,
+    state: State | None,
+    data: Workflow | Mapping[str, Any] | None,
+) -> tuple[Section, _Chart, dict[str, list[str]], dict[str, list[str]]]:
+    """The definition, its chart, and the notes and classes ``state`` puts on its nodes."""
     wf, missing = _instance(workflow_cls, data)
     root = _definition(wf, missing)
     chart = _Chart()
@@ -675,9 +700,95 @@ def mermaid(
     chart.thread(root.stmts, [_Exit(chart.start)], chart.root, to=chart.end)
     chart.node(chart.root, "stadium", "end", ident=chart.end)
     notes, classes = _mark(chart, state)
-    return chart.render(notes, classes)
+    return root, chart, notes, classes
 
 
 def mermaid_for(wf: Workflow, state: State | None = None) -> str:
     """``mermaid(wf, state)``: the diagram of a workflow instance and its state."""
     return mermaid(wf, state)
+
+
+# --------------------------------------------------------------------------- for other renderers
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """How one node is highlighted: its classes (keys of :data:`CLASS_DEFS`) and notes."""
+
+    classes: frozenset[str] = frozenset()
+    notes: tuple[str, ...] = ()
+
+
+_UNMARKED = Mark()
+
+
+@dataclass(frozen=True, slots=True)
+class Marks:
+    """A definition and what :func:`mermaid` would highlight in it, by name, not by node.
+
+    For a renderer of its own (the HTTP inspector draws the tree as HTML): it
+    walks ``root`` and asks, for each statement or thread, how to mark it.
+    """
+
+    root: Section
+    """The definition, validated as the interpreter sees it."""
+    start: Mark
+    end: Mark
+    named: Mapping[str, Mark]
+    """By statement name: a Step, For, Select, WaitFor or Go; a Parallel's or DAG's join."""
+    entries: Mapping[str, Mark]
+    """By thread name (a Go, a Parallel branch, a DAG node): a thread not started yet."""
+    dag_nodes: Mapping[str, Mapping[str, Mark]]
+    """By DAG name, then node name: completed / failed / skipped nodes of a running DAG."""
+    missing: tuple[tuple[str, Mark], ...] = ()
+    """Cursors (and threads) the definition no longer has: a label and its mark each."""
+
+    def of(self, name: str) -> Mark:
+        """The mark of the statement named ``name`` (no classes, no notes if none)."""
+        return self.named.get(name, _UNMARKED)
+
+    def entry(self, thread: str) -> Mark:
+        return self.entries.get(thread, _UNMARKED)
+
+    def dag_node(self, dag: str, node: str) -> Mark:
+        return self.dag_nodes.get(dag, {}).get(node, _UNMARKED)
+
+
+def marks(
+    workflow_cls: type[Workflow] | Workflow,
+    state: State | None = None,
+    *,
+    data: Workflow | Mapping[str, Any] | None = None,
+) -> Marks:
+    """The definition and the highlights of ``state`` that :func:`mermaid` draws, by name.
+
+    Same arguments, same errors and same notes as :func:`mermaid`; the notes are
+    plain text (a renderer escapes them for its own format).
+    """
+    root, chart, notes, classes = _charted(workflow_cls, state, data)
+
+    def mark(ident: str) -> Mark:
+        found = frozenset(name for name, ids in classes.items() if ident in ids)
+        listed = notes.get(ident, [])
+        if len(listed) > _NOTES_MAX:
+            more = len(listed) - _NOTES_MAX + 1
+            listed = [*listed[: _NOTES_MAX - 1], f"… and {more} more"]
+        return Mark(found, tuple(listed)) if found or listed else _UNMARKED
+
+    missing = tuple(
+        (chart.nodes[ident].label, mark(ident))
+        for ident in classes["missing"]
+        if ident in chart.nodes
+    )
+    return Marks(
+        root=root,
+        start=mark(chart.start),
+        end=mark(chart.end),
+        named={name: mark(ident) for name, ident in chart.named.items()},
+        entries={name: mark(ident) for name, ident in chart.entries.items()},
+        dag_nodes={
+            dag: {node: mark(ident) for node, ident in nodes.items()}
+            for dag, nodes in chart.dags.items()
+        },
+        missing=missing,
+    )

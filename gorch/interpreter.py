@@ -44,10 +44,14 @@ off together as asyncio tasks (at most ``concurrency`` at a time), each on a
 private copy of the same data: the data last saved. They are then committed
 one by one in thread order, whatever order they finish in: a step's changes
 (a diff of its copy against the data it started from) are applied to the live
-workflow, and its thread's walk records it and goes on to its next step,
-parked for the next round. Checkpoints are held until the round's last commit,
-so every save is a round boundary, and a reload from it starts the same steps
-from the same data: a crash anywhere ends as a run without one. Two steps of a
+workflow, and its thread's walk records it and ends there. Checkpoints are
+held until the round's last commit, so every save is a round boundary. Only
+then are the threads walked again, from their saved cursors, exactly as a
+reload of that save would walk them: which steps form the next round is a
+function of the saved state alone, and a reload from any save starts the same
+steps from the same data. So a crash anywhere ends as a run without one (even
+the main thread's end waits for the round: every step of a round commits,
+as each one may already have had its effects). Two steps of a
 round that change the same data would lose an update: the later one fails
 with :class:`ConcurrentChange` (appending to one list is fine). A plain step
 in a thread that has company runs in place, on the live data, when its turn
@@ -223,6 +227,7 @@ class _Call:
     held: list[CheckpointKind] = []  # checkpoints due while a round is in flight
     written: dict[tuple[str, ...], tuple[str, str]] = {}  # this round: path -> (op, step)
     stop = False  # a step failed while others were in flight: start no new step
+    stopped: set[str] = set()  # threads walked since then (each once)
     failure: StepFailed | None = None
     halted: set[str] = set()  # joining threads of fail_fast DAGs whose node failed
     executor: Executor | None = None
@@ -253,6 +258,7 @@ class _Call:
             self.held = []
             self.written = {}
             self.halted = set()
+            self.stopped = set()
         if middleware:
             self.step_mw = wrappers(middleware, "around_step", not sync)
             self.event_mw = wrappers(middleware, "around_event", not sync)
@@ -849,8 +855,12 @@ def _run(call: _Call) -> Walk[WorkflowStatus]:
                 if sync:
                     yield from _run_thread(call, t)
                 else:
-                    if call.stop or t.id in call.flights or t.id in call.parked:
+                    if t.id in call.flights or t.id in call.parked:
                         continue
+                    if call.stop:  # walked once more, up to its next step (not started)
+                        if t.id in call.stopped:
+                            continue
+                        call.stopped.add(t.id)
                     yield from _advance(call, t, _run_thread(call, t))
                     if call.halted:
                         yield from _halt_nodes(call)
@@ -1099,9 +1109,9 @@ def _commit_round(call: _Call) -> Walk[None]:
     """Commit the steps of the round in flight, in thread order (the order they took off).
 
     Each commit applies the step's changes and resumes its thread's walk, which
-    records the step and goes on to its next blocking point (a next step is
-    parked for the next round). Checkpoints are held until the round's last
-    commit (see :meth:`_Call.save`).
+    records the step and ends; the threads are walked again from their cursors
+    when the round is over, as a reload of the round's save would. Checkpoints
+    are held until the round's last commit (see :meth:`_Call.save`).
     """
     for f in list(call.flights.values()):
         if call.flights.get(f.thread.id) is not f:
@@ -1282,6 +1292,9 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
             if spawned:
                 state.threads.extend(spawned)
                 spawned = []
+            if call.stop:  # (async) a step of another thread failed: this one waits
+                call.units += loops
+                return
             call.units += loops + 1
             loops = 0
             if call.units > call.max_units:
@@ -1311,7 +1324,7 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
                     return  # a DAG node: failed for good, or retried after the others ran
             else:
                 done = yield from _async_step(call, t, st)
-                if done is not _DONE:
+                if done is not _DONE and done is not _LANDED:
                     if done is _STOPPED:
                         return
                     # Other threads rebuilt the definition: find t's step in this build.
@@ -1331,6 +1344,11 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
                     aw = call.checkpoint(kind_) if call.sync else call.save(kind_)
                     if aw is not None and is_awaitable(aw):
                         yield from call.wait(aw, "the checkpoint callback")
+            if not call.sync and done is _LANDED:
+                # Committed as part of a round: the walk ends here, and the thread is
+                # walked again from its saved cursor once the whole round is committed,
+                # exactly as a reload of that save would (see _commit_round).
+                return
             top[1] = idx + 1
             continue
 
@@ -1472,28 +1490,30 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
         raise DefinitionError(f"unknown statement {st!r}")
 
 
-_DONE, _MOVED, _STOPPED = "done", "moved", "stopped"
+_DONE, _LANDED, _MOVED, _STOPPED = "done", "landed", "moved", "stopped"
 
 
 def _async_step(call: _Call, t: Thread, st: Step) -> Walk[str]:
     """Run a step under the async API: in place, or in flight when other threads can go on.
 
-    Returns ``_DONE``; ``_MOVED`` when other threads rebuilt the definition
-    meanwhile (the walk finds ``t`` again); ``_STOPPED`` when the walk must
+    Returns ``_DONE`` (run in place), ``_LANDED`` (committed as part of a
+    round), ``_MOVED`` when other threads rebuilt the definition meanwhile (the
+    walk finds ``t`` again), or ``_STOPPED`` when the walk must
     end: a DAG node's failure was recorded, or a step of another thread failed.
     """
     if call.stop:  # a step of another thread failed: this one waits for the next resume
         return _STOPPED
     fn = st.fn
     gen = call.gen
-    isolated = False
+    isolated = launched = False
     try:
         plain = call.executor is None and not is_async(fn)
         if plain and (call.flights or call.parked):  # in place, when its turn comes
+            launched = True
             yield _Launch(st.name, here=True)
             call.dirty = True  # other walks read the data meanwhile: it changes now
         elif not plain and _concurrent(call, t):
-            isolated = True
+            isolated = launched = True
             yield _Launch(st.name)  # resumed when its commit comes (see _commit_round)
         if not isolated:  # in place, on the live workflow
             wf = call.wf
@@ -1503,6 +1523,8 @@ def _async_step(call: _Call, t: Thread, st: Step) -> Walk[str]:
     except Exception as e:
         yield from _step_failed(call, t, st.name, st.retry, e, isolated)
         return _STOPPED  # a DAG node: failed for good, or retried after the others ran
+    if launched:
+        return _LANDED
     return _DONE if call.gen == gen else _MOVED
 
 

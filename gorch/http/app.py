@@ -34,6 +34,7 @@ from gorch.http.errors import (
     json_error,
     known_error_response,
 )
+from gorch.http.inspect import inspector_router
 from gorch.http.routes import DEFAULT_MAX_BODY, GorchRoute, create_router
 
 _ASSETS = Path(swagger_ui_bundle.swagger_ui_path)
@@ -64,6 +65,9 @@ Long-running workflows driven over HTTP.
   `Authorization: Bearer <token>` on every other route but `/healthz` (reads,
   docs; writes too when there is no secret). With a secret and no token, reads
   are signed too. Without credentials only `/healthz` answers.
+* **Inspector**: HTML pages for people at `/inspect` (instances, one instance's
+  diagram, data, awaited events and history), behind the same token; a browser
+  signs in once at `/inspect/login` and keeps an HttpOnly session cookie.
 """
 
 
@@ -123,6 +127,7 @@ def create_app(
     public_docs: bool = False,
     insecure: bool = False,
     title: str = "gorch",
+    inspector: bool = True,
 ) -> FastAPI:
     """A FastAPI app serving ``engine``'s workflows; see :mod:`gorch.http` for the rules.
 
@@ -133,7 +138,8 @@ def create_app(
     says that is intended. ``engine`` is a :class:`gorch.Engine`, whose
     blocking calls run in the threadpool, never on the event loop, or an
     engine whose methods are coroutines (``gorch.AsyncEngine``), awaited on
-    the loop.
+    the loop. ``inspector`` serves the HTML pages of :mod:`gorch.http.inspect`
+    at ``/inspect``, guarded like the other reads.
     """
     router = create_router(
         engine,
@@ -156,6 +162,8 @@ def create_app(
     gate = route_class.gate
     if docs:
         _add_docs(app, route_class, public_docs)
+    if inspector:
+        app.include_router(inspector_router(gate.driver, gate.auth))
 
     async def not_routed(request: Request, exc: Exception) -> Response:
         """Unknown route or method: the caller still has to show the token (or signature).

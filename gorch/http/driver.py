@@ -10,7 +10,7 @@ alike.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, cast
 
@@ -23,6 +23,14 @@ from gorch.workflow import Workflow
 
 _ENGINE_METHODS = ("start", "send", "get", "list", "cancel")
 _STORE_METHODS = ("load", "list", "remember")
+
+
+def _takes_by(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` takes ``by=`` (who acts; written to the instance's history)."""
+    try:
+        return "by" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 async def _call(target: object, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -47,6 +55,11 @@ class Driver:
                 f"has no {', '.join(missing)}"
             )
         self.engine = engine
+        #: The engine methods that take ``by=``; the others are called without it.
+        self.takes_by = frozenset(m for m in _ENGINE_METHODS if _takes_by(getattr(engine, m)))
+
+    def _by(self, method: str, by: str | None) -> dict[str, str]:
+        return {"by": by} if by is not None and method in self.takes_by else {}
 
     @property
     def workflows(self) -> Mapping[str, type[Workflow]]:
@@ -60,9 +73,10 @@ class Driver:
     # ------------------------------------------------------------------ engine
 
     async def start(
-        self, name: str, id: str | None, data: Any, *, key: str | None = None
+        self, name: str, id: str | None, data: Any, *, key: str | None = None, by: str | None = None
     ) -> Snapshot:
-        return cast(Snapshot, await _call(self.engine, "start", name, id, data, key=key))
+        by_ = self._by("start", by)
+        return cast(Snapshot, await _call(self.engine, "start", name, id, data, key=key, **by_))
 
     async def send(
         self,
@@ -73,9 +87,11 @@ class Driver:
         thread_id: str | None,
         pc: int | None,
         key: str | None,
+        by: str | None = None,
     ) -> Any:
+        by_ = self._by("send", by)
         return await _call(
-            self.engine, "send", id, event, input, thread_id=thread_id, pc=pc, key=key
+            self.engine, "send", id, event, input, thread_id=thread_id, pc=pc, key=key, **by_
         )
 
     async def get(self, id: str) -> Snapshot:
@@ -89,8 +105,8 @@ class Driver:
         )
         return cast(ListPage, page)
 
-    async def cancel(self, id: str) -> Snapshot:
-        return cast(Snapshot, await _call(self.engine, "cancel", id))
+    async def cancel(self, id: str, *, by: str | None = None) -> Snapshot:
+        return cast(Snapshot, await _call(self.engine, "cancel", id, **self._by("cancel", by)))
 
     async def history(self, id: str) -> History:
         return cast(History, await _call(self.engine, "history", id))

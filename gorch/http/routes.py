@@ -79,10 +79,30 @@ _ADMITTED = "gorch.request"
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """What the gate checked: the body and the idempotency key of the request."""
+    """What the gate checked: the body, the idempotency key, and who is asking."""
 
     payload: Payload
     key: str | None
+    by: str | None = None
+    """Who sent it, for the instance's history (see :func:`principal`)."""
+
+
+def principal(verified: Verified | None, auth: Authenticator) -> str:
+    """Who a request comes from, as far as the app can tell, for the history's ``by``.
+
+    ``http:webhook:<webhook-id>`` for a Standard Webhooks signature (the id the
+    sender logged), ``http:signature`` for gorch's scheme, ``http:token`` for
+    the bearer token, ``http:open`` when the app checks nothing. The app knows
+    a credential, not a person: a workflow that needs the person takes it in
+    the event's input (and the signature covers it).
+    """
+    if verified is not None:
+        if verified.idempotency_key is not None:
+            return f"http:webhook:{verified.idempotency_key}"
+        return "http:signature"
+    if auth.token is not None:
+        return "http:token"
+    return "http:open"
 
 
 class Gate:
@@ -152,7 +172,8 @@ class Gate:
         ):
             raise self.auth.replayed()
         scope = request.scope
-        scope[_ADMITTED] = Admitted(Payload(body, value), key)
+        by = None if public else principal(verified, self.auth)
+        scope[_ADMITTED] = Admitted(Payload(body, value), key, by)
         sent = False
 
         async def replay() -> Message:
@@ -345,7 +366,7 @@ class _Routes:
             raise InvalidWorkflowData(name, f"the body must be a JSON object, got {kind}")
         data = _start_data(name, cls, payload.raw or b"{}")
         try:
-            return await self.driver.start(name, id, data, key=checked.key)
+            return await self.driver.start(name, id, data, key=checked.key, by=checked.by)
         except SerializationError as e:  # nothing was created: the data cannot be stored
             raise InvalidWorkflowData(name, f"the data cannot be stored: {e}") from e
 
@@ -375,7 +396,7 @@ class _Routes:
             # A step failing in the resume after the event does not fail the request:
             # the event was delivered and saved; GET shows the instance's failure.
             out = await self.driver.send(
-                id, event, value, thread_id=thread_id, pc=pc, key=checked.key
+                id, event, value, thread_id=thread_id, pc=pc, key=checked.key, by=checked.by
             )
         except SerializationError as e:
             if not await self._loads(id):
@@ -529,7 +550,7 @@ class _Routes:
             dependencies=self.write_deps,
         )
         async def cancel_workflow(id: IdPath, checked: Checked) -> Snapshot:
-            return await driver.cancel(self.check_id(id))
+            return await driver.cancel(self.check_id(id), by=checked.by)
 
         @self.router.get(
             "/workflows/{id}/history",

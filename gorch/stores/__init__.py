@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import TYPE_CHECKING, TypedDict
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any
 
 from gorch.errors import StoreError
 from gorch.stores._common import redact_url
+from gorch.stores._options import (
+    POSTGRES_OPTIONS,
+    REDIS_OPTIONS,
+    SQLITE_OPTIONS,
+    parse_query,
+    take_options,
+)
 from gorch.stores.aio_memory import AsyncMemoryStore
 from gorch.stores.aio_sqlite import AsyncSQLiteStore
 from gorch.stores.base import (
@@ -68,7 +74,7 @@ SUPPORTED_SCHEMES = (
 )
 
 _LAZY = {  # class -> (module, the packages it needs, the extra that installs them)
-    "PostgresStore": ("gorch.stores.postgres", ("psycopg",), "postgres"),
+    "PostgresStore": ("gorch.stores.postgres", ("psycopg", "psycopg_pool"), "postgres"),
     "RedisStore": ("gorch.stores.redis", ("redis",), "redis"),
     "AsyncPostgresStore": ("gorch.stores.aio_postgres", ("psycopg", "psycopg_pool"), "postgres"),
     "AsyncRedisStore": ("gorch.stores.aio_redis", ("redis",), "redis"),
@@ -106,8 +112,9 @@ def _import_backend(name: str) -> ModuleType:
         ) from exc
 
 
-def _parse(url: str) -> tuple[str, str]:
-    """``(kind, target)``: the backend a URL names, and what its class is opened with."""
+def _parse(url: str) -> tuple[str, str, str]:
+    """``(kind, target, query)``: the backend a URL names, what its class is opened with,
+    and (SQLite only) the options after ``?``."""
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if not sep:
@@ -115,90 +122,83 @@ def _parse(url: str) -> tuple[str, str]:
     if scheme == "memory":
         if rest.strip("/"):
             raise UnsupportedStoreURL(redact_url(url), "memory:// takes no path")
-        return "memory", ""
+        return "memory", "", ""
     if scheme == "sqlite":
-        if not rest.startswith("/") or rest == "/":
+        path, _, query = rest.partition("?")
+        if not path.startswith("/") or path == "/":
             raise UnsupportedStoreURL(
                 redact_url(url), "a SQLite URL is sqlite:/// followed by a file path"
             )
-        return "sqlite", rest[1:]
+        return "sqlite", path[1:], query
     if scheme in ("postgresql", "postgres"):
-        return "postgres", f"{scheme}://{rest}"  # drivers expect a lower-case scheme
+        return "postgres", f"{scheme}://{rest}", ""  # drivers expect a lower-case scheme
     if scheme in ("redis", "rediss"):
-        return "redis", f"{scheme}://{rest}"
+        return "redis", f"{scheme}://{rest}", ""
     raise UnsupportedStoreURL(redact_url(url), f"unknown scheme {scheme + '://'!r}")
 
 
+def _options(url: str, kind: str, target: str, query: str) -> tuple[str, dict[str, Any]]:
+    """The target without gorch's own query options, and those options (see
+    :mod:`gorch.stores._options`); a bad one is an ``UnsupportedStoreURL``."""
+    try:
+        if kind == "sqlite":
+            return target, parse_query(query, SQLITE_OPTIONS, strict=True)[0]
+        if kind == "postgres":
+            return take_options(target, POSTGRES_OPTIONS)
+        if kind == "redis":
+            return take_options(target, REDIS_OPTIONS)
+    except ValueError as exc:
+        raise UnsupportedStoreURL(redact_url(url), str(exc)) from None
+    return target, {}
+
+
 def open_store(url: str) -> Store:
-    """The store a URL names, so configuration can be one string (an env var, a CLI flag)."""
-    kind, target = _parse(url)
-    if kind == "memory":
-        return MemoryStore()
-    if kind == "sqlite":
-        return SQLiteStore(target)
-    if kind == "postgres":
-        postgres: type[PostgresStore] = _import_backend("PostgresStore").PostgresStore
-        return postgres(_pool_options(target)[0])  # one connection per thread: no pool
-    redis_store: type[RedisStore] = _import_backend("RedisStore").RedisStore
-    return redis_store(target)
+    """The store a URL names, so configuration can be one string (an env var, a CLI flag).
+
+    Query options gorch reads itself (and does not pass to the driver):
+
+    * ``sqlite:///path.db?synchronous=normal``: SQLite's ``PRAGMA synchronous``
+      (``off``, ``normal``, ``full`` (the default), ``extra``) and ``timeout``,
+      the seconds a writer waits for another one;
+    * ``postgresql://...?pool_min=1&pool_max=10&pool_timeout=30``: the connection
+      pool (connections kept open, the most at once, seconds a call waits for a
+      free one) and ``prepare_threshold`` (0: prepare every statement on first
+      use, the default; ``none``: never, for PgBouncer in transaction mode);
+    * ``redis://...?pool_max=10&pool_timeout=30``: the connection pool.
+
+    Opening connects to no server: the first call does.
+    """
+    kind, target, query = _parse(url)
+    target, options = _options(url, kind, target, query)
+    try:
+        if kind == "memory":
+            return MemoryStore()
+        if kind == "sqlite":
+            return SQLiteStore(target, **options)
+        if kind == "postgres":
+            postgres: type[PostgresStore] = _import_backend("PostgresStore").PostgresStore
+            return postgres(target, **options)
+        redis_store: type[RedisStore] = _import_backend("RedisStore").RedisStore
+        return redis_store(target, **options)
+    except ValueError as exc:  # a pool that cannot work (pool_min > pool_max, ...)
+        raise UnsupportedStoreURL(redact_url(url), str(exc)) from None
 
 
 def open_async_store(url: str) -> AsyncStore:
-    """:func:`open_store` for asyncio: the async store over the same records a URL names.
-
-    A PostgreSQL URL may also set its connection pool: ``pool_min`` (connections
-    kept open, default 1), ``pool_max`` (the most at once, default 10) and
-    ``pool_timeout`` (seconds a call waits for a free connection, default 30),
-    e.g. ``postgresql://app@db/prod?pool_max=20``; they are not passed to libpq.
-    :func:`open_store` accepts and ignores them, so both can read one setting.
-    Opening connects to no server: the first call does.
-    """
-    kind, target = _parse(url)
-    if kind == "memory":
-        return AsyncMemoryStore()
-    if kind == "sqlite":
-        return AsyncSQLiteStore(target)
-    if kind == "postgres":
-        module = _import_backend("AsyncPostgresStore")
-        postgres: type[AsyncPostgresStore] = module.AsyncPostgresStore
-        dsn, pool = _pool_options(target)
-        try:
-            return postgres(dsn, **pool)
-        except ValueError as exc:
-            raise UnsupportedStoreURL(redact_url(url), str(exc)) from None
-    redis_store: type[AsyncRedisStore] = _import_backend("AsyncRedisStore").AsyncRedisStore
-    return redis_store(target)
-
-
-class _PoolOptions(TypedDict, total=False):
-    pool_min: int
-    pool_max: int
-    pool_timeout: float
-
-
-_POOL_OPTIONS = ("pool_min", "pool_max", "pool_timeout")
-
-
-def _pool_options(url: str) -> tuple[str, _PoolOptions]:
-    """The URL without gorch's ``pool_*`` query options (libpq refuses unknown ones),
-    and those options as keyword arguments."""
-    parts = urlsplit(url)
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    found = {key: value for key, value in pairs if key in _POOL_OPTIONS}
-    options = _PoolOptions()
+    """:func:`open_store` for asyncio: the async store over the same records a URL names,
+    with the same query options. Opening connects to no server: the first call does."""
+    kind, target, query = _parse(url)
+    target, options = _options(url, kind, target, query)
     try:
-        if "pool_min" in found:
-            options["pool_min"] = int(found["pool_min"])
-        if "pool_max" in found:
-            options["pool_max"] = int(found["pool_max"])
-        if "pool_timeout" in found:
-            options["pool_timeout"] = float(found["pool_timeout"])
+        if kind == "memory":
+            return AsyncMemoryStore()
+        if kind == "sqlite":
+            return AsyncSQLiteStore(target, **options)
+        if kind == "postgres":
+            module = _import_backend("AsyncPostgresStore")
+            postgres: type[AsyncPostgresStore] = module.AsyncPostgresStore
+            return postgres(target, **options)
+        redis_store: type[AsyncRedisStore] = _import_backend("AsyncRedisStore").AsyncRedisStore
+        return redis_store(target, **options)
     except ValueError as exc:
-        raise UnsupportedStoreURL(
-            redact_url(url), f"a pool option is not a number: {exc}"
-        ) from None
-    if not found:
-        return url, options
-    rest = [(k, v) for k, v in pairs if k not in _POOL_OPTIONS]
-    query = urlencode(rest, quote_via=quote)  # %20, not +: libpq does not read + as a space
-    return urlunsplit(parts._replace(query=query)), options
+        raise UnsupportedStoreURL(redact_url(url), str(exc)) from None

@@ -13,10 +13,13 @@ instead of opening one per task. The first call connects once on its own to
 create the schema, so a server that is down or refuses the login is reported at
 once, with libpq's reason, instead of after the pool's wait.
 
-Faults follow the sync store: a connection lost before ``COMMIT`` was sent is
-replaced and the call runs once more; lost during ``COMMIT``, the outcome is
-unknown and ``StoreUnavailable`` says so; other faults roll back and say
-nothing was written. A pool belongs to the event loop that first used it.
+Faults follow the sync store: every write is one statement in autocommit (one
+round trip; statements prepared on first use); a connection that died while
+idle in the pool is replaced before a statement is sent on it; a read whose
+connection is lost runs once more; a write whose connection is lost has an
+unknown outcome and ``StoreUnavailable`` says so (unless it is safe to repeat);
+other faults end the statement uncommitted and say nothing was written. A pool
+belongs to the event loop that first used it.
 """
 
 from __future__ import annotations
@@ -28,11 +31,18 @@ from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gorch.stores._ops import AsyncConnectorStore, Op, arun_steps
+from gorch.stores._options import (
+    DEFAULT_POOL_MAX,
+    DEFAULT_POOL_MIN,
+    DEFAULT_POOL_TIMEOUT,
+    DEFAULT_PREPARE_THRESHOLD,
+    check_pool,
+)
+from gorch.stores.postgres import connect_options, idle_connection_died
 from gorch.stores.postgres_sql import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TABLE,
@@ -45,9 +55,7 @@ from gorch.stores.postgres_sql import (
 _Conn = psycopg.AsyncConnection[TupleRow]
 _T = TypeVar("_T")
 
-DEFAULT_POOL_MIN = 1
-DEFAULT_POOL_MAX = 10
-DEFAULT_POOL_TIMEOUT = 30.0
+__all__ = ["DEFAULT_POOL_MAX", "DEFAULT_POOL_MIN", "DEFAULT_POOL_TIMEOUT", "AsyncPostgresStore"]
 
 
 class AsyncPostgresStore(AsyncConnectorStore):
@@ -63,22 +71,18 @@ class AsyncPostgresStore(AsyncConnectorStore):
         pool_min: int = DEFAULT_POOL_MIN,
         pool_max: int = DEFAULT_POOL_MAX,
         pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+        prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD,
     ) -> None:
-        """``dsn`` is a libpq URL or key=value string; ``table`` may be schema-qualified."""
+        """``dsn`` is a libpq URL or key=value string; ``table`` may be schema-qualified;
+        the pool options are :class:`~gorch.stores.postgres.PostgresStore`'s."""
         self._ops: PostgresSQL = PostgresSQL(dsn, table)
-        if not 0 <= pool_min <= pool_max or pool_max < 1:
-            raise ValueError(
-                f"need 0 <= pool_min <= pool_max and pool_max >= 1, got {pool_min}, {pool_max}"
-            )
-        if pool_timeout <= 0:
-            raise ValueError(f"pool_timeout must be positive, got {pool_timeout}")
+        check_pool(pool_min, pool_max, pool_timeout)
         self._dsn = dsn
         self.url = self._ops.url
         self.table = table
         self.pool_min, self.pool_max, self.pool_timeout = pool_min, pool_max, pool_timeout
-        self._options: dict[str, Any] = {"autocommit": True}
-        if "connect_timeout" not in conninfo_to_dict(dsn):
-            self._options["connect_timeout"] = connect_timeout
+        self.prepare_threshold = prepare_threshold
+        self._options = connect_options(dsn, connect_timeout, prepare_threshold)
         self._pool: AsyncConnectionPool[_Conn] | None = None
         self._lock = asyncio.Lock()
         self._migrated = False
@@ -106,6 +110,7 @@ class AsyncPostgresStore(AsyncConnectorStore):
                     min_size=self.pool_min,
                     max_size=self.pool_max,
                     timeout=self.pool_timeout,
+                    configure=self._configure,
                     open=False,
                     name=f"gorch {self.url}",
                 )
@@ -113,14 +118,30 @@ class AsyncPostgresStore(AsyncConnectorStore):
                 self._pool = pool
         return self._pool
 
+    async def _configure(self, conn: _Conn) -> None:
+        """Called with every pooled connection the store opens (a hook for tests)."""
+
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[_Conn]:
-        """A pooled connection; a pool that cannot give one says why."""
+        """A pooled connection that is alive as far as can be told without a round trip
+        (see :meth:`PostgresStore._connection`); a pool that cannot give one says why."""
         pool = await self._ready()
+        conn = await self._getconn(pool)
+        for _ in range(self.pool_max):
+            if not (conn.closed or conn.broken or idle_connection_died(conn.fileno())):
+                break
+            await conn.close()
+            await pool.putconn(conn)
+            conn = await self._getconn(pool)
         try:
-            async with pool.connection() as conn:
-                yield conn
-        except PoolTimeout as exc:  # only getting the connection raises it
+            yield conn
+        finally:
+            await pool.putconn(conn)
+
+    async def _getconn(self, pool: AsyncConnectionPool[_Conn]) -> _Conn:
+        try:
+            return await pool.getconn()
+        except PoolTimeout as exc:
             await self._explain_timeout(exc)
 
     async def _explain_timeout(self, exc: PoolTimeout) -> NoReturn:
@@ -137,19 +158,12 @@ class AsyncPostgresStore(AsyncConnectorStore):
         """``op`` on a pooled connection; run once more on another when
         :meth:`PostgresSQL.settle` says so (the pool replaces a lost one)."""
         for attempt in (1, 2):
-            conn: _Conn | None = None
-            committing = False
-            try:
-                async with self._connection() as conn:
-                    if not op.write:
-                        return await _execute(conn, op.steps())
-                    async with conn.transaction():
-                        result = await _execute(conn, op.steps())
-                        committing = True  # leaving the block sends COMMIT
-                    return result
-            except psycopg.Error as exc:
-                lost = conn is not None and (conn.broken or conn.closed)
-                self._ops.settle(exc, op, lost=lost, committing=committing, last=attempt == 2)
+            async with self._connection() as conn:
+                try:
+                    return await _execute(conn, op.steps())
+                except psycopg.Error as exc:
+                    lost = conn.broken or conn.closed
+                    self._ops.settle(exc, op, lost=lost, last=attempt == 2)
         raise AssertionError("unreachable")
 
     async def migrate(self) -> None:

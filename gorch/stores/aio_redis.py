@@ -8,9 +8,9 @@ the same rule (:meth:`~gorch.stores.redis_scripts.RedisScripts.settle`): reads
 and ``remember`` (made idempotent by a token) are tried once more when the
 connection drops; other writes are not, since a re-sent compare-and-swap that
 did land the first time would report a false ``Conflict``, so
-``StoreUnavailable`` says the outcome is unknown. The client's pool grows a
-connection per concurrent call, up to ``max_connections`` when the URL sets
-it. A client belongs to one event loop.
+``StoreUnavailable`` says the outcome is unknown. The client's pool opens a
+connection per concurrent call, up to ``pool_max`` (a call waits up to
+``pool_timeout`` seconds for a free one). A client belongs to one event loop.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gorch.stores._ops import AsyncConnectorStore, Op, arun_steps
+from gorch.stores._options import DEFAULT_POOL_MAX, DEFAULT_POOL_TIMEOUT, check_pool
 from gorch.stores.redis_scripts import (
     SCRIPTS,
     RedisScripts,
@@ -45,17 +46,25 @@ class AsyncRedisStore(AsyncConnectorStore):
         *,
         connect_timeout: float = 10.0,
         socket_timeout: float = 30.0,
+        pool_max: int = DEFAULT_POOL_MAX,
+        pool_timeout: float = DEFAULT_POOL_TIMEOUT,
     ) -> None:
-        """``url`` is a redis-py URL (``redis://``, ``rediss://``); its options win over ours."""
+        """``url`` is a redis-py URL (``redis://``, ``rediss://``); its options win over ours;
+        the pool options are :class:`~gorch.stores.redis.RedisStore`'s."""
+        check_pool(0, pool_max, pool_timeout)
         self._ops: RedisScripts = RedisScripts(url, prefix)
         self.url = self._ops.url
         self.prefix = prefix
-        self._client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+        self.pool_max, self.pool_timeout = pool_max, pool_timeout
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
             url,
+            max_connections=pool_max,
+            timeout=pool_timeout,
             socket_connect_timeout=connect_timeout,
             socket_timeout=socket_timeout,
             retry=Retry(NoBackoff(), 0),
         )
+        self._client: redis.asyncio.Redis = redis.asyncio.Redis(connection_pool=pool)
         self._scripts = {name: self._client.register_script(lua) for name, lua in SCRIPTS.items()}
 
     async def _run(self, op: Op[_T]) -> _T:
@@ -64,7 +73,9 @@ class AsyncRedisStore(AsyncConnectorStore):
             try:
                 return await arun_steps(op.steps(), self._send)
             except RedisError as exc:
-                self._ops.settle(exc, op, last=attempt == 2)
+                self._ops.settle(
+                    exc, op, last=attempt == 2, pool=(self.pool_max, self.pool_timeout)
+                )
         raise AssertionError("unreachable")
 
     async def _send(self, request: Request) -> Any:
@@ -80,4 +91,4 @@ class AsyncRedisStore(AsyncConnectorStore):
 
     async def close(self) -> None:
         """Release the client's connection pool."""
-        await self._client.aclose()
+        await self._client.aclose(close_connection_pool=True)

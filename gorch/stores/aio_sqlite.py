@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import ParamSpec, TypeVar
 
+from gorch.stores._options import DEFAULT_SYNCHRONOUS
 from gorch.stores.base import DEFAULT_HISTORY_LIMIT, AsyncStore, HistoryLog, Page, Record
 from gorch.stores.sqlite import SQLiteStore
 
@@ -47,13 +48,15 @@ class AsyncSQLiteStore(AsyncStore):
         path: str | os.PathLike[str],
         *,
         timeout: float = 30.0,
+        synchronous: str = DEFAULT_SYNCHRONOUS,
         threads: int = DEFAULT_THREADS,
     ) -> None:
-        """``timeout``: how long a writer waits for another one (seconds); ``threads``: how
-        many store calls run at once (each thread holds one connection)."""
+        """``timeout``: how long a writer waits for another one (seconds); ``synchronous``:
+        SQLite's durability setting (see :class:`SQLiteStore`); ``threads``: how many store
+        calls run at once (each thread holds one connection)."""
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
-        self.store = SQLiteStore(path, timeout=timeout)
+        self.store = SQLiteStore(path, timeout=timeout, synchronous=synchronous)
         """The sync store the calls run on."""
         self.url = self.store.url
         self.path = self.store.path

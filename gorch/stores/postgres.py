@@ -9,26 +9,43 @@ rows between them instead of queueing on the same ones.
 ``id`` uses the "C" collation so that pages come in code-point order, as in
 the other stores, whatever the database's default collation is.
 
-Writes run in explicit transactions (``BEGIN`` ... ``COMMIT``). A connection
-lost before ``COMMIT`` was sent cannot have applied anything (the server rolls
-back the transaction of a session that ends), so the write is tried once more
-on a new connection; only a connection lost *during* ``COMMIT`` leaves the
-outcome unknown, and ``StoreUnavailable`` says so. Remembered keys live in a
-second table, ``{table}_seen``, and expire by the server's clock.
+Connections come from a bounded ``psycopg_pool.ConnectionPool`` (``pool_min``
+kept open, at most ``pool_max``; a call waits up to ``pool_timeout`` seconds for
+a free one), shared by every thread of the process: a web server's forty
+worker threads share ten connections instead of opening forty. Each connection
+is in autocommit mode and every write is one statement, so a write costs one
+round trip and commits as soon as it succeeds; statements are prepared on
+first use (``prepare_threshold``). A connection that died while idle (a server
+restart, an idle timeout) is noticed and replaced before a statement is sent
+on it. A connection lost *during* a write leaves its outcome unknown, and
+``StoreUnavailable`` says so (the Engine reads the record back to settle it);
+a read is simply run again. Remembered keys live in a second table,
+``{table}_seen``, and expire by the server's clock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import threading
+from collections.abc import Iterator
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
+from psycopg_pool import ConnectionPool, PoolTimeout
 
-from gorch.stores._common import PerThread
 from gorch.stores._ops import ConnectorStore, Op, run_steps
+from gorch.stores._options import (
+    DEFAULT_POOL_MAX,
+    DEFAULT_POOL_MIN,
+    DEFAULT_POOL_TIMEOUT,
+    DEFAULT_PREPARE_THRESHOLD,
+    check_pool,
+)
 from gorch.stores.postgres_sql import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TABLE,
@@ -38,21 +55,49 @@ from gorch.stores.postgres_sql import (
     Steps,
 )
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_TABLE", "PostgresStore"]
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_POOL_MAX",
+    "DEFAULT_POOL_MIN",
+    "DEFAULT_POOL_TIMEOUT",
+    "DEFAULT_TABLE",
+    "PostgresStore",
+]
 
 _Conn = psycopg.Connection[TupleRow]
 _T = TypeVar("_T")
+
+
+def connect_options(
+    dsn: str, connect_timeout: int, prepare_threshold: int | None
+) -> dict[str, Any]:
+    """What every connection of a store is opened with (sync and async alike)."""
+    options: dict[str, Any] = {"autocommit": True, "prepare_threshold": prepare_threshold}
+    if "connect_timeout" not in conninfo_to_dict(dsn):
+        options["connect_timeout"] = connect_timeout
+    return options
+
+
+def idle_connection_died(fileno: int) -> bool:
+    """Whether an idle connection has something to read: a server that ends a session
+    (a restart, ``pg_terminate_backend``, an idle timeout) sends its reason and closes,
+    so an idle socket that turns readable is most likely a dead one."""
+    try:
+        ready, _, _ = select.select([fileno], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(ready)
 
 
 class PostgresStore(ConnectorStore):
     """A store in one PostgreSQL table (``gorch_workflows`` unless ``table`` says otherwise),
     and ``{table}_seen`` for :meth:`remember`.
 
-    The schema is created on first use (or ahead of time with :meth:`migrate`).
-    Each thread uses its own connection, in autocommit mode with explicit
-    transactions, so no connection idles inside a transaction between calls.
-    The statements and the retry rule are :class:`~gorch.stores.postgres_sql.PostgresSQL`'s;
-    this class only runs them, blocking.
+    The schema is created on first use (or ahead of time with :meth:`migrate`),
+    on a connection of its own, so a server that is down or refuses the login
+    is reported at once with libpq's reason. The statements and the retry rule
+    are :class:`~gorch.stores.postgres_sql.PostgresSQL`'s; this class only runs
+    them, blocking, on pooled connections.
     """
 
     def __init__(
@@ -61,82 +106,143 @@ class PostgresStore(ConnectorStore):
         *,
         table: str = DEFAULT_TABLE,
         connect_timeout: int = DEFAULT_CONNECT_TIMEOUT,
+        pool_min: int = DEFAULT_POOL_MIN,
+        pool_max: int = DEFAULT_POOL_MAX,
+        pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+        prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD,
     ) -> None:
-        """``dsn`` is a libpq URL or key=value string; ``table`` may be schema-qualified."""
+        """``dsn`` is a libpq URL or key=value string; ``table`` may be schema-qualified.
+
+        ``pool_min`` connections are kept open, at most ``pool_max`` are opened
+        at once, and a call waits up to ``pool_timeout`` seconds for a free one.
+        """
         self._ops: PostgresSQL = PostgresSQL(dsn, table)
+        check_pool(pool_min, pool_max, pool_timeout)
         self._dsn = dsn
         self.url = self._ops.url
         self.table = table
-        self._connect_timeout = connect_timeout
-        self._conns = PerThread(self._open)
+        self.pool_min, self.pool_max, self.pool_timeout = pool_min, pool_max, pool_timeout
+        self.prepare_threshold = prepare_threshold
+        self._options = connect_options(dsn, connect_timeout, prepare_threshold)
+        self._pool: ConnectionPool[_Conn] | None = None
+        self._pid = os.getpid()
+        self._inherited: list[object] = []
         self._lock = threading.Lock()
         self._migrated = False
 
     # -- connections -----------------------------------------------------------------
 
-    def _open(self) -> _Conn:
-        options: dict[str, Any] = {"autocommit": True}
+    def _connect(self) -> _Conn:
+        """One connection outside the pool, its failure reported with libpq's reason."""
         try:
-            if "connect_timeout" not in conninfo_to_dict(self._dsn):
-                options["connect_timeout"] = self._connect_timeout
-            return psycopg.connect(self._dsn, **options)
+            return psycopg.connect(self._dsn, **self._options)
         except psycopg.Error as exc:
             raise self._ops.unavailable(exc) from exc
 
+    def _configure(self, conn: _Conn) -> None:
+        """Called with every connection the pool opens (a hook for subclasses and tests)."""
+
+    def _ready(self) -> ConnectionPool[_Conn]:
+        """The open pool (opened on first use; a new one in a child process after ``fork``)."""
+        if self._pid != os.getpid():
+            self._after_fork()
+        pool = self._pool
+        if pool is not None:
+            return pool
+        with self._lock:
+            if self._pool is None:
+                pool = ConnectionPool(
+                    self._dsn,
+                    kwargs=self._options,
+                    min_size=self.pool_min,
+                    max_size=self.pool_max,
+                    timeout=self.pool_timeout,
+                    configure=self._configure,
+                    open=False,
+                    name=f"gorch {self.url}",
+                )
+                pool.open(wait=False)
+                self._pool = pool
+            return self._pool
+
+    def _after_fork(self) -> None:
+        """In a child process: never touch the parent's pool (closing its connections would
+        end the parent's sessions, and its worker threads did not survive the fork); keep
+        it referenced, unused, and open a pool of our own on next use."""
+        self._inherited.append(self._pool)
+        self._pool = None
+        self._lock = threading.Lock()  # the parent's may have been held by another thread
+        self._pid = os.getpid()
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[_Conn]:
+        """A pooled connection that is alive as far as can be told without a round trip.
+
+        A pooled connection whose session ended while it was idle is closed and
+        handed back (the pool opens another in its place), so that no write is
+        ever sent on a connection already dead: its outcome would be unknown.
+        """
+        pool = self._ready()
+        conn = self._getconn(pool)
+        for _ in range(self.pool_max):
+            if not (conn.closed or conn.broken or idle_connection_died(conn.fileno())):
+                break
+            conn.close()
+            pool.putconn(conn)
+            conn = self._getconn(pool)
+        try:
+            yield conn
+        finally:
+            pool.putconn(conn)
+
+    def _getconn(self, pool: ConnectionPool[_Conn]) -> _Conn:
+        try:
+            return pool.getconn()
+        except PoolTimeout as exc:
+            self._explain_timeout(exc)
+
+    def _explain_timeout(self, exc: PoolTimeout) -> NoReturn:
+        """No connection within ``pool_timeout``: the server is gone, or the pool is busy."""
+        self._connect().close()  # raises StoreUnavailable with the server's reason
+        raise self._ops.unavailable(
+            exc,
+            f"; all {self.pool_max} pooled connections stayed busy for {self.pool_timeout:g} s"
+            " (raise pool_max or pool_timeout in the URL); nothing was written",
+        ) from exc
+
     def _run(self, op: Op[_T]) -> _T:
-        """``op`` on this thread's connection; a lost one is replaced and ``op`` run
-        once more when :meth:`PostgresSQL.settle` says so."""
+        """``op`` on a pooled connection; run once more on another when
+        :meth:`PostgresSQL.settle` says so."""
         self._ensure_schema()
         for attempt in (1, 2):
-            conn = self._conns.get()
-            committing = False
-            try:
-                if not op.write:
+            with self._connection() as conn:
+                try:
                     return _execute(conn, op.steps())
-                with conn.transaction():
-                    result = _execute(conn, op.steps())
-                    committing = True  # leaving the block sends COMMIT
-                return result
-            except psycopg.Error as exc:
-                lost = self._lost(conn)
-                self._ops.settle(exc, op, lost=lost, committing=committing, last=attempt == 2)
+                except psycopg.Error as exc:
+                    lost = conn.closed or conn.broken
+                    self._ops.settle(exc, op, lost=lost, last=attempt == 2)
         raise AssertionError("unreachable")
-
-    def _lost(self, conn: _Conn) -> bool:
-        """Whether ``conn`` is gone; if so, drop it so that the next call opens a new one."""
-        if conn.broken or conn.closed:
-            self._conns.discard()
-            return True
-        return False
 
     def _ensure_schema(self) -> None:
         if self._migrated:
             return
-        for attempt in (1, 2):  # a connection that died while idle is replaced once
-            conn = self._conns.get()
-            try:
-                self._migrate(conn, again=False)
-                return
-            except psycopg.Error as exc:
-                lost = self._lost(conn)
-                self._ops.settle(exc, None, lost=lost, last=attempt == 2)
+        with self._lock:
+            if not self._migrated:
+                self.migrate()
 
     def migrate(self) -> None:
         """Create the tables and their indexes if they are missing (safe to run concurrently)."""
-        conn = self._conns.get()
-        try:
-            self._migrate(conn, again=True)
-        except psycopg.Error as exc:
-            self._lost(conn)
-            self._ops.settle(exc, None, lost=False, last=True)
-
-    def _migrate(self, conn: _Conn, *, again: bool) -> None:
-        with self._lock:
-            if self._migrated and not again:
-                return  # another thread did it while this one waited
-            with conn.transaction():
-                _execute(conn, self._ops.schema())
-            self._migrated = True
+        for attempt in (1, 2):  # a connection lost on the way is replaced once
+            conn = self._connect()
+            try:
+                with conn.transaction():
+                    _execute(conn, self._ops.schema())
+                self._migrated = True
+                return
+            except psycopg.Error as exc:
+                self._ops.settle(exc, None, lost=conn.closed or conn.broken, last=attempt == 2)
+            finally:
+                conn.close()
 
     # -- beyond the protocol -----------------------------------------------------------
 
@@ -154,8 +260,14 @@ class PostgresStore(ConnectorStore):
         return self._run(self._ops.purge_expired(limit))
 
     def close(self) -> None:
-        """Close the connections this process opened, in every thread."""
-        self._conns.close_all()
+        """Close the pool and its connections (in a child after ``fork``: only the child's);
+        the next call opens a new pool."""
+        if self._pid != os.getpid():
+            self._after_fork()
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
 
 
 def _execute(conn: _Conn, steps: Steps[_T]) -> _T:

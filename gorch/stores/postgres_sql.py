@@ -220,40 +220,34 @@ class PostgresSQL:
         message = scrub(" ".join(str(exc).split()), self.dsn)  # libpq's text spans lines
         return StoreUnavailable(f"PostgreSQL store {self.url} is unavailable: {message}{context}")
 
-    def settle(
-        self,
-        exc: psycopg.Error,
-        op: Op[Any] | None,
-        *,
-        lost: bool,
-        committing: bool = False,
-        last: bool,
-    ) -> None:
-        """After an attempt at ``op`` ended in ``exc``: return to try once more on a new
+    def settle(self, exc: psycopg.Error, op: Op[Any] | None, *, lost: bool, last: bool) -> None:
+        """After an attempt at ``op`` ended in ``exc``: return to try once more on another
         connection, or raise. ``op`` is None for creating the schema, told as a read is.
 
-        A connection ``lost`` before COMMIT was sent (idle, at BEGIN, in the
-        middle of a statement) cannot have applied anything: its transaction
-        ended with the session, uncommitted, so the write is run again, as is a
-        read. A connection lost during COMMIT may or may not have committed:
-        ``StoreUnavailable`` says the outcome is unknown (read the record back to
-        settle it), unless the write is ``idempotent``. Other faults (disk full, a
-        lock timeout) roll back, and ``StoreUnavailable`` says nothing was
-        written. An error that is no fault (a bug of ours) is raised as it is.
+        Every write is one statement in autocommit, so the server commits it
+        the moment it succeeds. A write whose connection is ``lost`` while it
+        runs may have committed just before: ``StoreUnavailable`` says the
+        outcome is unknown (read the record back to settle it), unless the
+        write is ``idempotent``, which is simply run again. A read is run
+        again too. (A connection that died while idle in the pool is replaced
+        before a statement is sent on it, see :func:`check_idle`.) Other faults
+        (disk full, a lock or statement timeout) end the statement without
+        committing it: ``StoreUnavailable`` says nothing was written. An
+        error that is no fault (a bug of ours) is raised as it is.
         """
         if not is_fault(exc):
             raise exc
+        write = op is not None and op.write
+        if not lost:
+            raise self.unavailable(exc, "; nothing was written" if write else "") from exc
+        if not last and (not write or (op is not None and op.idempotent)):
+            return
         context = ""
-        if op is not None and op.write:
-            if lost and committing and not op.idempotent:
-                raise self.unavailable(
-                    exc,
-                    "; the connection was lost during COMMIT, so the write may or may"
-                    " not have been applied",
-                ) from exc
-            context = "; nothing was written"
-        if not lost or last:
-            raise self.unavailable(exc, context) from exc
+        if write:
+            context = (
+                "; the connection was lost during the write, so it may or may not have been applied"
+            )
+        raise self.unavailable(exc, context) from exc
 
     # -- the operations ----------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from gorch.stores._ops import ConnectorStore, Op, run_steps
+from gorch.stores._options import DEFAULT_POOL_MAX, DEFAULT_POOL_TIMEOUT, check_pool
 from gorch.stores.redis_scripts import (
     SCRIPTS,
     RedisScripts,
@@ -54,7 +55,8 @@ class RedisStore(ConnectorStore):
     """A store in Redis under ``prefix`` (default ``gorch``).
 
     redis-py's client is thread-safe and re-opens its connections after a
-    ``fork``; a pooled connection that died while idle is replaced before use.
+    ``fork``; a pooled connection that died while idle is replaced before use,
+    and the pool is bounded (``pool_max``).
     Reads (and ``remember``, made idempotent by a token) are tried once more when
     the connection drops. Writes are not: once a command is sent, a dropped
     connection cannot tell whether it ran, and a re-sent compare-and-swap whose
@@ -69,17 +71,30 @@ class RedisStore(ConnectorStore):
         *,
         connect_timeout: float = 10.0,
         socket_timeout: float = 30.0,
+        pool_max: int = DEFAULT_POOL_MAX,
+        pool_timeout: float = DEFAULT_POOL_TIMEOUT,
     ) -> None:
-        """``url`` is a redis-py URL (``redis://``, ``rediss://``); its options win over ours."""
+        """``url`` is a redis-py URL (``redis://``, ``rediss://``); its options win over ours.
+
+        At most ``pool_max`` connections are open at once (redis-py's
+        ``BlockingConnectionPool``, shared by every thread); a call waits up to
+        ``pool_timeout`` seconds for a free one.
+        """
+        check_pool(0, pool_max, pool_timeout)
         self._ops: RedisScripts = RedisScripts(url, prefix)
         self.url = self._ops.url
         self.prefix = prefix
-        self._client = redis.Redis.from_url(
+        self.pool_max, self.pool_timeout = pool_max, pool_timeout
+        pool = redis.BlockingConnectionPool.from_url(
             url,
+            max_connections=pool_max,
+            timeout=pool_timeout,
             socket_connect_timeout=connect_timeout,
             socket_timeout=socket_timeout,
             retry=Retry(NoBackoff(), 0),
         )
+        self._client = redis.Redis(connection_pool=pool)
+        self._client.auto_close_connection_pool = True
         self._scripts = {name: self._client.register_script(lua) for name, lua in SCRIPTS.items()}
 
     def _run(self, op: Op[_T]) -> _T:
@@ -88,8 +103,11 @@ class RedisStore(ConnectorStore):
             try:
                 return run_steps(op.steps(), self._send)
             except RedisError as exc:
-                self._ops.settle(exc, op, last=attempt == 2)
+                self._ops.settle(exc, op, last=attempt == 2, pool=self._pool_info())
         raise AssertionError("unreachable")
+
+    def _pool_info(self) -> tuple[int, float]:
+        return self.pool_max, self.pool_timeout
 
     def _send(self, request: Request) -> Any:
         if isinstance(request, Script):

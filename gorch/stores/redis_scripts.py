@@ -225,6 +225,12 @@ def is_fault(exc: RedisError) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith(FAULT_PREFIXES)
 
 
+def pool_exhausted(exc: RedisError) -> bool:
+    """Whether redis-py's ``BlockingConnectionPool`` gave up waiting for a free connection
+    (raised before anything is sent: nothing was written)."""
+    return isinstance(exc, RedisConnectionError) and str(exc) == "No connection available."
+
+
 def score(micros: int) -> str:
     """Epoch seconds as Redis parses them back to the same double (repr round-trips)."""
     return repr(micros / 1_000_000)
@@ -347,7 +353,9 @@ class RedisScripts:
             f"Redis store {self.url} is unavailable: {type(exc).__name__}: {message}{context}"
         )
 
-    def settle(self, exc: RedisError, op: Op[Any], *, last: bool) -> None:
+    def settle(
+        self, exc: RedisError, op: Op[Any], *, last: bool, pool: tuple[int, float] | None = None
+    ) -> None:
         """After an attempt at ``op`` ended in ``exc``: return to try once more, or raise.
 
         Only an operation safe to repeat (a read, an idempotent write) is tried
@@ -358,6 +366,14 @@ class RedisScripts:
         the caller settles it by reading back.
         An error that is no fault (a bug of ours) is raised as it is.
         """
+        if pool is not None and pool_exhausted(exc):
+            pool_max, pool_timeout = pool
+            message = scrub(" ".join(str(exc).split()), self._url)
+            raise StoreUnavailable(
+                f"Redis store {self.url} is unavailable: {message} (all {pool_max} pooled"
+                f" connections stayed busy for {pool_timeout:g} s; raise pool_max or"
+                " pool_timeout in the URL); nothing was written"
+            ) from exc
         if not is_fault(exc):
             raise exc
         repeatable = not op.write or op.idempotent

@@ -35,6 +35,7 @@ from gorch.stores._common import (
     to_micros,
     to_utc,
 )
+from gorch.stores._options import DEFAULT_SYNCHRONOUS, synchronous_level
 from gorch.stores.base import DEFAULT_HISTORY_LIMIT, HistoryLog, Page, Record, Store
 
 _SCHEMA = {  # every table and index, by name
@@ -108,14 +109,31 @@ class SQLiteStore(Store):
     between threads); a child process after ``fork`` opens its own as well.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 30.0) -> None:
-        """``timeout`` is how long, in seconds, a writer waits for another one to finish."""
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 30.0,
+        synchronous: str = DEFAULT_SYNCHRONOUS,
+    ) -> None:
+        """``timeout`` is how long, in seconds, a writer waits for another one to finish.
+
+        ``synchronous`` is SQLite's ``PRAGMA synchronous`` for this store's
+        connections: ``full`` (the default) syncs the WAL to disk at every
+        commit, so a committed write survives a power cut; ``normal`` syncs
+        only at checkpoints: still no corruption, but the last commits before
+        a power cut (not a process crash) may be lost; ``off`` leaves syncing
+        to the OS; ``extra`` is ``full`` plus a sync of the directory.
+        """
+        self.synchronous = synchronous_level(synchronous)
         self.path = os.fspath(path)
         if self.path in ("", ":memory:") or self.path.startswith("file::memory:"):
             raise ValueError(
                 "an in-memory SQLite database is private to one connection; use MemoryStore"
             )
         self.url = f"sqlite:///{self.path}"
+        if self.synchronous != "FULL":
+            self.url += f"?synchronous={self.synchronous.lower()}"
         self.timeout = timeout
         self._conns = PerThread(self._open)
         self._lock = threading.Lock()
@@ -131,6 +149,7 @@ class SQLiteStore(Store):
                 check_same_thread=False,  # so close() can close every thread's connection
             )
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")  # per connection
             if not self._schema_ready:
                 with self._lock:
                     if not self._schema_ready:

@@ -105,25 +105,27 @@ def hooked(cls: type[Any]) -> type[Any]:
 
 
 def pg_store(dsn: str, table: str) -> Any:
-    """A hooked PostgresStore that notes the backend pid of every connection it opens."""
+    """A hooked PostgresStore with one pooled connection, noting the backend pid of every
+    connection its pool opens."""
     from gorch.stores.postgres import PostgresStore
 
     base = hooked(PostgresStore)
 
     class TrackedPostgresStore(base):  # type: ignore[misc, valid-type]
         def __init__(self, dsn: str, *, table: str) -> None:
-            super().__init__(dsn, table=table)
             self.pids: list[int] = []
+            # Statements not prepared: each request carries its whole statement, so the
+            # proxy's "the next request" is the write itself, never a Parse before it.
+            super().__init__(dsn, table=table, pool_min=1, pool_max=1, prepare_threshold=None)
 
-        def _open(self) -> Any:
-            conn = super()._open()
+        def _configure(self, conn: Any) -> None:
             (pid,) = conn.execute("SELECT pg_backend_pid()").fetchone()
             self.pids.append(int(pid))
-            return conn
 
         def current_pid(self) -> int:
-            """The backend of this thread's connection (opened if needed)."""
-            return int(self._conns.get().info.backend_pid)
+            """The backend of the pool's one connection (opened if needed)."""
+            with self._connection() as conn:
+                return int(conn.info.backend_pid)
 
     return TrackedPostgresStore(dsn, table=table)
 
@@ -144,7 +146,7 @@ class PgFault:
     ``lock()`` takes ACCESS EXCLUSIVE on the store's tables (records and
     remembered keys): its next statement there blocks. ``gate()`` holds the
     advisory lock the commit gate (see :meth:`install_gate`) waits on: its next
-    COMMIT of a write blocks after the statement ran. Either way a watcher
+    write blocks at its commit, after the statement ran. Either way a watcher
     thread terminates the store's backend once it waits; with ``outage=True``
     it goes on terminating every backend of the store that waits, until
     :meth:`end`. ``reply_lost(proxy)`` lets the next COMMIT through (it
@@ -189,7 +191,7 @@ class PgFault:
 
     def reply_lost(self, proxy: FaultProxy) -> None:
         pid = self.store.current_pid()
-        proxy.withhold_next_reply(b"COMMIT")
+        proxy.withhold_next_reply()  # the next request on it is the write (it commits)
 
         def watch() -> None:
             assert proxy.withheld.wait(WAIT), "the COMMIT's reply never came"
