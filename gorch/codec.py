@@ -180,8 +180,10 @@ def _pack_state(state: State) -> list[Any]:
             for t in state.threads
         ],
     ]
-    if state.meta:
+    if state.meta or state.results:
         packed.append(dict(state.meta))
+    if state.results:
+        packed.append(dict(state.results))
     return packed
 
 
@@ -237,8 +239,8 @@ def _enum(v: Any, values: list[Any], what: str) -> Any:
 
 def _unpack_state(raw: Any) -> State:
     items = _arr(raw, None, "state")
-    if len(items) not in (5, 6):
-        raise _Bad(f"state must have 5 or 6 items, got {len(items)}")
+    if len(items) not in (5, 6, 7):
+        raise _Bad(f"state must have 5 to 7 items, got {len(items)}")
     sid, wname, status, pc, threads = items[:5]
     state = State(
         id=_s(sid, "state.id"),
@@ -246,9 +248,17 @@ def _unpack_state(raw: Any) -> State:
         status=_enum(status, _WF_STATUS, "state.status"),
         pc=_i(pc, "state.pc"),
     )
-    if len(items) == 6:
+    if len(items) >= 6:
         state.meta = _str_map(items[5], "state.meta")
-        if not state.meta:
+        if len(items) == 7:
+            results = _str_map(items[6], "state.results", str_values=False)
+            if not results:
+                raise _Bad("state.results is written only when not empty")
+            _check_plain(results)
+            if None in results.values():
+                raise _Bad("state.results never holds None")
+            state.results = results
+        elif not state.meta:
             raise _Bad("state.meta is written only when not empty")
     for traw in _arr(threads, None, "state.threads"):
         titems = _arr(traw, None, "thread")

@@ -344,3 +344,15 @@ class InvalidWorkflowId(GorchError):
             f"invalid workflow id {workflow_id!r}: use 1-200 characters from letters, digits "
             "and . _ : @ - (starting with a letter or digit)"
         )
+
+
+class StepResultError(GorchError):
+    """A step's result cannot be kept, or a step asked for a result it cannot have.
+
+    Raised inside the step's run, so it is that step's failure (``StepFailed``,
+    its ``__cause__``): the step is retried by its policy like any other error.
+    """
+
+    def __init__(self, step: str, message: str) -> None:
+        self.step = step
+        super().__init__(f"step {step!r}: {message}")

@@ -12,8 +12,8 @@ import dataclasses
 import functools
 import inspect
 import typing
-from collections.abc import Callable, Iterable, Mapping
-from datetime import timedelta
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import UTC, date, datetime, timedelta
 from types import UnionType
 from typing import Annotated, Any, get_args, get_origin, is_typeddict
 
@@ -23,6 +23,9 @@ from gorch import clock
 from gorch.codec import short_repr
 from gorch.errors import DefinitionError, InvalidEventInput, summarize_validation
 from gorch.state import EventRequest
+
+if typing.TYPE_CHECKING:
+    from gorch.statements import Timeout
 
 #: The deepest nesting of containers an event's input may have. Stored data may
 #: nest at most :data:`gorch.codec.MAX_DATA_DEPTH` levels, and a handler usually
@@ -354,6 +357,12 @@ def _introspect(fn: Callable[..., Any]) -> _Signature:
 
 
 def signature_of(fn: Callable[..., Any]) -> _Signature:
+    func = getattr(fn, "__func__", fn)
+    code = getattr(func, "__code__", None)
+    if code is not None and not hasattr(func, "__wrapped__"):  # the common case, inline
+        sig = _signatures.get(code)
+        if sig is not None:
+            return sig
     if isinstance(fn, functools.partial):  # partials of different functions share a type
         return _introspect(fn)
     key = _signature_key(fn)
@@ -383,16 +392,81 @@ class TimerHandler(Handler):
 
     ``setup_data`` is the due time as an ISO 8601 UTC timestamp; any handler
     whose setup returns such a timestamp is a timer for ``next_wakeup`` and
-    ``due_events``.
+    ``due_events``. The due time is ``after`` from when the wait begins, or
+    ``at``: an aware datetime, or a zero-argument callable returning one. The
+    callable is called by ``setup`` only -- when the Select starts waiting --
+    never when the timer fires, so a due time stays what it was set to.
     """
 
-    def __init__(self, after: timedelta | float) -> None:
+    def __init__(
+        self,
+        after: timedelta | float | None = None,
+        *,
+        at: datetime | Callable[[], Any] | None = None,
+    ) -> None:
+        self.after: timedelta | None = None
+        self.at: datetime | Callable[[], Any] | None = None
+        if at is not None:
+            if after is not None:
+                raise DefinitionError("a Timeout takes after= or at=, not both")
+            self.at = aware_due_time(at, "Timeout at=") if isinstance(at, date) else at
+            if not callable(self.at) and not isinstance(self.at, datetime):
+                raise DefinitionError(
+                    "Timeout at= needs an aware datetime or a zero-argument callable "
+                    f"returning one, got {at!r}"
+                )
+            return
         if isinstance(after, bool) or not isinstance(after, (timedelta, int, float)):
             raise DefinitionError(f"Timeout needs a timedelta or seconds, got {after!r}")
         self.after = after if isinstance(after, timedelta) else timedelta(seconds=after)
 
-    def setup(self, req: EventRequest) -> str:
-        return (clock.now() + self.after).isoformat()
+    @classmethod
+    def of(cls, case: Timeout) -> TimerHandler:
+        """The handler of a Select's :class:`gorch.Timeout` case (built on each use)."""
+        at = case.at
+        if at is None:
+            return cls(case.after)
+        return cls(case.after, at=at)
+
+    def setup(self, req: EventRequest) -> str | Awaitable[str]:  # type: ignore[override]
+        if self.after is not None:
+            return (clock.now() + self.after).isoformat()
+        at = self.at
+        if isinstance(at, datetime):
+            return at.isoformat()
+        assert at is not None
+        where = f"the at= of Timeout {req.name!r} ({describe(at)})"
+        when = at()
+        if is_awaitable(when):  # async at=: awaited by aresume (the sync API refused it)
+            return _await_due(when, where)
+        return aware_due_time(when, where).isoformat()
+
+
+async def _await_due(when: Any, where: str) -> str:
+    return aware_due_time(await when, where).isoformat()
+
+
+def aware_due_time(when: object, where: str) -> datetime:
+    """``when`` as an aware UTC datetime; a clear :class:`DefinitionError` for anything else.
+
+    A naive datetime is refused rather than guessed: the same wall-clock time
+    is hours apart between the server's zone and UTC, and a timer that fires
+    hours early or late is a bug found in production.
+    """
+    if not isinstance(when, datetime):
+        if isinstance(when, date):
+            raise DefinitionError(
+                f"{where} gave the date {when!r}, which has no time of day: "
+                "give a datetime with a timezone, e.g. datetime(2025, 1, 31, 9, tzinfo=UTC)"
+            )
+        raise DefinitionError(f"{where} must be an aware datetime, got {short_repr(when)}")
+    if when.utcoffset() is None:
+        raise DefinitionError(
+            f"{where} is the naive datetime {when.isoformat()}: a due time needs a timezone, "
+            "e.g. datetime(..., tzinfo=UTC) or a ZoneInfo; naive times are refused, "
+            "not guessed"
+        )
+    return when.astimezone(UTC)
 
 
 def validate_input(handler: Handler | None, event: str, value: Any) -> Any:

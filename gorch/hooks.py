@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from gorch.errors import StepResultError
 from gorch.handlers import is_async, is_awaitable
 
 if TYPE_CHECKING:
@@ -67,6 +68,34 @@ class StepContext:
     """1 for the first run of the step, 2 for its first retry, ..."""
     wf: Workflow
     extra: dict[str, Any] = field(default_factory=dict)
+    results: Mapping[str, Any] = field(default_factory=dict)
+    """The results this step may read, by step name: what each step that ran
+    before it returned last (None is not kept). In a ``DAG(isolated=True)``
+    node, only the results of the steps outside the DAG and of its ancestors."""
+    hidden: frozenset[str] = frozenset()
+    """Results kept but not visible here (other nodes of an isolated DAG)."""
+
+    def result(self, step: str) -> Any:
+        """What ``step`` returned (its JSON form, as kept in the state).
+
+        Raises :class:`gorch.StepResultError` when ``step`` has no result yet
+        (it has not run, or returned None) or, in an isolated DAG, is not an
+        ancestor of this node.
+        """
+        try:
+            return self.results[step]
+        except KeyError:
+            raise StepResultError(self.step, _missing(step, self.results, self.hidden)) from None
+
+
+def _missing(step: str, results: Mapping[str, Any], hidden: frozenset[str]) -> str:
+    if step in hidden:
+        return (
+            f"the result of {step!r} is not visible here: in an isolated DAG a node reads "
+            "only the results of its ancestors and of steps outside the DAG"
+        )
+    have = ", ".join(map(repr, sorted(results))) or "none"
+    return f"no result of step {step!r} (it has not run, or returned None); results here: {have}"
 
 
 @dataclass(slots=True)

@@ -65,9 +65,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
+from types import MappingProxyType, MethodType
 from typing import Any, NamedTuple, TypeVar
 
 from gorch import clock
@@ -104,6 +105,7 @@ from gorch.handlers import (
 )
 from gorch.hooks import EventContext, ResumeContext, StepContext, chain, wrappers
 from gorch.index import Path, graph_of, index_definition, stmt_at
+from gorch.results import Plan, arguments, bind, keep, plan_of
 from gorch.state import (
     ACTIVE_EVENT,
     MAIN_THREAD,
@@ -298,7 +300,16 @@ class _Call:
 
     def rebuild(self) -> None:
         """Call ``definition()`` again: values read from now on reflect current data."""
-        self.root = _build(self.wf, self.index.owner)
+        # _build, inlined: this runs a dozen times per resume, and a call costs.
+        try:
+            root = self.wf.definition()
+        except GorchError:
+            raise
+        except Exception as e:
+            raise DefinitionError(
+                f"{self.index.owner}.definition() raised {type(e).__name__}: {e}"
+            ) from e
+        self.root = root if type(root) is Section else _as_root(root, self.index.owner)
         self.gen += 1
         self.dirty = False
         if self.index.paths is None:
@@ -569,7 +580,7 @@ def _frames_of(call: _Call, t: Thread, name: str) -> tuple[list[Frame], Stmt]:
         call.reindex()  # the shape changed since the index was made
         return _frames_of(call, t, name)
     frames, st, base, go_name = found
-    if go_name != t.name or (go_name == MAIN_THREAD and not _is_main(t)):
+    if go_name != t.name or (go_name == MAIN_THREAD and t.id != MAIN_THREAD):
         where = "the main thread's body" if go_name == MAIN_THREAD else f"Go {go_name!r}"
         raise CursorNotFound(t.id, name, f"it is now in {where}, not in this thread's")
     return (frames[base:] if base else frames), st
@@ -647,7 +658,14 @@ def resume(
     ``middleware`` wraps this call, each step and each setup / teardown (see
     :mod:`gorch.hooks`).
     """
-    return run(wf, state, checkpoint, max_units=max_units, middleware=middleware)
+    if middleware:
+        return run(wf, state, checkpoint, max_units=max_units, middleware=middleware)
+    call = _start(wf, state, checkpoint, max_units, False, (), None, True)
+    if call.index.hooks:
+        return _resume_call(call, (), "resume")  # type: ignore[no-any-return]
+    for _ in _run(call):  # (run, inlined: the common case)
+        raise AssertionError("a walk of the sync API waited for something")
+    return state.status
 
 
 def run(
@@ -674,7 +692,8 @@ def run(
     """
     call = _start(wf, state, checkpoint, max_units, lazy_steps, middleware, restore, True)
     if not middleware and not call.index.hooks:
-        _exhaust(_run(call))
+        for _ in _run(call):  # (_exhaust, inlined: the common case)
+            raise AssertionError("a walk of the sync API waited for something")
         return state.status
     out = _resume_call(call, middleware, reason)
     return _plain_result(out, "the middleware around_resume")  # type: ignore[no-any-return]
@@ -826,7 +845,7 @@ def _active(t: Thread) -> list[WaitEvent]:
 def _run(call: _Call) -> Walk[WorkflowStatus]:
     """Steps 2 to 5 of a resume (see SPEC §2): teardowns, the threads, setups, status."""
     state = call.state
-    moved = _reattach(call)
+    moved = _reattach(call) if len(state.threads) > 1 else []  # (only branches move)
     try:
         for t in state.threads:  # every cursor must exist before anything changes
             if t.cur_step:
@@ -877,8 +896,14 @@ def _run(call: _Call) -> Walk[WorkflowStatus]:
                 if aw is not None:
                     yield aw
                 raise call.failure
-            elif not _waits_condition(state) or not (yield from _release_condition(call)):
-                break
+            else:
+                for o in state.threads:  # (no call: this runs at the end of every resume)
+                    if o.status is _WAITING_CONDITION:
+                        break
+                else:
+                    break  # nothing waits for a condition: done
+                if not (yield from _release_condition(call)):
+                    break
         if state.status is WorkflowStatus.FINISHED:
             if call.flights or call.parked:  # the main thread ended: the others are cancelled
                 _ground(call)
@@ -894,21 +919,15 @@ def _run(call: _Call) -> Walk[WorkflowStatus]:
         if t.status is _RESUMING or t.status is _EXECUTING:
             state.status = WorkflowStatus.RESUMING
     call.pending = False
-    aw = call.save(CheckpointKind.AFTER_RESUME)
-    if aw is not None:
-        yield aw
+    if call.checkpoint is not None:
+        aw = call.save(CheckpointKind.AFTER_RESUME)
+        if aw is not None:
+            yield aw
     if call.deferred:
         raise call.deferred[0]
     if failures:
         raise SetupError(failures)
     return state.status
-
-
-def _waits_condition(state: State) -> bool:
-    for t in state.threads:  # noqa: SIM110 - a loop: no generator on the hot path
-        if t.status is _WAITING_CONDITION:
-            return True
-    return False
 
 
 def _awaits_setup(state: State) -> bool:
@@ -930,11 +949,12 @@ class _Launch:
     comes (so it sees the steps committed before it, as under :func:`resume`).
     """
 
-    __slots__ = ("here", "name")
+    __slots__ = ("args", "here", "name")
 
-    def __init__(self, name: str, here: bool = False) -> None:
+    def __init__(self, name: str, here: bool = False, args: dict[str, Any] | None = None) -> None:
         self.name = name
         self.here = here
+        self.args = args  # the step function's arguments (see gorch.results), if it takes any
 
 
 class _Flight:
@@ -943,14 +963,15 @@ class _Flight:
     Parked (``task`` None) until its round takes off.
     """
 
-    __slots__ = ("here", "name", "task", "thread", "walk")
+    __slots__ = ("args", "here", "name", "task", "thread", "walk")
 
-    def __init__(self, thread: Thread, walk: Walk[None], name: str, here: bool) -> None:
+    def __init__(self, thread: Thread, walk: Walk[None], launch: _Launch) -> None:
         self.thread = thread
         self.walk = walk
-        self.name = name
-        self.here = here
-        self.task: asyncio.Task[list[Change]] | None = None
+        self.name = launch.name
+        self.here = launch.here
+        self.args = launch.args
+        self.task: asyncio.Task[tuple[list[Change], Any]] | None = None
 
 
 def _concurrent(call: _Call, t: Thread) -> bool:
@@ -993,7 +1014,7 @@ def _advance(
         finally:
             error = None
         if type(item) is _Launch:
-            call.parked[t.id] = _Flight(t, walk, item.name, item.here)
+            call.parked[t.id] = _Flight(t, walk, item)
             return
         try:
             value = yield item
@@ -1026,7 +1047,7 @@ def _take_off(call: _Call) -> None:
             copy = wf.model_copy(deep=True)
         except Exception:  # something in it cannot be deep-copied: a copy from the data
             copy = type(wf).model_validate(base)
-        f.task = loop.create_task(_isolated(call, t, f.name, copy, base))
+        f.task = loop.create_task(_isolated(call, t, f, copy, base))
     assert not call.parked, "a parked step belongs to no thread"
 
 
@@ -1039,15 +1060,18 @@ def _ground(call: _Call) -> None:
 
 
 async def _isolated(
-    call: _Call, t: Thread, name: str, copy: Workflow, base: dict[str, Any]
-) -> list[Change]:
-    """Run step ``name`` on ``copy``; return its changes to the data it started from."""
+    call: _Call, t: Thread, f: _Flight, copy: Workflow, base: dict[str, Any]
+) -> tuple[list[Change], Any]:
+    """Run ``f``'s step on ``copy``: its changes to the data it started from, and its result."""
+    name = f.name
     async with call.limit:
         fn = _step_fn(call, copy, name)
+        if f.args is not None:
+            fn = bind(fn, f.args, _step_context(call, t, name, copy))
         out = _run_step(call, copy, t, name, fn) if call.wrap_steps else call.call_fn(fn)
         if out is not None and is_awaitable(out):
-            await out
-    return diff_data(base, _data(copy))
+            out = await out
+    return diff_data(base, _data(copy)), out
 
 
 def _step_fn(call: _Call, wf: Workflow, name: str) -> Callable[[], Any]:
@@ -1137,8 +1161,9 @@ def _land(call: _Call, f: _Flight) -> Walk[None]:
     """Apply the changes of a step that ran on a copy, and resume its thread's walk."""
     assert f.task is not None
     error: BaseException | None = None
+    result: Any = None
     try:
-        changes = yield f.task
+        changes, result = yield f.task
     except GeneratorExit:
         raise
     except BaseException as e:  # the step raised (or was cancelled)
@@ -1149,7 +1174,7 @@ def _land(call: _Call, f: _Flight) -> Walk[None]:
         except Exception as e:  # it clashes with another step, or does not validate
             error = e
     del call.flights[f.thread.id]
-    yield from _advance(call, f.thread, f.walk, None, error)
+    yield from _advance(call, f.thread, f.walk, result, error)
 
 
 def _cancel_flights(call: _Call, flights: list[_Flight]) -> Walk[None]:
@@ -1311,19 +1336,29 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
                     yield aw
             call.dirty = True  # the step may change data, even when it fails
             if call.sync:
+                fn = st.fn
                 try:
-                    out = (
-                        _run_step(call, call.wf, t, st.name, st.fn) if call.wrap_steps else st.fn()
-                    )
-                    if out is not None and is_awaitable(out):
-                        raise refuse_awaitable(out, f"Step {st.name!r}")
+                    code = getattr(fn, "__code__", None)
+                    if code is None or code.co_argcount + code.co_kwonlyargcount > (
+                        type(fn) is MethodType
+                    ):  # it takes parameters: results, or its context (no hashing else)
+                        plan = plan_of(fn)
+                        if plan:
+                            fn = _bound(call, t, st.name, fn, plan, frames, call.wf)
+                    out = _run_step(call, call.wf, t, st.name, fn) if call.wrap_steps else fn()
+                    if out is not None:
+                        if is_awaitable(out):
+                            raise refuse_awaitable(out, f"Step {st.name!r}")
+                        keep(state.results, st.name, out)
+                    elif state.results:
+                        state.results.pop(st.name, None)
                 except SyncCallRefused:
                     raise
                 except Exception as e:
                     yield from _step_failed(call, t, st.name, st.retry, e)
                     return  # a DAG node: failed for good, or retried after the others ran
             else:
-                done = yield from _async_step(call, t, st)
+                done = yield from _async_step(call, t, st, frames)
                 if done is not _DONE and done is not _LANDED:
                     if done is _STOPPED:
                         return
@@ -1391,21 +1426,26 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
                 frames, spawned, loops = _refresh(call, t, last), [], 0
                 continue
             call.verify_at(st, frames)
-            _commit(state, spawned, call, loops)
+            if spawned:  # (_commit, inlined)
+                state.threads.extend(spawned)
+            call.units += loops
             state.pc += 1
             pc = state.pc
             t.status = _WAITING_EVENT
             t.cur_step = st.name
             t.case = ""
             wid, tid, name = state.id, t.id, st.name
-            t.wait_events.extend(
-                WaitEvent(
-                    EventRequest(wid, tid, c.event, pc),
-                    EventStatus.PENDING_SETUP if _needs_setup(c) else EventStatus.SETUP,
-                    select=name,
+            waits = t.wait_events
+            for c in st.cases:
+                waits.append(
+                    WaitEvent(
+                        EventRequest(wid, tid, c.event, pc),
+                        EventStatus.PENDING_SETUP
+                        if type(c) is Timeout or (c.handler is not None and _needs_setup(c))
+                        else EventStatus.SETUP,
+                        select=name,
+                    )
                 )
-                for c in st.cases
-            )
             return
 
         if kind == K_GO:
@@ -1493,7 +1533,7 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
 _DONE, _LANDED, _MOVED, _STOPPED = "done", "landed", "moved", "stopped"
 
 
-def _async_step(call: _Call, t: Thread, st: Step) -> Walk[str]:
+def _async_step(call: _Call, t: Thread, st: Step, frames: list[Frame]) -> Walk[str]:
     """Run a step under the async API: in place, or in flight when other threads can go on.
 
     Returns ``_DONE`` (run in place), ``_LANDED`` (committed as part of a
@@ -1507,6 +1547,7 @@ def _async_step(call: _Call, t: Thread, st: Step) -> Walk[str]:
     gen = call.gen
     isolated = launched = False
     try:
+        plan = plan_of(fn)
         plain = call.executor is None and not is_async(fn)
         if plain and (call.flights or call.parked):  # in place, when its turn comes
             launched = True
@@ -1514,12 +1555,18 @@ def _async_step(call: _Call, t: Thread, st: Step) -> Walk[str]:
             call.dirty = True  # other walks read the data meanwhile: it changes now
         elif not plain and _concurrent(call, t):
             isolated = launched = True
-            yield _Launch(st.name)  # resumed when its commit comes (see _commit_round)
+            # Its arguments are read now, from the results the round starts from.
+            args = _arguments(call, t, st.name, plan, frames) if plan else None
+            out = yield _Launch(st.name, args=args)  # its result, once committed
         if not isolated:  # in place, on the live workflow
             wf = call.wf
+            if plan:
+                fn = _bound(call, t, st.name, fn, plan, frames, wf)
             out = _run_step(call, wf, t, st.name, fn) if call.wrap_steps else call.call_fn(fn)
             if out is not None and is_awaitable(out):
-                yield from _awaited_in_place(wf, out)
+                out = yield from _awaited_in_place(wf, out)
+        if out is not None or call.state.results:
+            keep(call.state.results, st.name, out)
     except Exception as e:
         yield from _step_failed(call, t, st.name, st.retry, e, isolated)
         return _STOPPED  # a DAG node: failed for good, or retried after the others ran
@@ -1528,7 +1575,105 @@ def _async_step(call: _Call, t: Thread, st: Step) -> Walk[str]:
     return _DONE if call.gen == gen else _MOVED
 
 
-def _awaited_in_place(wf: Workflow, out: Any) -> Walk[None]:
+def _arguments(
+    call: _Call, t: Thread, name: str, plan: Plan, frames: list[Frame]
+) -> dict[str, Any]:
+    """The arguments of a step function that takes results or its context (gorch.results)."""
+    visible, hidden = _visible_results(call, t)
+    paths = call.index.paths
+    assert paths is not None
+    return arguments(name, plan, visible, hidden, paths, _previous_step(call, t, frames))
+
+
+def _bound(
+    call: _Call,
+    t: Thread,
+    name: str,
+    fn: Callable[..., Any],
+    plan: Plan,
+    frames: list[Frame],
+    wf: Workflow,
+) -> Callable[[], Any]:
+    """``fn`` with its arguments, as a zero-argument callable."""
+    return bind(fn, _arguments(call, t, name, plan, frames), _step_context(call, t, name, wf))
+
+
+def _step_context(call: _Call, t: Thread, name: str, wf: Workflow) -> StepContext:
+    state = call.state
+    visible, hidden = _visible_results(call, t)
+    return StepContext(
+        state.workflow, state.id, t.id, name, t.attempts + 1, wf, results=visible, hidden=hidden
+    )
+
+
+def _visible_results(call: _Call, t: Thread) -> tuple[Mapping[str, Any], frozenset[str]]:
+    """The results thread ``t`` may read, and those it may not (an isolated DAG's others)."""
+    results = call.state.results
+    found = _dag_of_node(call, t) if t.parent else None
+    if found is None or not getattr(found[1], "isolated", False):
+        return MappingProxyType(results), frozenset()
+    dag = found[1]
+    node = t.name[len(dag.name) + 1 :]
+    deps = graph_of(dag, call.index.owner).deps
+    mine, todo = {node}, [node]
+    while todo:  # the node and its ancestors
+        for d in deps.get(todo.pop(), ()):
+            if d not in mine:
+                mine.add(d)
+                todo.append(d)
+    hidden = frozenset(name for n in dag.nodes if n.name not in mine for name in _step_names(n))
+    return MappingProxyType({k: v for k, v in results.items() if k not in hidden}), hidden
+
+
+def _step_names(st: Stmt) -> list[str]:
+    """The names of the steps in ``st`` (itself included)."""
+    out = [st.name] if type(st) is Step else []
+    for body in st.children():
+        for s in body:
+            out.extend(_step_names(s))
+    return out
+
+
+def _previous_step(call: _Call, t: Thread, frames: list[Frame]) -> str | None:
+    """The step that comes directly before the one ``frames`` are on, if a single Step does.
+
+    The statement before it in its body; at the start of a body, the one before
+    the statement that holds the body; at the start of a thread, for a DAG node
+    with one dependency that is a Step, that Step, and for a Parallel branch the
+    statement before the Parallel in the parent thread.
+    """
+    for k in range(len(frames) - 1, -1, -1):
+        body, idx = frames[k][0], frames[k][1]
+        if idx > 0:
+            prev = body[idx - 1]
+            return prev.name if type(prev) is Step else None
+    if not t.parent:
+        return None
+    found = _dag_of_node(call, t)
+    if found is not None:
+        dag = found[1]
+        node = next((n for n in dag.nodes if f"{dag.name}.{n.name}" == t.name), None)
+        after: tuple[str, ...] = tuple(getattr(node, "after", ())) if node is not None else ()
+        if len(after) != 1:
+            return None
+        dep = next((n for n in dag.nodes if n.name == after[0]), None)
+        return dep.name if type(dep) is Step else None
+    parent = call.state.thread(t.parent)
+    paths = call.index.paths
+    path = paths.get(parent.cur_step) if parent is not None and paths is not None else None
+    if not path or path[-1] == 0:
+        return None
+    try:  # the body that holds the Parallel
+        holder: Sequence[Stmt] = call.root.stmts
+        for k in range(0, len(path) - 1, 2):
+            holder = holder[path[k]].children()[path[k + 1]]
+        prev = holder[path[-1] - 1]
+    except (IndexError, TypeError, AttributeError):
+        return None
+    return prev.name if type(prev) is Step else None
+
+
+def _awaited_in_place(wf: Workflow, out: Any) -> Walk[Any]:
     """Await a step running alone on the live workflow; if it is cancelled, undo its changes.
 
     An async function has not run yet when it returns its coroutine, so the
@@ -1536,7 +1681,7 @@ def _awaited_in_place(wf: Workflow, out: Any) -> Walk[None]:
     """
     base = _data(wf)
     try:
-        yield out
+        return (yield out)
     except asyncio.CancelledError:
         _reset(wf, base)
         raise
@@ -1983,7 +2128,7 @@ def _case_handler(call: _Call, we: WaitEvent) -> tuple[bool, Handler | None]:
         return False, None
     case = hit[1]
     if isinstance(case, Timeout):
-        return True, TimerHandler(case.after)
+        return True, TimerHandler.of(case)
     h = case.handler
     return True, h if isinstance(h, Handler) else None  # callables have no setup/teardown
 
@@ -2230,7 +2375,10 @@ def handle_event(
         wf, state, name, thread_id, pc, middleware, True, now
     )
     try:
-        out = _invoke(call, we, handler, name, input)
+        if call.event_mw or "on_event" in call.index.hooks:  # (_invoke, inlined)
+            out = _handle(call, we.req, handler, input)
+        else:
+            out = call_handler(handler, name, we.req, input)
         if out is not None and is_awaitable(out):
             raise refuse_awaitable(out, f"the handler of event {name!r}")
     except Exception as e:
@@ -2296,7 +2444,7 @@ def _prepare_event(
         due = due_time(we.req)
         if due is None or due > (clock.now() if now is None else _utc(now)):
             raise TimerNotSendable(state.id, name, due)
-        return call, (t, we, st, case, TimerHandler(case.after))
+        return call, (t, we, st, case, TimerHandler.of(case))
     return call, (t, we, st, case, case.handler)
 
 
@@ -2334,7 +2482,8 @@ def _delivered(
         if other.status in ACTIVE_EVENT:
             if other.status is EventStatus.SETUP:
                 hit = (0, case) if other is we else st.case(other.req.name)
-                if hit is not None and _overrides(getattr(hit[1], "handler", None), "teardown"):
+                handler = getattr(hit[1], "handler", None) if hit is not None else None
+                if isinstance(handler, Handler) and _overrides(handler, "teardown"):
                     other.handled = other is we
                     other.status = EventStatus.PENDING_TEARDOWN
                     kept.append(other)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 MAIN_THREAD = "_main_"
 
@@ -127,6 +128,8 @@ class State:
     threads: list[Thread] = field(default_factory=list)
     meta: dict[str, str] = field(default_factory=dict)
     """Small strings kept with the state for tooling (e.g. the trace context)."""
+    results: dict[str, Any] = field(default_factory=dict)
+    """What each step returned last (JSON-mode values; None is not kept), by step name."""
 
     def thread(self, thread_id: str) -> Thread | None:
         for t in self.threads:

@@ -37,6 +37,9 @@ class Workflow(pydantic.BaseModel):
     start_input: ClassVar[tuple[str, ...]] = ()
     """Names of the fields an untrusted start (HTTP) may set, e.g. ``("item", "qty")``."""
 
+    __gorch_plain_fields__: ClassVar[frozenset[str]] = frozenset()
+    """Fields set as pydantic sets them with no validation: straight into ``__dict__``."""
+
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
@@ -52,6 +55,24 @@ class Workflow(pydantic.BaseModel):
                 f"{cls.__name__}; its fields are {sorted(cls.model_fields)!r}"
             )
         cls.start_input = tuple(names)
+        config = cls.model_config
+        if config.get("validate_assignment") or config.get("frozen"):
+            cls.__gorch_plain_fields__ = frozenset()
+        else:
+            cls.__gorch_plain_fields__ = frozenset(
+                name
+                for name, info in cls.model_fields.items()
+                if not info.frozen and not isinstance(getattr(cls, name, None), property)
+            )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Steps set fields all the time: what pydantic does for a plain field
+        # (no validation, no freezing), without its two calls per assignment.
+        if name in self.__gorch_plain_fields__:
+            self.__dict__[name] = value
+            self.__pydantic_fields_set__.add(name)
+        else:
+            super().__setattr__(name, value)
 
     @classmethod
     def start_input_model(cls) -> type[pydantic.BaseModel]:
