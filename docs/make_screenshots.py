@@ -78,8 +78,13 @@ def fill(engine: gorch.Engine, url: str) -> None:
             engine.start(
                 "expense",
                 "exp-2025-0042",
-                {"requester": "carol", "amount": 990, "manager": "ann", "director": "diana",
-                 "description": "conference trip, Lisbon"},
+                {
+                    "requester": "carol",
+                    "amount": 990,
+                    "manager": "ann",
+                    "director": "diana",
+                    "description": "conference trip, Lisbon",
+                },
                 by="cli:carol",
             )
         engine.run_due()  # what the worker does: the escalation fires
@@ -92,8 +97,11 @@ def fill(engine: gorch.Engine, url: str) -> None:
             ("exp-2025-0046", "heidi", 18.9, True, "ann"),
         ]
         for id, who, amount, approved, by in expenses:
-            call("PUT", f"/workflows/expense/{id}", {"requester": who, "amount": amount,
-                                                      "manager": "ann", "director": "diana"})
+            call(
+                "PUT",
+                f"/workflows/expense/{id}",
+                {"requester": who, "amount": amount, "manager": "ann", "director": "diana"},
+            )
             if approved is not None:
                 decision = {"approved": approved, "by": by}
                 if not approved:
@@ -105,8 +113,14 @@ def fill(engine: gorch.Engine, url: str) -> None:
 def browser() -> webdriver.Chrome:
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--hide-scrollbars", "--force-device-scale-factor=1"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+    ):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 

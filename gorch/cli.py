@@ -16,7 +16,9 @@ traceback) or something that would break (``check``, ``run-due``), 2 bad usage.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -115,6 +117,32 @@ def _engine(s: Settings) -> Engine:
     engine = Engine(url, workflows)
     click.get_current_context().call_on_close(engine.store.close)
     return engine
+
+
+# --------------------------------------------------------------------------- who acts
+
+
+def _actor(by: str | None) -> str:
+    """Who runs the command, for the instance's history: ``--by``, else ``cli:$USER``."""
+    if by:
+        return by
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name in the environment nor the passwd file
+        user = "unknown"
+    return f"cli:{user}"
+
+
+def _by(method: Callable[..., Any], by: str | None) -> dict[str, str]:
+    """``{"by": ...}`` for an Engine method that takes it (it goes to the history), else {}."""
+    try:
+        takes = "by" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"by": _actor(by)} if takes else {}
+
+
+_BY_HELP = "who is acting, written to the instance's history (default: cli:$USER)"
 
 
 # --------------------------------------------------------------------------- output
@@ -383,14 +411,23 @@ def cli() -> None:
 @click.argument("data", required=False)
 @click.option("--id", "wid", metavar="ID", help="the instance's id (default: a new one)")
 @click.option("--key", help="idempotency key: starting again with it creates nothing twice")
+@click.option("--by", metavar="WHO", help=_BY_HELP)
 @_shared_options
 @click.pass_obj
-def start(s: Settings, workflow: str, data: str | None, wid: str | None, key: str | None) -> None:
+def start(
+    s: Settings,
+    workflow: str,
+    data: str | None,
+    wid: str | None,
+    key: str | None,
+    by: str | None,
+) -> None:
     """Start an instance of WORKFLOW with DATA (a JSON object) and run it until it waits."""
     fields = _json_arg(data, "DATA")
     if fields is not None and not isinstance(fields, dict):
         raise CLIError(f"DATA must be a JSON object, got {type(fields).__name__}")
-    _show(s, _engine(s).start(workflow, wid, fields, key=key))
+    engine = _engine(s)
+    _show(s, engine.start(workflow, wid, fields, key=key, **_by(engine.start, by)))
 
 
 @cli.command()
@@ -400,6 +437,7 @@ def start(s: Settings, workflow: str, data: str | None, wid: str | None, key: st
 @click.option("--thread", help="thread id, when several threads await the event")
 @click.option("--pc", type=int, help="the wait's pc: refuse the event if the wait is over")
 @click.option("--key", help="idempotency key: sending again with it applies nothing twice")
+@click.option("--by", metavar="WHO", help=_BY_HELP)
 @_shared_options
 @click.pass_obj
 def send(
@@ -410,11 +448,13 @@ def send(
     thread: str | None,
     pc: int | None,
     key: str | None,
+    by: str | None,
 ) -> None:
     """Deliver EVENT to instance ID, with INPUT as JSON."""
     payload = _json_arg(input, "INPUT")
     engine = _engine(s)
-    out = engine.send(id, event, payload, thread_id=thread, pc=pc, key=key)
+    who = _by(engine.send, by)
+    out = engine.send(id, event, payload, thread_id=thread, pc=pc, key=key, **who)
     snap = engine.get(id)
     if s.json:
         _emit({"output": out, "workflow": snap})
@@ -434,20 +474,24 @@ def show(s: Settings, id: str) -> None:
 
 @cli.command()
 @click.argument("id")
+@click.option("--by", metavar="WHO", help=_BY_HELP)
 @_shared_options
 @click.pass_obj
-def cancel(s: Settings, id: str) -> None:
+def cancel(s: Settings, id: str, by: str | None) -> None:
     """Cancel instance ID: tear down what it awaits."""
-    _show(s, _engine(s).cancel(id))
+    engine = _engine(s)
+    _show(s, engine.cancel(id, **_by(engine.cancel, by)))
 
 
 @cli.command()
 @click.argument("id")
+@click.option("--by", metavar="WHO", help=_BY_HELP)
 @_shared_options
 @click.pass_obj
-def retry(s: Settings, id: str) -> None:
+def retry(s: Settings, id: str, by: str | None) -> None:
     """Re-arm failed instance ID (attempt counts reset) and resume it now."""
-    _show(s, _engine(s).retry(id))
+    engine = _engine(s)
+    _show(s, engine.retry(id, **_by(engine.retry, by)))
 
 
 @cli.command()
@@ -809,7 +853,7 @@ def serve(
     guards = [name for name, on in (("token", token), ("signed requests", secret)) if on]
     print(
         f"gorch serve: {', '.join(engine.workflows) or 'no workflows'} on "
-        f"http://{host}:{port} (docs at /docs"
+        f"http://{host}:{port} (docs at /docs, inspector at /inspect"
         + (
             f"; {' and '.join(guards)} required"
             if guards

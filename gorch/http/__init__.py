@@ -22,6 +22,8 @@ Routes
     ``GET  /workflows/{name_or_id}/graph``      a registered workflow name first, else an
                                                 instance id (the diagram marks its cursors)
     ``GET  /healthz``                           the store answers (200) or not (503)
+    ``GET  /inspect``                           the inspector: HTML pages for people (list,
+    ``GET  /inspect/instances/{id}``            one instance), behind the token's sign-in
 
 Start input. A start's body is validated against what the workflow declares
 (``start_input = ("field", ...)``, see :class:`gorch.Workflow`) and nothing

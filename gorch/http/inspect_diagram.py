@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 from markupsafe import Markup
 
-from gorch.graph import Mark, Marks, case_label, cond_label, humanize_duration
+from gorch.graph import Mark, Marks, case_label, cond_label, timer_label
 from gorch.statements import (
     DAG,
     Break,
@@ -78,7 +78,7 @@ def _flow(items: Iterable[Markup], extra: str = "") -> Markup:
 def _case(case: On | Timeout) -> str:
     """A Select case's edge label; a timer's with a clock any system font has."""
     if isinstance(case, Timeout):
-        return f"◷ {case.event} ({humanize_duration(case.after)})"
+        return f"◷ {case.event} ({timer_label(case)})"
     return case_label(case)
 
 
@@ -183,7 +183,7 @@ class _Renderer:
 
     def parallel(self, st: Parallel) -> Markup:
         m = self.marks
-        fork = _node("fork", f"parallel: {st.name}", Mark(), icon="⑂")
+        fork = _node("fork", f"parallel: {st.name}", Mark(), icon="⋔")
         prefix = f"{st.name}."
         cols = [
             ("", self.thread(go.name.removeprefix(prefix), go.name, go.body)) for go in st.branches
@@ -195,7 +195,7 @@ class _Renderer:
 
     def dag(self, st: DAG) -> Markup:
         m = self.marks
-        fork = _node("fork", f"dag: {st.name}", Mark(), icon="⑂")
+        fork = _node("fork", f"dag: {st.name}", Mark(), icon="⋔")
         rows = []
         for layer in _layers(st):
             cols = []

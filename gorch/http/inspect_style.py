@@ -41,7 +41,8 @@ h2 { font-size: 15px; margin: 0 0 10px; color: #334e68; }
   padding: 16px 18px; margin-bottom: 16px; }
 .muted { color: var(--muted); }
 .crumbs { margin: 0 0 6px; }
-.grid { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 16px; }
+.grid { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 16px;
+  margin-bottom: 16px; }
 .grid > .card { margin-bottom: 0; }
 .stack { display: flex; flex-direction: column; gap: 16px; }
 @media (max-width: 900px) { .grid { grid-template-columns: 1fr; } }

@@ -19,7 +19,6 @@ from markupsafe import Markup
 
 from gorch import clock
 from gorch.engine import InstanceStatus, Snapshot, Summary
-from gorch.graph import humanize_duration
 from gorch.history import History
 from gorch.http.inspect_style import CSS
 
@@ -35,6 +34,7 @@ _BASE = """\
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
 <title>{{ title }} · gorch inspector</title>
 <style>{{ css }}</style>
 </head>
@@ -302,14 +302,34 @@ def when(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+_UNITS = (("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1))
+
+
+def approximate(seconds: float) -> str:
+    """A duration in its two largest units, rounded: ``3d``, ``2d 4h``, ``5m 30s``, ``12s``."""
+    total = round(abs(seconds))
+    for i, (_, size) in enumerate(_UNITS):
+        if total >= size:
+            step = _UNITS[min(i + 1, len(_UNITS) - 1)][1]
+            total = round(total / step) * step
+            break
+    parts: list[str] = []
+    for suffix, size in _UNITS:
+        if total >= size and len(parts) < 2:
+            parts.append(f"{total // size}{suffix}")
+            total %= size
+        elif parts:
+            break
+    return " ".join(parts) or "0s"
+
+
 def relative(at: datetime) -> str:
-    """``in 3d`` or ``2h ago`` from now (to the second)."""
+    """``in 3d`` or ``2h 5m ago``, from now."""
     at = at if at.tzinfo else at.replace(tzinfo=UTC)
-    delta = at - clock.now()
-    seconds = round(delta.total_seconds())
-    if seconds == 0:
+    seconds = (at - clock.now()).total_seconds()
+    if abs(seconds) < 1:
         return "now"
-    text = humanize_duration(abs(seconds))
+    text = approximate(seconds)
     return f"in {text}" if seconds > 0 else f"{text} ago"
 
 
