@@ -191,7 +191,14 @@ class _ClassIndex:
         #: The lifecycle hooks ``cls`` overrides: the others are never called.
         self.hooks = frozenset(
             name
-            for name in (*STEP_HOOKS, "on_event", "on_waiting", "on_finish")
+            for name in (
+                *STEP_HOOKS,
+                "on_event",
+                "on_waiting",
+                "on_finish",
+                "on_start",
+                "on_failed",
+            )
             if getattr(cls, name, None) is not getattr(Workflow, name)
         )
         self.async_hooks = tuple(
@@ -817,10 +824,27 @@ def _resume_call(call: _Call, middleware: Sequence[object], reason: str) -> Any:
 
 
 def _run_hooked(call: _Call) -> Walk[WorkflowStatus]:
-    """:func:`_run`, then ``on_finish`` / ``on_waiting`` (what they raise is logged)."""
-    status = yield from _run(call)
+    """``on_start``, :func:`_run`, then ``on_finish`` / ``on_waiting`` / ``on_failed``.
+
+    What the last three raise is logged: the state is saved by then.
+    """
     hooks = call.index.hooks
     state = call.state
+    if "on_start" in hooks and _fresh(state):
+        out = _hook(call.wf, "on_start")()
+        if out is not None and is_awaitable(out):
+            yield from call.wait(out, "the hook on_start")
+    try:
+        status = yield from _run(call)
+    except StepFailed as e:
+        if "on_failed" in hooks and _failed_for_good(call, e):
+            try:
+                out = _hook(call.wf, "on_failed")(e)
+                if out is not None and is_awaitable(out):
+                    yield from call.wait(out, "the hook on_failed")
+            except Exception:
+                log.exception("gorch: the on_failed hook of workflow %r raised", state.id)
+        raise
     try:
         out = None
         if status is WorkflowStatus.FINISHED:
@@ -834,6 +858,21 @@ def _run_hooked(call: _Call) -> Walk[WorkflowStatus]:
     except Exception:  # the state is saved: there is nothing to undo
         log.exception("gorch: a lifecycle hook of workflow %r raised", state.id)
     return status
+
+
+def _fresh(state: State) -> bool:
+    """Whether nothing of the instance ran yet: its main thread alone, at the start."""
+    threads = state.threads
+    return len(threads) == 1 and not threads[0].cur_step and threads[0].id == MAIN_THREAD
+
+
+def _failed_for_good(call: _Call, e: StepFailed) -> bool:
+    """Whether no retry is left for the failure: a DAG's, or a step's past its policy."""
+    if isinstance(e, DAGFailed):
+        return True
+    found = call.find(e.step)
+    policy = getattr(found[1], "retry", None) if found is not None else None
+    return policy is None or bool(policy.exhausted(e.attempts))
 
 
 def _active(t: Thread) -> list[WaitEvent]:

@@ -125,6 +125,23 @@ class Workflow(pydantic.BaseModel):
     def on_finish(self) -> None:
         """At the end of the resume in which the workflow finished."""
 
+    def on_start(self) -> None:
+        """Before anything of an instance runs, in its first resume (any API).
+
+        What it raises propagates with nothing changed, and the next resume
+        calls it again. A resume that dies before its first save also calls
+        it again: keep it idempotent.
+        """
+
+    def on_failed(self, error: Exception) -> None:
+        """At the end of a resume that failed for good (the counterpart of ``on_finish``).
+
+        ``error`` is the :class:`gorch.StepFailed` of a step with no attempt
+        left under its :class:`gorch.Retry` (the first failure, without one),
+        or a :class:`gorch.DAGFailed`. The state is saved before; what the hook
+        raises is logged.
+        """
+
 
 _START_MODELS: dict[type[Workflow], type[pydantic.BaseModel]] = {}
 """``Workflow.start_input_model`` per class (classes live as long as the process)."""
