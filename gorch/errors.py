@@ -34,6 +34,11 @@ class StepFailed(GorchError):
     The original exception is the ``__cause__``.
     """
 
+    #: When the step's :class:`gorch.Retry` lets it run again (None: no attempt left,
+    #: or no policy). The Engine and the test kit's ``advance`` retry it then; a
+    #: plain ``resume`` caller may resume again from that time on.
+    retry_at: datetime | None = None
+
     def __init__(self, step: str, thread_id: str, attempts: int, error: str) -> None:
         self.step = step
         self.thread_id = thread_id

@@ -65,6 +65,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
@@ -106,6 +107,7 @@ from gorch.handlers import (
 from gorch.hooks import EventContext, ResumeContext, StepContext, chain, wrappers
 from gorch.index import Path, graph_of, index_definition, stmt_at
 from gorch.results import Plan, arguments, bind, keep, plan_of
+from gorch.retry import Retry
 from gorch.state import (
     ACTIVE_EVENT,
     MAIN_THREAD,
@@ -236,6 +238,8 @@ class _Call:
     held: list[CheckpointKind] = []  # checkpoints due while a round is in flight
     written: dict[tuple[str, ...], tuple[str, str]] = {}  # this round: path -> (op, step)
     stop = False  # a step failed while others were in flight: start no new step
+    deadline: datetime | None = None  # start no step from then on (see resume)
+    expired = False  # the deadline passed: the call ends where the threads are
     stopped: set[str] = set()  # threads walked since then (each once)
     failure: StepFailed | None = None
     halted: set[str] = set()  # joining threads of fail_fast DAGs whose node failed
@@ -657,6 +661,8 @@ def resume(
     *,
     max_units: int = DEFAULT_MAX_UNITS,
     middleware: Sequence[object] = (),
+    deadline: datetime | None = None,
+    wait_retries: bool = False,
 ) -> WorkflowStatus:
     """Run every runnable thread until all are blocked; return ``state.status``.
 
@@ -664,9 +670,24 @@ def resume(
     teardown, and once with ``AFTER_RESUME`` at the very end: save there.
     ``middleware`` wraps this call, each step and each setup / teardown (see
     :mod:`gorch.hooks`).
+
+    ``deadline`` (an aware datetime): no step starts from then on; the call
+    ends where the threads are, with status ``RESUMING`` when work is left, for
+    a later call to go on (a step running at the deadline is not interrupted).
+    A step that fails with attempts left under its :class:`gorch.Retry` raises
+    ``StepFailed`` with ``retry_at``; with ``wait_retries`` this call sleeps
+    until then and runs it again (on the data the failed attempt left).
     """
-    if middleware:
-        return run(wf, state, checkpoint, max_units=max_units, middleware=middleware)
+    if middleware or deadline is not None or wait_retries:
+        return run(
+            wf,
+            state,
+            checkpoint,
+            max_units=max_units,
+            middleware=middleware,
+            deadline=deadline,
+            wait_retries=wait_retries,
+        )
     call = _start(wf, state, checkpoint, max_units, False, (), None, True)
     if call.index.hooks:
         return _resume_call(call, (), "resume")  # type: ignore[no-any-return]
@@ -685,6 +706,8 @@ def run(
     middleware: Sequence[object] = (),
     reason: str = "resume",
     restore: Callable[[], None] | None = None,
+    deadline: datetime | None = None,
+    wait_retries: bool = False,
 ) -> WorkflowStatus:
     """:func:`resume`, with options for callers that save at every checkpoint.
 
@@ -697,7 +720,20 @@ def run(
     before other threads go on: a caller that saved before every step (as
     with ``lazy_steps``) puts back the data that step started from.
     """
-    call = _start(wf, state, checkpoint, max_units, lazy_steps, middleware, restore, True)
+    while True:
+        call = _start(wf, state, checkpoint, max_units, lazy_steps, middleware, restore, True)
+        call.deadline = _aware(deadline)
+        try:
+            return _run_sync(call, middleware, reason)
+        except StepFailed as e:
+            wait = _retry_wait(e, wait_retries, call.deadline)
+            if wait is None:
+                raise
+            time.sleep(wait)
+
+
+def _run_sync(call: _Call, middleware: Sequence[object], reason: str) -> WorkflowStatus:
+    state = call.state
     if not middleware and not call.index.hooks:
         for _ in _run(call):  # (_exhaust, inlined: the common case)
             raise AssertionError("a walk of the sync API waited for something")
@@ -715,6 +751,8 @@ async def aresume(
     middleware: Sequence[object] = (),
     concurrency: int = DEFAULT_CONCURRENCY,
     executor: Executor | None = None,
+    deadline: datetime | None = None,
+    wait_retries: bool = False,
 ) -> WorkflowStatus:
     """:func:`resume` for async workflows: ``await gorch.aresume(wf, state)``.
 
@@ -743,6 +781,8 @@ async def aresume(
         middleware=middleware,
         concurrency=concurrency,
         executor=executor,
+        deadline=deadline,
+        wait_retries=wait_retries,
     )
 
 
@@ -768,20 +808,42 @@ async def arun(
     restore: Callable[[], Any] | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
     executor: Executor | None = None,
+    deadline: datetime | None = None,
+    wait_retries: bool = False,
 ) -> WorkflowStatus:
     """:func:`run` for the async API (the options of :func:`aresume` and :func:`run`)."""
     check_concurrency(concurrency)
-    call = _start(wf, state, checkpoint, max_units, lazy_steps, middleware, restore, False)
-    call.limit = asyncio.Semaphore(concurrency)
-    call.executor = executor
-    try:
-        out = _resume_call(call, middleware, reason)
-        if is_awaitable(out):
-            out = await out
-        return out  # type: ignore[no-any-return]
-    finally:
-        if call.flights or call.parked:  # an error or a cancellation: no step goes on unseen
-            await _abandon(call)
+    while True:
+        call = _start(wf, state, checkpoint, max_units, lazy_steps, middleware, restore, False)
+        call.limit = asyncio.Semaphore(concurrency)
+        call.executor = executor
+        call.deadline = _aware(deadline)
+        try:
+            out = _resume_call(call, middleware, reason)
+            if is_awaitable(out):
+                out = await out
+            return out  # type: ignore[no-any-return]
+        except StepFailed as e:
+            wait = _retry_wait(e, wait_retries, call.deadline)
+            if wait is None:
+                raise
+        finally:
+            if call.flights or call.parked:  # an error or a cancellation: nothing goes on unseen
+                await _abandon(call)
+        await asyncio.sleep(wait)
+
+
+def _aware(deadline: datetime | None) -> datetime | None:
+    if deadline is not None and deadline.tzinfo is None:
+        raise ValueError(f"deadline must be an aware datetime (e.g. in UTC), got {deadline!r}")
+    return deadline
+
+
+def _retry_wait(e: StepFailed, wait: bool, deadline: datetime | None) -> float | None:
+    """Seconds to sleep before running a failed step again in the same call, or None."""
+    if not wait or e.retry_at is None or (deadline is not None and e.retry_at >= deadline):
+        return None
+    return max(0.0, (e.retry_at - clock.now()).total_seconds())
 
 
 def _start(
@@ -871,8 +933,8 @@ def _failed_for_good(call: _Call, e: StepFailed) -> bool:
     if isinstance(e, DAGFailed):
         return True
     found = call.find(e.step)
-    policy = getattr(found[1], "retry", None) if found is not None else None
-    return policy is None or bool(policy.exhausted(e.attempts))
+    policy = _policy(call, found[1]) if found is not None and type(found[1]) is Step else None
+    return policy is None or policy.exhausted(e.attempts)
 
 
 def _active(t: Thread) -> list[WaitEvent]:
@@ -906,6 +968,13 @@ def _run(call: _Call) -> Walk[WorkflowStatus]:
     # over until that step is committed (see _commit_round).
     sync = call.sync
     while True:
+        if call.expired:  # the deadline passed: commit what flies, start nothing more
+            if call.parked:
+                _ground(call)
+            if not call.flights:
+                break
+            yield from _commit_round(call)
+            continue
         for t in state.threads:
             if t.status is _RESUMING or t.status is _EXECUTING:
                 if call.deferred and any(d.thread_id == t.id for d in call.deferred):
@@ -1356,8 +1425,11 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
             if spawned:
                 state.threads.extend(spawned)
                 spawned = []
-            if call.stop:  # (async) a step of another thread failed: this one waits
+            if call.stop or (call.deadline is not None and clock.now() >= call.deadline):
+                # (async) a step of another thread failed, or the call's deadline passed:
+                # this step waits for a later resume
                 call.units += loops
+                call.expired = not call.stop
                 return
             call.units += loops + 1
             loops = 0
@@ -1394,7 +1466,7 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
                 except SyncCallRefused:
                     raise
                 except Exception as e:
-                    yield from _step_failed(call, t, st.name, st.retry, e)
+                    yield from _step_failed(call, t, st.name, _policy(call, st), e)
                     return  # a DAG node: failed for good, or retried after the others ran
             else:
                 done = yield from _async_step(call, t, st, frames)
@@ -1607,7 +1679,7 @@ def _async_step(call: _Call, t: Thread, st: Step, frames: list[Frame]) -> Walk[s
         if out is not None or call.state.results:
             keep(call.state.results, st.name, out)
     except Exception as e:
-        yield from _step_failed(call, t, st.name, st.retry, e, isolated)
+        yield from _step_failed(call, t, st.name, _policy(call, st), e, isolated)
         return _STOPPED  # a DAG node: failed for good, or retried after the others ran
     if launched:
         return _LANDED
@@ -1888,9 +1960,24 @@ def _step_failed(
     t.attempts += 1
     t.error = f"{type(e).__name__}: {e}"
     err = StepFailed(name, t.id, t.attempts, t.error)
+    if policy is not None and not policy.exhausted(t.attempts):
+        err.retry_at = clock.now() + policy.delay(t.attempts)
     if t.parent and (yield from _node_failed(call, t, policy, err, e, isolated)):
         return
     raise err from e
+
+
+def _policy(call: _Call, st: Step) -> Retry | None:
+    """A step's retry policy: its own, else the workflow's ``default_retry``."""
+    policy = st.retry
+    return policy if policy is not None else type(call.wf).default_retry
+
+
+def retry_policy(wf: Workflow, step: str) -> Retry | None:
+    """The retry policy of step ``step`` in ``wf``'s current definition (see :func:`_policy`)."""
+    st = find_statement(wf, step)
+    policy = getattr(st, "retry", None)
+    return policy if policy is not None else type(wf).default_retry
 
 
 def _run_step(call: _Call, wf: Workflow, t: Thread, name: str, fn: Callable[[], Any]) -> Any:

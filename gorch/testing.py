@@ -200,6 +200,7 @@ class _Stored:
     cls: type[Workflow]
     blob: bytes
     wake: datetime | None = None
+    retry: datetime | None = None  # a failed step's retry_at (StepFailed), until it runs
 
 
 class _Recorder:
@@ -464,12 +465,22 @@ class WorkflowEnv:
         its ``pc``) and the instance resumed, so a timer set up meanwhile that is
         due by ``when`` fires too, in order. Ties go to the instance started first.
         If a resume raises, the error propagates with the clock at that timer's
-        due time and later timers unfired.
+        due time and later timers unfired. A step that failed with attempts left
+        under its :class:`gorch.Retry` runs again once its backoff has passed, as
+        the Engine's ``run_due`` would run it (a failure with no attempt left
+        propagates).
         """
         when = self._target(when)
         fired: list[Entry] = []
         with _watch("env.advance()"):
             while (id := self._next_due(when, len(fired))) is not None:
+                if self._retry_due(id):
+                    try:
+                        self.resume(id)
+                    except StepFailed as e:
+                        if e.retry_at is None:
+                            raise  # failed for good: the test sees it
+                    continue
                 rec, wf, state, req = self._due(id)
                 with use_clock(self.clock), _kit_hint():
                     out = handle_event(
@@ -492,6 +503,13 @@ class WorkflowEnv:
         fired: list[Entry] = []
         with _watch("env.aadvance()"):
             while (id := self._next_due(when, len(fired))) is not None:
+                if self._retry_due(id):
+                    try:
+                        await self.aresume(id)
+                    except StepFailed as e:
+                        if e.retry_at is None:
+                            raise  # failed for good: the test sees it
+                    continue
                 rec, wf, state, req = self._due(id)
                 with use_clock(self.clock):
                     out = await ahandle_event(
@@ -599,7 +617,9 @@ class WorkflowEnv:
     def _next_due(self, when: datetime, fired: int) -> str | None:
         """The instance whose timer is due first by ``when`` (clock moved to it), or None."""
         due = [
-            (r.wake, i) for i, r in self._instances.items() if r.wake is not None and r.wake <= when
+            (min(t for t in (r.wake, r.retry) if t is not None), i)
+            for i, r in self._instances.items()
+            if (r.wake is not None and r.wake <= when) or (r.retry is not None and r.retry <= when)
         ]
         if not due:
             return None
@@ -608,6 +628,15 @@ class WorkflowEnv:
         wake, id = min(due, key=lambda d: d[0])  # min keeps the first of equal times
         self._now = max(self._now, wake)
         return id
+
+    def _retry_due(self, id: str) -> bool:
+        """Whether what is due first for ``id`` is a failed step's retry (not a timer)."""
+        rec = self._instances[id]
+        return (
+            rec.retry is not None
+            and rec.retry <= self._now
+            and (rec.wake is None or rec.retry <= rec.wake)
+        )
 
     def _due(self, id: str) -> tuple[_Stored, Workflow, State, EventRequest]:
         rec = self._instances[id]
@@ -734,6 +763,7 @@ class WorkflowEnv:
             state = loads(blob, rec.cls)[1]
         rec.blob = blob
         rec.wake = next_wakeup(state) if state.status is not WorkflowStatus.FINISHED else None
+        rec.retry = None
 
     def _save(self, id: str, rec: _Stored, wf: Workflow, state: State, where: str) -> None:
         """Dump, store, then check that what was stored loads back equal."""
@@ -774,6 +804,7 @@ class WorkflowEnv:
             # from (the last checkpoint), as the Engine saves it. A DAG keeps its nodes' data.
             data = wf if isinstance(e, DAGFailed) else loads(last, rec.cls)[0]
             self._put(rec, dumps(data, state), state)
+            rec.retry = e.retry_at  # advance() runs it again then, as the Engine would
             raise
         except BaseException:  # an error, or a cancelled task: what the checkpoints saved
             self._put(rec, last)

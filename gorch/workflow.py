@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import pydantic
 
+from gorch.retry import Retry
 from gorch.statements import Section, WaitFor
 
 if TYPE_CHECKING:
@@ -36,6 +37,9 @@ class Workflow(pydantic.BaseModel):
 
     start_input: ClassVar[tuple[str, ...]] = ()
     """Names of the fields an untrusted start (HTTP) may set, e.g. ``("item", "qty")``."""
+
+    default_retry: ClassVar[Retry | None] = None
+    """The :class:`gorch.Retry` of every step that sets none (``Step(..., retry=)`` wins)."""
 
     __gorch_plain_fields__: ClassVar[frozenset[str]] = frozenset()
     """Fields set as pydantic sets them with no validation: straight into ``__dict__``."""
