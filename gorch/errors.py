@@ -74,6 +74,26 @@ class DAGFailed(StepFailed):
         )
 
 
+class ParallelFailed(DAGFailed):
+    """Branches of a :class:`gorch.Parallel` (or ``a | b``) failed for good.
+
+    A Parallel is a DAG without edges: a failing branch does not stop its
+    siblings, which run to their end; then the join raises this, ``failed``
+    mapping each failed branch's label to its error (``skipped`` is empty).
+    The next ``resume`` (``Engine.retry(id)``) runs only the failed branches again.
+    """
+
+    def __init__(
+        self, parallel: str, thread_id: str, attempts: int, failed: dict[str, str]
+    ) -> None:
+        super().__init__(parallel, thread_id, attempts, failed, [])
+        errors = "; ".join(f"{n}: {e}" for n, e in failed.items())
+        self.args = (
+            f"Parallel {parallel!r} on thread {thread_id!r} failed (attempt {attempts}): "
+            f"failed branches: {errors}",
+        )
+
+
 class HandlerFailed(GorchError):
     """An event handler raised. The state is unchanged and the event is still awaited.
 

@@ -83,6 +83,7 @@ from gorch.errors import (
     EventNotFound,
     GorchError,
     HandlerFailed,
+    ParallelFailed,
     ResumeLimitError,
     SetupError,
     StaleEvent,
@@ -2194,7 +2195,8 @@ def _node_failed(
     is recorded, its dependents are skipped and its thread ends.
     """
     found = _dag_of_node(call, t)
-    if found is None:
+    branch = _branch_of(call, t) if found is None else None
+    if found is None and branch is None:
         return False
     if call.restore is not None and not isolated:
         out = call.restore()
@@ -2207,11 +2209,29 @@ def _node_failed(
     if t.wait_events:
         yield from _drop_waits(call, t)
     call.state.threads.remove(t)
+    if branch is not None:  # recorded on the joining thread; the siblings go on
+        parent, par = branch
+        label = t.name[len(par.name) + 1 :]
+        parent.nodes[label] = NodeStatus.FAILED
+        parent.node_errors[label] = err.error
+        return True
+    assert found is not None
     parent, dag = found
     _dag_node_ended(call, parent, dag, t, NodeStatus.FAILED)
     if dag.fail_fast and (call.flights or call.parked):
         call.halted.add(parent.id)
     return True
+
+
+def _branch_of(call: _Call, t: Thread) -> tuple[Thread, Parallel] | None:
+    """The joining thread and its Parallel, when ``t`` runs a branch of a Parallel."""
+    parent = call.state.thread(t.parent) if t.parent else None
+    if parent is None or parent.status is not _WAITING_CONDITION:
+        return None
+    found = call.find(parent.cur_step)
+    if found is None or type(found[1]) is not Parallel:
+        return None
+    return parent, found[1]
 
 
 def _dag_ended_with_failures(call: _Call, t: Thread) -> bool:
@@ -2222,6 +2242,8 @@ def _dag_ended_with_failures(call: _Call, t: Thread) -> bool:
     forgotten and started again; completed nodes are never re-run.
     """
     _, st = _locate(call, t)
+    if type(st) is Parallel:
+        return _parallel_ended_with_failures(call, t, st)
     if not isinstance(st, DAG):
         return False
     nodes = t.nodes
@@ -2238,6 +2260,26 @@ def _dag_ended_with_failures(call: _Call, t: Thread) -> bool:
     t.attempts = 0
     t.status = _WAITING_CONDITION
     _dag_start(call, t, st, graph_of(st).order)
+    return True
+
+
+def _parallel_ended_with_failures(call: _Call, t: Thread, st: Parallel) -> bool:
+    """:func:`_dag_ended_with_failures` for a Parallel: raise, or run the failed branches again."""
+    if not t.error:
+        t.attempts += 1
+        err = ParallelFailed(st.name, t.id, t.attempts, dict(t.node_errors))
+        t.error = err.error
+        raise err
+    failed = {n for n, s in t.nodes.items() if s is NodeStatus.FAILED}
+    t.nodes = {}
+    t.node_errors = {}
+    t.error = ""
+    t.attempts = 0
+    t.status = _WAITING_CONDITION
+    prefix = len(st.name) + 1
+    for go in st.branches:
+        if go.name[prefix:] in failed:
+            call.state.threads.append(Thread(id=_child_id(t, go.name), name=go.name, parent=t.id))
     return True
 
 

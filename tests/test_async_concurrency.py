@@ -785,18 +785,16 @@ def test_a_failing_branch_lets_its_siblings_running_steps_finish_then_raises() -
     wf = FailOne(fail=["a"])
     state = P.state = new(wf)
     saves = Saves(wf, state)
-    with pytest.raises(gorch.StepFailed) as info:
+    with pytest.raises(gorch.ParallelFailed) as info:
         asyncio.run(aresume(wf, state, saves))
-    assert info.value.step == "a"
-    assert isinstance(info.value.__cause__, RuntimeError)
+    assert (info.value.step, info.value.failed) == ("a|b", {"a": "RuntimeError: a broke"})
     assert P.cancelled == []
     assert wf.log == ["b"]  # b finished after a had failed, and was recorded
-    assert saves.kinds == [CK.AFTER_STEP]  # b's
+    assert saves.kinds == [CK.AFTER_STEP, CK.AFTER_CONDITION]  # b's; the join
     assert gorch.loads(saves.blobs[-1], FailOne)[0].log == ["b"]
-    a = state.thread("a|b.a")
-    assert a is not None and (a.status, a.cur_step, a.attempts) == (TS.EXECUTING, "a", 1)
-    assert a.error == "RuntimeError: a broke"
-    assert state.thread("a|b.b") is None  # its branch is over
+    assert state.thread("a|b.a") is None and state.thread("a|b.b") is None  # both over
+    main = state.thread(MAIN)
+    assert main is not None and main.nodes == {"a": NS.FAILED}
     wf.fail = []
     assert asyncio.run(aresume(wf, state)) is WS.FINISHED
     assert wf.log == ["b", "a", "end"]  # b did not run again
@@ -846,17 +844,12 @@ def test_a_plain_step_raising_inside_aresume_while_async_steps_run() -> None:
     P.delay = {"a": 10}
     wf = SyncFails(fail=["b"])
     state = new(wf)
-    with pytest.raises(gorch.StepFailed) as info:
+    with pytest.raises(gorch.ParallelFailed) as info:
         asyncio.run(aresume(wf, state))
-    assert (info.value.step, info.value.thread_id) == ("b", "a|b.b")
-    assert isinstance(info.value.__cause__, RuntimeError)
+    assert (info.value.step, info.value.thread_id) == ("a|b", MAIN)
+    assert info.value.failed == {"b": "RuntimeError: b broke"}
     assert wf.log == ["a"]  # the async sibling finished and was recorded
-    b = state.thread("a|b.b")
-    assert b is not None and (b.status, b.attempts, b.error) == (
-        TS.EXECUTING,
-        1,
-        "RuntimeError: b broke",
-    )
+    assert state.thread("a|b.b") is None
     wf.fail = []
     assert asyncio.run(aresume(wf, state)) is WS.FINISHED
     assert wf.log == ["a", "b", "end"]
@@ -1003,19 +996,15 @@ def test_two_concurrent_steps_changing_one_field_fail_the_later_and_lose_nothing
     wf = Counters()
     state = new(wf)
     saved: list[bytes] = []
-    with pytest.raises(gorch.StepFailed) as info:
+    with pytest.raises(gorch.ParallelFailed) as info:
         asyncio.run(aresume(wf, state, lambda kind: saved.append(gorch.dumps(wf, state))))
-    cause = info.value.__cause__
-    assert isinstance(cause, gorch.ConcurrentChange)
-    assert (cause.path, cause.step, cause.other) == (
-        "done",
-        "'y' of thread 'p.y'",
-        "'x' of thread 'p.x'",
-    )
-    assert "concurrency=1" in str(cause)
+    assert list(info.value.failed) == ["y"]  # the branch that committed second
+    error = info.value.failed["y"]
+    assert error.startswith("ConcurrentChange: ")
+    assert "'done'" in error and "'y' of thread 'p.y'" in error and "'x' of thread 'p.x'" in error
+    assert "concurrency=1" in error
     assert (wf.done, wf.log) == (1, ["x"])  # x's changes applied; nothing of y's
-    y = state.thread("p.y")
-    assert y is not None and y.cur_step == "y" and "ConcurrentChange" in y.error
+    assert state.thread("p.y") is None
     # The retry runs y alone, on the data with x's change: no update is lost.
     assert asyncio.run(aresume(wf, state)) is WS.FINISHED
     assert (wf.done, wf.log) == (2, ["x", "y"])

@@ -895,6 +895,7 @@ def test_the_scenarios_reach_what_they_are_there_for() -> None:
     assert errors == {
         "StepFailed",
         "DAGFailed",
+        "ParallelFailed",
         "SetupError",
         "ResumeLimitError",
         "InvalidEventInput",

@@ -285,31 +285,28 @@ class FailingBranch(Logged):
         )
 
 
-def test_failing_branch_raises_step_failed_and_resume_retries_only_it() -> None:
+def test_a_failing_branch_lets_its_siblings_finish_and_a_retry_runs_only_it() -> None:
+    """A Parallel is a DAG without edges: the join reports the failed branches."""
     wf = FailingBranch(fail=["flaky"])
     state = new(wf)
-    with pytest.raises(gorch.StepFailed) as info:
+    with pytest.raises(gorch.ParallelFailed) as info:
         gorch.resume(wf, state)
-    assert type(info.value) is gorch.StepFailed
-    assert info.value.step == "flaky"
-    assert info.value.attempts == 1
-    assert isinstance(info.value.__cause__, RuntimeError)
-    tid = "par.flaky>>after flaky"
-    t = state.thread(tid)
-    assert t is not None
-    assert (t.status, t.cur_step, t.attempts) == (TS.EXECUTING, "flaky", 1)
-    assert t.error == "RuntimeError: flaky broke"
-    assert wf.log == ["start", "ok", "flaky"]
+    assert info.value.step == "par" and info.value.attempts == 1
+    assert info.value.failed == {"flaky>>after flaky": "RuntimeError: flaky broke"}
+    assert "failed branches: flaky>>after flaky: RuntimeError: flaky broke" in str(info.value)
+    assert state.thread("par.flaky>>after flaky") is None  # the branch ended, failed
+    main = state.thread(MAIN)
+    assert main is not None and (main.cur_step, main.error) == ("par", info.value.error)
+    assert wf.log == ["start", "ok", "flaky", "ok2"]  # its siblings went on
 
     wf, state = roundtrip(wf, state)
-    with pytest.raises(gorch.StepFailed) as info:
+    with pytest.raises(gorch.ParallelFailed):
         gorch.resume(wf, state)
-    assert info.value.attempts == 2
-    assert wf.log == ["start", "ok", "flaky", "flaky"]  # nothing before it re-ran
+    assert wf.log == ["start", "ok", "flaky", "ok2", "flaky"]  # only the failed branch re-ran
 
     wf.fail = []
     assert gorch.resume(wf, state) is WS.FINISHED
-    assert wf.log == ["start", "ok", "flaky", "flaky", "flaky", "after", "ok2", "end"]
+    assert wf.log == ["start", "ok", "flaky", "ok2", "flaky", "flaky", "after", "end"]
 
 
 def test_crash_at_any_checkpoint_of_a_parallel_gives_the_same_result() -> None:
