@@ -2,7 +2,9 @@
 
 1. ``extract >> (transform_a | transform_b) >> load``: ``>>`` is a sequence,
    ``|`` a Parallel whose branches run as threads and are joined before
-   ``load`` runs.
+   ``load`` runs. Each step passes its result on, as in Graflow: what a step
+   returns is kept with the state, ``transform_a(rows)`` takes the result of
+   the step before the Parallel, and ``load`` names the two it takes.
 2. A fan-out / fan-in of three: ``split`` feeds three ``count-N`` nodes of a
    DAG, and ``merge`` runs after all three. One shard's data arrives late (an
    event), so the first ``resume`` stops with two shards counted and ``merge``
@@ -30,9 +32,6 @@ SENTENCE = "the quick brown fox jumps over the lazy dog"
 
 
 class Etl(gorch.Workflow):
-    rows: list[list[str]] = []
-    totals_by_item: dict[str, float] = {}
-    days: list[str] = []
     loaded: str = ""
 
     def definition(self) -> gorch.Section:
@@ -42,21 +41,25 @@ class Etl(gorch.Workflow):
             >> Step("load", self.load)
         )
 
-    def extract(self) -> None:
-        self.rows = [line.split(",") for line in RAW if line.count(",") == 2]
-        print(f"      extract: {len(self.rows)} valid rows of {len(RAW)}")
+    def extract(self) -> list[list[str]]:
+        rows = [line.split(",") for line in RAW if line.count(",") == 2]
+        print(f"      extract: {len(rows)} valid rows of {len(RAW)}")
+        return rows
 
-    def transform_a(self) -> None:
-        for _, item, price in self.rows:
-            self.totals_by_item[item] = round(self.totals_by_item.get(item, 0) + float(price), 2)
-        print(f"      transform_a: totals by item {self.totals_by_item}")
+    def transform_a(self, rows: list[list[str]]) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for _, item, price in rows:
+            totals[item] = round(totals.get(item, 0) + float(price), 2)
+        print(f"      transform_a: totals by item {totals}")
+        return totals
 
-    def transform_b(self) -> None:
-        self.days = sorted({day for day, _, _ in self.rows})
-        print(f"      transform_b: days {self.days}")
+    def transform_b(self, rows: list[list[str]]) -> list[str]:
+        days = sorted({day for day, _, _ in rows})
+        print(f"      transform_b: days {days}")
+        return days
 
-    def load(self) -> None:
-        self.loaded = f"{len(self.totals_by_item)} items over {len(self.days)} days"
+    def load(self, transform_a: dict[str, float], transform_b: list[str]) -> None:
+        self.loaded = f"{len(transform_a)} items over {len(transform_b)} days"
         print(f"      load: wrote {self.loaded}")
 
     def on_step_start(self, ctx: gorch.StepContext) -> None:
@@ -112,6 +115,7 @@ def main() -> None:
     state = gorch.new_state("etl-1", "etl")
     status = gorch.resume(wf, state)
     print(f"-> {status.value}: {wf.loaded}")
+    print(f"   results kept with the state: {sorted(state.results)}")
 
     print()
     print("== 2. fan-out / fan-in of three: split -> count-0 | count-1 | count-2 -> merge")

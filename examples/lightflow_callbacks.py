@@ -7,7 +7,9 @@ The workflow is lightflow's "callbacks" example, as a gorch DAG:
 * ``ErrorStep`` depends on nothing, and fails until the operator fixes it.
 
 ``on_step_end`` / ``on_step_error`` (lifecycle hooks of ``gorch.Workflow``)
-print the outcome of each step. The first process runs the DAG against a
+print the outcome of each step; ``on_start`` runs before the first step of the
+run, ``on_failed`` when the run has failed for good, and ``on_finish`` at its end
+(lightflow's flow-level callbacks). The first process runs the DAG against a
 SQLite file: ``ErrorStep`` fails, and ``First`` and ``Second`` still run,
 because they do not depend on it. Then the "fix" is deployed (a flag file
 appears) and a *new* Engine object, as a restarted process would make, loads
@@ -67,6 +69,16 @@ class Callbacks(gorch.Workflow):
 
     def on_step_error(self, ctx: gorch.StepContext, error: Exception) -> None:
         print(f"   callback: {ctx.step} FAILED (attempt {ctx.attempt}): {error}")
+
+    # The flow-level callbacks: before the run, and when it ends.
+    def on_start(self) -> None:
+        print("   callback: the run starts")
+
+    def on_failed(self, error: Exception) -> None:
+        print(f"   callback: the run failed: {error}")
+
+    def on_finish(self) -> None:
+        print("   callback: the run finished")
 
 
 def show(engine: gorch.Engine, wf_id: str) -> None:

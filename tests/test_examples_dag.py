@@ -40,6 +40,11 @@ def test_lightflow_callbacks_resumes_at_the_failed_step_only() -> None:
     assert sep, out
 
     # Process 1: the hooks report each outcome; the unrelated steps still ran.
+    assert in_order(first, "callback: the run starts", "callback: First succeeded")
+    assert "callback: the run failed: DAG 'callbacks'" in first
+    assert "callback: the run finished" not in first
+    assert "the run starts" not in second  # the retry is not a new run
+    assert in_order(second, "callback: ErrorStep succeeded", "callback: the run finished")
     assert "callback: First succeeded" in first
     assert "callback: ErrorStep FAILED (attempt 1): the data source is down" in first
     assert "callback: Second succeeded" in first
