@@ -24,7 +24,7 @@ import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pydantic
@@ -75,6 +75,7 @@ __all__ = [
     "marks",
     "mermaid",
     "mermaid_for",
+    "timer_label",
 ]
 
 #: The ``classDef`` of each highlight class (only the classes used are written).
@@ -162,12 +163,16 @@ def cond_label(cond: Cond) -> str:
     """
     if isinstance(cond, bool) or not callable(cond):
         return "cond"
-    fn: Any = cond
+    return _callable_name(cond) or "cond"
+
+
+def _callable_name(fn: Any) -> str:
+    """A callable's meaningful name (a partial's function's), or ``""`` (a lambda)."""
     while isinstance(fn, functools.partial):
         fn = fn.func
     name = getattr(fn, "__name__", None)
     if not isinstance(name, str) or not name or name.startswith("<"):
-        return "cond"
+        return ""
     return name
 
 
@@ -194,10 +199,24 @@ def _input_type(handler: Any) -> str:
     return "" if tp is None else _type_name(tp)
 
 
+def timer_label(case: Timeout) -> str:
+    """When a Timeout fires, for a drawing: ``3d``, ``at 2025-01-31 09:00 UTC``, ``at due()``."""
+    at = case.at
+    if at is None:
+        return humanize_duration(case.after) if case.after is not None else "?"
+    if isinstance(at, datetime):
+        if at.utcoffset() is None:  # refused by validation; drawn as written
+            return f"at {at.isoformat(sep=' ')}"
+        utc = at.astimezone(UTC)
+        return f"at {utc.strftime('%Y-%m-%d %H:%M' if not utc.second else '%Y-%m-%d %H:%M:%S')} UTC"
+    name = _callable_name(at)
+    return f"at {name}()" if name else "at a computed time"
+
+
 def case_label(case: On | Timeout) -> str:
     """A Select case's label in a drawing: ``event (InputType)``, or ``⏱ timer (3d)``."""
     if isinstance(case, Timeout):
-        return f"⏱ {case.event} ({humanize_duration(case.after)})"
+        return f"⏱ {case.event} ({timer_label(case)})"
     tp = _input_type(case.handler)
     return f"{case.event} ({tp})" if tp else case.event
 

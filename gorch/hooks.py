@@ -69,11 +69,12 @@ class StepContext:
     wf: Workflow
     extra: dict[str, Any] = field(default_factory=dict)
     results: Mapping[str, Any] = field(default_factory=dict)
-    """The results this step may read, by step name: what each step that ran
-    before it returned last (None is not kept). In a ``DAG(isolated=True)``
-    node, only the results of the steps outside the DAG and of its ancestors."""
+    """The results this step may read (copies), by step name: what each step that
+    ran before it returned last (None is not kept); see :mod:`gorch.results`.
+    Empty for hooks and middleware of a step that takes no parameter."""
     hidden: frozenset[str] = frozenset()
-    """Results kept but not visible here (other nodes of an isolated DAG)."""
+    """Results kept but not visible here (nodes of an isolated DAG that are not
+    ancestors of this one)."""
 
     def result(self, step: str) -> Any:
         """What ``step`` returned (its JSON form, as kept in the state).
@@ -95,7 +96,10 @@ def _missing(step: str, results: Mapping[str, Any], hidden: frozenset[str]) -> s
             "only the results of its ancestors and of steps outside the DAG"
         )
     have = ", ".join(map(repr, sorted(results))) or "none"
-    return f"no result of step {step!r} (it has not run, or returned None); results here: {have}"
+    return (
+        f"no result of step {step!r} (it has not run, returned None, or returned what "
+        f"cannot be kept: see the log); results here: {have}"
+    )
 
 
 @dataclass(slots=True)

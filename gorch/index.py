@@ -10,7 +10,7 @@ build is re-indexed (and re-validated) only when the shape has changed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any
 
 from gorch.errors import DefinitionError
@@ -18,6 +18,7 @@ from gorch.handlers import (
     _ASYNC_CODE,
     Handler,
     async_handler_methods,
+    aware_due_time,
     describe,
     is_async,
     signature_of,
@@ -41,11 +42,13 @@ from gorch.statements import (
     Case,
     Node,
     On,
+    Parallel,
     Section,
     Select,
     Step,
     Stmt,
     Timeout,
+    label_of,
 )
 
 Path = tuple[int, ...]
@@ -101,21 +104,29 @@ def _visit(
                 continue
         if not isinstance(st, Stmt):
             where = f"after {body[i - 1]!r}" if i else "at the start of a body"
-            raise DefinitionError(
-                f"{owner}: {st!r} ({where}) is not a statement; "
-                "did you pass a function where Step(name, fn) was meant?"
+            hint = (
+                "wrap a function in Step(fn) (named after it) or Step(name, fn)"
+                if callable(st)
+                else "a body holds statements: Step, If, Select, ..."
             )
+            raise DefinitionError(f"{owner}: {st!r} ({where}) is not a statement; {hint}")
         path = (*prefix, i)
         kind = st._kind
         if kind in NAMED_KINDS:
             name = st.name  # type: ignore[attr-defined]
             label = _KIND_LABEL[kind]
             if not isinstance(name, str) or not name:
+                if kind == K_STEP and callable(name) and isinstance(st.fn, str):  # type: ignore[attr-defined]
+                    raise DefinitionError(
+                        f"{owner}: Step({name!r}, {st.fn!r}) has its arguments swapped: "  # type: ignore[attr-defined]
+                        "Step(name, fn), or Step(fn) to name it after the function"
+                    )
                 raise DefinitionError(f"{owner}: {label} needs a non-empty str name, got {name!r}")
             if name in paths:
                 raise DefinitionError(
                     f"{owner}: the name {name!r} is used twice; names of Step, For, Select, "
                     "WaitFor and Go are cursors and must be unique in a definition"
+                    + _same_function_hint(st)
                 )
             if kind == K_GO and name == "_main_":
                 raise DefinitionError(f"{owner}: '_main_' is the main thread's name, not a Go's")
@@ -170,6 +181,16 @@ def _visit(
             _visit(child, (*path, c), paths, owner, inner_for, nodes, asyncs)
 
 
+def _same_function_hint(st: Stmt) -> str:
+    """For a Step named after its function: how to run one function in two steps."""
+    if type(st) is Step and getattr(st.fn, "__name__", None) == st.name:
+        return (
+            f" (Step(fn) is named after the function: give the other step its own name, "
+            f"Step('{st.name}_2', fn))"
+        )
+    return ""
+
+
 def _check_cond(cond: Any, where: str, asyncs: list[str]) -> None:
     if type(cond) is not bool and callable(cond) and is_async(cond):
         asyncs.append(f"the condition of {where} ({describe(cond)})")
@@ -214,13 +235,16 @@ def graph_of(dag: DAG, owner: str = "") -> DagGraph:
     deps: dict[str, tuple[str, ...]] = {}
     for n in dag.nodes:
         if not isinstance(n, (Step, Node)):
-            raise DefinitionError(
-                f"{where}: nodes are Step(..., after=[...]) or Node(...), got {n!r}"
-            )
+            raise DefinitionError(f"{where}: {n!r} cannot be a node; {_node_hint(n)}")
         if not isinstance(n.name, str) or not n.name:
-            raise DefinitionError(f"{where}: a node needs a non-empty str name, got {n.name!r}")
+            raise DefinitionError(f"{where}: a node needs a non-empty str name, {_unnamed(n)}")
         if n.name in deps:
-            raise DefinitionError(f"{where}: node {n.name!r} appears twice")
+            raise DefinitionError(
+                f"{where}: node {n.name!r} appears twice; node names are unique in a DAG "
+                "(Step(fn) is named after its function, a composite after its label: "
+                "name one of them, e.g. Step('name', fn), Node('name', ...), "
+                "S(..., name='name'), Parallel('name', ...))"
+            )
         deps[n.name] = n.after
     for name, after in deps.items():
         for a in after:
@@ -229,7 +253,7 @@ def graph_of(dag: DAG, owner: str = "") -> DagGraph:
             if a not in deps:
                 raise DefinitionError(
                     f"{where}: node {name!r} comes after {a!r}, which is not a node of this DAG"
-                    f" (nodes: {', '.join(deps)})"
+                    f" (nodes: {', '.join(deps)}){_unknown_hint(dag, a)}"
                 )
         if len(set(after)) != len(after):
             raise DefinitionError(f"{where}: node {name!r} lists a node twice in after=")
@@ -239,6 +263,61 @@ def graph_of(dag: DAG, owner: str = "") -> DagGraph:
         raise DefinitionError(f"{where} has a cycle: {' -> '.join(cycle)}")
     dag._graph = graph  # type: ignore[attr-defined]
     return graph
+
+
+def _node_hint(n: object) -> str:
+    """What to write instead of ``n`` as a DAG node."""
+    kinds = (
+        "a node is a Step (Step(fn, after=[...]) or Step(name, fn, after=[...])), "
+        "a Node(name, *body, after=[...]), or a Section, Parallel (a | b) or DAG "
+        "placed as is (named by its label)"
+    )
+    if isinstance(n, Stmt):
+        return f"{kinds}; wrap it in Node('name', {n!r}, after=[...])"
+    if callable(n):
+        return f"{kinds}; wrap a function in Step(fn) to run it as a node"
+    return kinds
+
+
+def _unnamed(n: Step | Node) -> str:
+    if isinstance(n, Node) and n.name == "" and n.body:
+        return (
+            f"but the node made of {list(n.body)!r} has no label (none of its statements "
+            "has a name); name it with Node('name', ...) or S(..., name='name')"
+        )
+    if isinstance(n, Node) and n.name == "":
+        return "but an empty composite (S() or a Parallel without branches) has none: remove it"
+    return f"got {n.name!r}"
+
+
+def _unknown_hint(dag: DAG, name: str) -> str:
+    """Why ``name`` in ``after=`` may not be a node: it names a function or an inner statement."""
+    for n in dag.nodes:
+        if isinstance(n, Step) and getattr(n.fn, "__name__", None) == name:
+            return (
+                f"; the function {name}() runs as node {n.name!r}: "
+                f"write after=[{n.name!r}] or pass that Step"
+            )
+    for n in dag.nodes:
+        if isinstance(n, Node) and _names_inside(n.body, name):
+            return (
+                f"; {name!r} is inside node {n.name!r}: a node waits for whole nodes, "
+                f"write after=[{n.name!r}]"
+            )
+    return "; after= takes node names, their Step or Node, or a function run by Step(fn)"
+
+
+def _names_inside(body: Body, name: str) -> bool:
+    for st in body:
+        if not isinstance(st, Stmt):
+            continue
+        if getattr(st, "name", None) == name or (
+            isinstance(st, (Section, Parallel)) and label_of(st) == name
+        ):
+            return True
+        if any(_names_inside(child, name) for child in st.children()):
+            return True
+    return False
 
 
 def _find_cycle(graph: DagGraph) -> list[str]:
@@ -283,14 +362,40 @@ def _check_select(st: Select, owner: str, asyncs: list[str]) -> None:
             )
         seen.add(c.event)
         if isinstance(c, Timeout):
-            after = c.after
-            if isinstance(after, bool) or not isinstance(after, (timedelta, int, float)):
-                raise DefinitionError(
-                    f"{owner}: Timeout {c.event!r} needs a timedelta or a number of seconds, "
-                    f"got {after!r}"
-                )
+            _check_timeout(c, st.name, owner, asyncs)
         else:
             _check_handler(c.handler, c.event, st.name, owner, asyncs)
+
+
+def _check_timeout(c: Timeout, select: str, owner: str, asyncs: list[str]) -> None:
+    after, at = c.after, c.at
+    where = f"{owner}: Timeout {c.event!r} of Select {select!r}"
+    if at is None:
+        if isinstance(after, bool) or not isinstance(after, (timedelta, int, float)):
+            if after is None or isinstance(after, Stmt):
+                raise DefinitionError(
+                    f"{where} has no due time: write Timeout(name, after, *body) with a "
+                    "timedelta or seconds, or Timeout(name, *body, at=when) with an aware "
+                    "datetime or a zero-argument callable returning one"
+                )
+            raise DefinitionError(
+                f"{where} needs a timedelta or a number of seconds, got {after!r}"
+            )
+        return
+    if after is not None:
+        raise DefinitionError(
+            f"{where} has both after={after!r} and at=: a timer is due after a delay "
+            "or at a time, pass one of them"
+        )
+    if isinstance(at, date):  # a datetime: aware, or refused now rather than when reached
+        aware_due_time(at, f"{where}: at=")
+    elif not callable(at):
+        raise DefinitionError(
+            f"{where}: at= needs an aware datetime or a zero-argument callable returning one, "
+            f"got {at!r}"
+        )
+    elif is_async(at):
+        asyncs.append(f"the at= of Timeout {c.event!r} ({describe(at)})")
 
 
 def _check_handler(h: Any, event: str, select: str, owner: str, asyncs: list[str]) -> None:

@@ -66,7 +66,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
 from types import MappingProxyType, MethodType
@@ -88,6 +88,7 @@ from gorch.errors import (
     SetupError,
     StaleEvent,
     StepFailed,
+    StepResultError,
     ThreadExists,
     TimerNotSendable,
     WorkflowFinishedError,
@@ -107,7 +108,7 @@ from gorch.handlers import (
 )
 from gorch.hooks import EventContext, ResumeContext, StepContext, chain, wrappers
 from gorch.index import Path, graph_of, index_definition, stmt_at
-from gorch.results import Plan, arguments, bind, keep, plan_of
+from gorch.results import Plan, arguments, bind, copy_of, keep, plan_of
 from gorch.retry import Retry
 from gorch.state import (
     ACTIVE_EVENT,
@@ -240,6 +241,8 @@ class _Call:
     written: dict[tuple[str, ...], tuple[str, str]] = {}  # this round: path -> (op, step)
     stop = False  # a step failed while others were in flight: start no new step
     deadline: datetime | None = None  # start no step from then on (see resume)
+    step_names: frozenset[str] | None = None  # of the build of generation step_names_gen
+    step_names_gen = -1
     expired = False  # the deadline passed: the call ends where the threads are
     stopped: set[str] = set()  # threads walked since then (each once)
     failure: StepFailed | None = None
@@ -721,9 +724,10 @@ def run(
     before other threads go on: a caller that saved before every step (as
     with ``lazy_steps``) puts back the data that step started from.
     """
+    deadline = _aware(deadline)
     while True:
         call = _start(wf, state, checkpoint, max_units, lazy_steps, middleware, restore, True)
-        call.deadline = _aware(deadline)
+        call.deadline = deadline
         try:
             return _run_sync(call, middleware, reason)
         except StepFailed as e:
@@ -814,11 +818,12 @@ async def arun(
 ) -> WorkflowStatus:
     """:func:`run` for the async API (the options of :func:`aresume` and :func:`run`)."""
     check_concurrency(concurrency)
+    deadline = _aware(deadline)
     while True:
         call = _start(wf, state, checkpoint, max_units, lazy_steps, middleware, restore, False)
         call.limit = asyncio.Semaphore(concurrency)
         call.executor = executor
-        call.deadline = _aware(deadline)
+        call.deadline = deadline
         try:
             out = _resume_call(call, middleware, reason)
             if is_awaitable(out):
@@ -931,11 +936,7 @@ def _fresh(state: State) -> bool:
 
 def _failed_for_good(call: _Call, e: StepFailed) -> bool:
     """Whether no retry is left for the failure: a DAG's, or a step's past its policy."""
-    if isinstance(e, DAGFailed):
-        return True
-    found = call.find(e.step)
-    policy = _policy(call, found[1]) if found is not None and type(found[1]) is Step else None
-    return policy is None or policy.exhausted(e.attempts)
+    return isinstance(e, DAGFailed) or e.retry_at is None
 
 
 def _active(t: Thread) -> list[WaitEvent]:
@@ -1058,12 +1059,12 @@ class _Launch:
     comes (so it sees the steps committed before it, as under :func:`resume`).
     """
 
-    __slots__ = ("args", "here", "name")
+    __slots__ = ("here", "name", "prepared")
 
-    def __init__(self, name: str, here: bool = False, args: dict[str, Any] | None = None) -> None:
+    def __init__(self, name: str, here: bool = False, prepared: Prepared | None = None) -> None:
         self.name = name
         self.here = here
-        self.args = args  # the step function's arguments (see gorch.results), if it takes any
+        self.prepared = prepared  # its arguments and context, if it takes any (gorch.results)
 
 
 class _Flight:
@@ -1072,14 +1073,14 @@ class _Flight:
     Parked (``task`` None) until its round takes off.
     """
 
-    __slots__ = ("args", "here", "name", "task", "thread", "walk")
+    __slots__ = ("here", "name", "prepared", "task", "thread", "walk")
 
     def __init__(self, thread: Thread, walk: Walk[None], launch: _Launch) -> None:
         self.thread = thread
         self.walk = walk
         self.name = launch.name
         self.here = launch.here
-        self.args = launch.args
+        self.prepared = launch.prepared
         self.task: asyncio.Task[tuple[list[Change], Any]] | None = None
 
 
@@ -1175,9 +1176,11 @@ async def _isolated(
     name = f.name
     async with call.limit:
         fn = _step_fn(call, copy, name)
-        if f.args is not None:
-            fn = bind(fn, f.args, _step_context(call, t, name, copy))
-        out = _run_step(call, copy, t, name, fn) if call.wrap_steps else call.call_fn(fn)
+        ctx = None
+        if f.prepared is not None:
+            fn = _bind(fn, f.prepared, copy)
+            ctx = f.prepared[1]
+        out = _run_step(call, copy, t, name, fn, ctx) if call.wrap_steps else call.call_fn(fn)
         if out is not None and is_awaitable(out):
             out = await out
     return diff_data(base, _data(copy)), out
@@ -1423,15 +1426,15 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
             if found is None or found[-1] != idx:
                 call.verify(st)
                 paths = call.index.paths
+            if call.stop or (call.deadline is not None and clock.now() >= call.deadline):
+                # (async) a step of another thread failed, or the call's deadline passed:
+                # this step waits for a later resume, and the walk to it is not committed
+                # (threads it would start are started when a later walk gets here)
+                call.expired = not call.stop
+                return
             if spawned:
                 state.threads.extend(spawned)
                 spawned = []
-            if call.stop or (call.deadline is not None and clock.now() >= call.deadline):
-                # (async) a step of another thread failed, or the call's deadline passed:
-                # this step waits for a later resume
-                call.units += loops
-                call.expired = not call.stop
-                return
             call.units += loops + 1
             loops = 0
             if call.units > call.max_units:
@@ -1449,21 +1452,24 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
             call.dirty = True  # the step may change data, even when it fails
             if call.sync:
                 fn = st.fn
+                ctx = None
                 try:
                     code = getattr(fn, "__code__", None)
-                    if code is None or code.co_argcount + code.co_kwonlyargcount > (
-                        type(fn) is MethodType
-                    ):  # it takes parameters: results, or its context (no hashing else)
+                    if (
+                        code is None
+                        or code.co_argcount + code.co_kwonlyargcount > (type(fn) is MethodType)
+                        or code.co_flags & _STAR_ARGS
+                    ):  # it may take parameters: results, or its context (no hashing else)
                         plan = plan_of(fn)
                         if plan:
-                            fn = _bound(call, t, st.name, fn, plan, frames, call.wf)
-                    out = _run_step(call, call.wf, t, st.name, fn) if call.wrap_steps else fn()
+                            fn, ctx = _bound(call, t, st.name, fn, plan, frames, call.wf)
+                    out = _run_step(call, call.wf, t, st.name, fn, ctx) if call.wrap_steps else fn()
                     if out is not None:
                         if is_awaitable(out):
                             raise refuse_awaitable(out, f"Step {st.name!r}")
-                        keep(state.results, st.name, out)
+                        keep(state.results, _result_key(call, t, st.name), out)
                     elif state.results:
-                        state.results.pop(st.name, None)
+                        state.results.pop(_result_key(call, t, st.name), None)
                 except SyncCallRefused:
                     raise
                 except Exception as e:
@@ -1668,17 +1674,18 @@ def _async_step(call: _Call, t: Thread, st: Step, frames: list[Frame]) -> Walk[s
         elif not plain and _concurrent(call, t):
             isolated = launched = True
             # Its arguments are read now, from the results the round starts from.
-            args = _arguments(call, t, st.name, plan, frames) if plan else None
-            out = yield _Launch(st.name, args=args)  # its result, once committed
+            prepared = _prepare(call, t, st.name, plan, frames) if plan else None
+            out = yield _Launch(st.name, prepared=prepared)  # its result, once committed
         if not isolated:  # in place, on the live workflow
             wf = call.wf
+            ctx = None
             if plan:
-                fn = _bound(call, t, st.name, fn, plan, frames, wf)
-            out = _run_step(call, wf, t, st.name, fn) if call.wrap_steps else call.call_fn(fn)
+                fn, ctx = _bound(call, t, st.name, fn, plan, frames, wf)
+            out = _run_step(call, wf, t, st.name, fn, ctx) if call.wrap_steps else call.call_fn(fn)
             if out is not None and is_awaitable(out):
                 out = yield from _awaited_in_place(wf, out)
         if out is not None or call.state.results:
-            keep(call.state.results, st.name, out)
+            keep(call.state.results, _result_key(call, t, st.name), out)
     except Exception as e:
         yield from _step_failed(call, t, st.name, _policy(call, st), e, isolated)
         return _STOPPED  # a DAG node: failed for good, or retried after the others ran
@@ -1687,14 +1694,76 @@ def _async_step(call: _Call, t: Thread, st: Step, frames: list[Frame]) -> Walk[s
     return _DONE if call.gen == gen else _MOVED
 
 
-def _arguments(
-    call: _Call, t: Thread, name: str, plan: Plan, frames: list[Frame]
-) -> dict[str, Any]:
-    """The arguments of a step function that takes results or its context (gorch.results)."""
-    visible, hidden = _visible_results(call, t)
-    paths = call.index.paths
-    assert paths is not None
-    return arguments(name, plan, visible, hidden, paths, _previous_step(call, t, frames))
+_STAR_ARGS = 0x04 | 0x08  # CO_VARARGS | CO_VARKEYWORDS: a wrapper may hide parameters
+
+
+def _result_key(call: _Call, t: Thread, name: str) -> str:
+    """Where step ``name`` of thread ``t`` keeps its result (see :mod:`gorch.results`)."""
+    if not t.parent and t.id == MAIN_THREAD:
+        return name
+    ns = _namespace(call, t)
+    return f"{ns}/{name}" if ns else name
+
+
+def _namespace(call: _Call, t: Thread) -> str:
+    """The results namespace of ``t``: its root thread's id ("" for the main thread's)."""
+    root = t
+    while root.parent:
+        parent = call.state.thread(root.parent)
+        if parent is None:
+            break
+        root = parent
+    return "" if root.id == MAIN_THREAD else root.id
+
+
+#: A step's prepared call: its arguments (or what binding them raised), and its context.
+Prepared = tuple["dict[str, Any] | StepResultError", StepContext]
+
+
+def _prepare(call: _Call, t: Thread, name: str, plan: Plan, frames: list[Frame]) -> Prepared:
+    """Read now what a step taking parameters gets: copies of the results it may read."""
+    state = call.state
+    results = state.results
+    hidden = _hidden_results(call, t)
+    ns = _namespace(call, t)
+    names = _step_names_of(call)
+    visible: dict[str, Any] = {}
+    for n in names:
+        if n in hidden:
+            continue
+        key = f"{ns}/{n}" if ns and f"{ns}/{n}" in results else n
+        if key in results:
+            visible[n] = copy_of(results[key])
+    ctx = StepContext(
+        state.workflow,
+        state.id,
+        t.id,
+        name,
+        t.attempts + 1,
+        call.wf,
+        results=MappingProxyType(visible),
+        hidden=hidden,
+    )
+    try:
+        args: dict[str, Any] | StepResultError = arguments(
+            name, plan, visible, hidden, names, _previous_step(call, t, frames)
+        )
+    except StepResultError as e:  # raised when the step runs: it is the step's failure
+        args = e
+    return args, ctx
+
+
+def _bind(fn: Callable[..., Any], prepared: Prepared, wf: Workflow) -> Callable[[], Any]:
+    args, ctx = prepared
+    ctx.wf = wf
+    if isinstance(args, StepResultError):
+        error = args
+
+        def refused() -> Any:
+            raise error
+
+        return refused
+    return bind(fn, args, ctx)
 
 
 def _bound(
@@ -1705,25 +1774,25 @@ def _bound(
     plan: Plan,
     frames: list[Frame],
     wf: Workflow,
-) -> Callable[[], Any]:
-    """``fn`` with its arguments, as a zero-argument callable."""
-    return bind(fn, _arguments(call, t, name, plan, frames), _step_context(call, t, name, wf))
+) -> tuple[Callable[[], Any], StepContext]:
+    """``fn`` with its arguments, as a zero-argument callable, and its context."""
+    prepared = _prepare(call, t, name, plan, frames)
+    return _bind(fn, prepared, wf), prepared[1]
 
 
-def _step_context(call: _Call, t: Thread, name: str, wf: Workflow) -> StepContext:
-    state = call.state
-    visible, hidden = _visible_results(call, t)
-    return StepContext(
-        state.workflow, state.id, t.id, name, t.attempts + 1, wf, results=visible, hidden=hidden
-    )
+def _step_names_of(call: _Call) -> frozenset[str]:
+    """The names of every Step in the current build (a parameter may name one)."""
+    if call.step_names is None or call.step_names_gen != call.gen:
+        call.step_names = frozenset(_step_names(call.root))
+        call.step_names_gen = call.gen
+    return call.step_names
 
 
-def _visible_results(call: _Call, t: Thread) -> tuple[Mapping[str, Any], frozenset[str]]:
-    """The results thread ``t`` may read, and those it may not (an isolated DAG's others)."""
-    results = call.state.results
+def _hidden_results(call: _Call, t: Thread) -> frozenset[str]:
+    """The step names whose results ``t`` may not read: an isolated DAG's non-ancestors."""
     found = _dag_of_node(call, t) if t.parent else None
     if found is None or not getattr(found[1], "isolated", False):
-        return MappingProxyType(results), frozenset()
+        return frozenset()
     dag = found[1]
     node = t.name[len(dag.name) + 1 :]
     deps = graph_of(dag, call.index.owner).deps
@@ -1733,8 +1802,7 @@ def _visible_results(call: _Call, t: Thread) -> tuple[Mapping[str, Any], frozens
             if d not in mine:
                 mine.add(d)
                 todo.append(d)
-    hidden = frozenset(name for n in dag.nodes if n.name not in mine for name in _step_names(n))
-    return MappingProxyType({k: v for k, v in results.items() if k not in hidden}), hidden
+    return frozenset(name for n in dag.nodes if n.name not in mine for name in _step_names(n))
 
 
 def _step_names(st: Stmt) -> list[str]:
@@ -1768,7 +1836,10 @@ def _previous_step(call: _Call, t: Thread, frames: list[Frame]) -> str | None:
         after: tuple[str, ...] = tuple(getattr(node, "after", ())) if node is not None else ()
         if len(after) != 1:
             return None
-        dep = next((n for n in dag.nodes if n.name == after[0]), None)
+        dep: Any = next((n for n in dag.nodes if n.name == after[0]), None)
+        if dep is not None and type(dep) is not Step:  # a Node: its last statement
+            body = getattr(dep, "body", ())
+            dep = body[-1] if body else None
         return dep.name if type(dep) is Step else None
     parent = call.state.thread(t.parent)
     paths = call.index.paths
@@ -1981,12 +2052,21 @@ def retry_policy(wf: Workflow, step: str) -> Retry | None:
     return policy if policy is not None else type(wf).default_retry
 
 
-def _run_step(call: _Call, wf: Workflow, t: Thread, name: str, fn: Callable[[], Any]) -> Any:
+def _run_step(
+    call: _Call,
+    wf: Workflow,
+    t: Thread,
+    name: str,
+    fn: Callable[[], Any],
+    ctx: StepContext | None = None,
+) -> Any:
     """Run a step's function on ``wf`` inside the class hooks and the middleware chain.
 
-    Returns its result, or (async API) an awaitable of it.
+    ``ctx``: the step's own context, when it takes one (hooks and middleware see
+    the same). Returns its result, or (async API) an awaitable of it.
     """
-    ctx = StepContext(call.state.workflow, call.state.id, t.id, name, t.attempts + 1, wf)
+    if ctx is None:
+        ctx = StepContext(call.state.workflow, call.state.id, t.id, name, t.attempts + 1, wf)
 
     def inner() -> Any:
         return call.run(_hooked_step(call, wf, ctx, name, fn))

@@ -15,13 +15,22 @@ reload. A later step reads it in one of three ways:
 
 An annotated parameter gets the value validated by pydantic against its
 annotation (``def load(order: Order)``); an unannotated one gets the JSON
-form. Introspection happens once per function (by code object), so a step
-that takes no parameter costs nothing more.
+form, as a copy of its own (changing it changes no stored result).
+Introspection happens once per function (by code object), so a step that
+takes no parameter costs nothing more.
+
+Results live in namespaces: the main thread's steps, and the branches of a
+Parallel or DAG it runs, keep them under the step's name; a thread started by
+``Go`` (and the branches it runs) keeps them under ``"{thread id}/{step}"``,
+so two workers running the same statements never read each other's results.
+A thread reads its own namespace first, then the main thread's.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -58,23 +67,52 @@ class Param:
 
 Plan = tuple[Param, ...]
 
-#: Plans by code object: closures of one ``def`` share their parameters.
+log = logging.getLogger("gorch")
+
+#: Plans by code object (closures of one ``def`` share their parameters), by
+#: partial's function and bound names, or by a callable object's class.
 plans: dict[Any, Plan] = {}
 
 
 def plan_of(fn: Callable[..., Any]) -> Plan:
     """The parameters ``fn`` takes (empty for the usual ``fn()``)."""
-    func = getattr(fn, "__func__", fn)
-    code = getattr(func, "__code__", None)
-    cacheable = code is not None and not hasattr(func, "__wrapped__")
-    if cacheable:
-        plan = plans.get(code)
+    key = _plan_key(fn)
+    if key is not None:
+        plan = plans.get(key)
         if plan is not None:
             return plan
     plan = _introspect(fn)
-    if cacheable:
-        plans[code] = plan
+    if key is not None:
+        plans[key] = plan
     return plan
+
+
+def _plan_key(fn: Any) -> Any:
+    """What ``fn``'s parameters depend on only, or None (then it is read each time)."""
+    if isinstance(fn, functools.partial):
+        inner = _plan_key(fn.func)
+        if inner is None:
+            return None
+        return ("partial", inner, len(fn.args), tuple(sorted(fn.keywords)))
+    func = getattr(fn, "__func__", fn)
+    if hasattr(func, "__wrapped__"):  # wrappers of one decorator share their code
+        return None
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        return code
+    if not inspect.isroutine(fn):
+        return type(fn)  # a callable object: its class's __call__
+    return None
+
+
+def _hints_target(fn: Any) -> Any:
+    """Where ``fn``'s annotations are: a partial's function, an object's ``__call__``."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    target = getattr(fn, "__func__", fn)
+    if not inspect.isroutine(target):
+        target = type(target).__call__
+    return inspect.unwrap(target)
 
 
 def _introspect(fn: Callable[..., Any]) -> Plan:
@@ -89,11 +127,8 @@ def _introspect(fn: Callable[..., Any]) -> Plan:
     ]
     if not params:
         return ()
-    target = getattr(fn, "__func__", fn)
-    if not inspect.isroutine(target):
-        target = type(target).__call__
     try:
-        hints = typing.get_type_hints(target, include_extras=True)
+        hints = typing.get_type_hints(_hints_target(fn), include_extras=True)
     except Exception as e:  # an unresolved forward reference
         raise DefinitionError(f"cannot resolve the annotations of step function {fn!r}: {e}") from e
     out: list[Param] = []
@@ -121,28 +156,31 @@ def arguments(
     plan: Plan,
     results: Mapping[str, Any],
     hidden: frozenset[str],
-    steps: Mapping[str, Any],
+    steps: frozenset[str],
     previous: str | None,
 ) -> dict[str, Any]:
     """The keyword arguments of a step call (a ``StepContext`` stands for ``ctx``).
 
-    ``steps`` holds every statement name of the workflow (a parameter named
-    after one reads that step's result), ``previous`` the step that comes
-    directly before this one, whose result the one other parameter gets.
+    ``results`` are the results this step may read (copies), by step name;
+    ``steps`` the names of every Step of the workflow (a parameter named after
+    one reads that step's result); ``previous`` the step that comes directly
+    before this one, whose result the one other parameter gets.
     """
     kwargs: dict[str, Any] = {}
-    loose = [p for p in plan if p.kind == _RESULT and p.name not in steps and not p.default]
-    if len(loose) > 1:
+    loose = [p for p in plan if p.kind == _RESULT and p.name not in steps]
+    required = [p for p in loose if not p.default]
+    if len(required) > 1:
         raise StepResultError(
             step,
-            f"parameters {', '.join(repr(p.name) for p in loose)} name no step; name each "
-            "after the step whose result it takes, or take ctx: gorch.StepContext",
+            f"parameters {', '.join(repr(p.name) for p in required)} name no step; name "
+            "each after the step whose result it takes, or take ctx: gorch.StepContext",
         )
+    positional = required[0] if required else loose[0] if len(loose) == 1 else None
     for p in plan:
         if p.kind == _CTX:
             kwargs[p.name] = _CTX
             continue
-        source = p.name if p.name in steps else previous if p in loose else None
+        source = p.name if p.name in steps else previous if p is positional else None
         if source is None:
             if p.default:
                 continue
@@ -177,24 +215,39 @@ def bind(fn: Callable[..., Any], kwargs: dict[str, Any], ctx: StepContext) -> Ca
     return lambda: fn(**args)
 
 
-def keep(results: dict[str, Any], step: str, value: Any) -> None:
-    """Keep what ``step`` returned (its JSON form), or StepResultError; None drops it."""
+def keep(results: dict[str, Any], key: str, value: Any) -> None:
+    """Keep what a step returned (a copy of its JSON form) under ``key``; None drops it.
+
+    A value that cannot be kept (not JSON-able, or over ``MAX_RESULT_BYTES``) is
+    not kept, with a warning: the step's effects happened, so failing it would
+    run them again. A step that reads it gets an error saying so.
+    """
+    results.pop(key, None)
     if value is None:
-        results.pop(step, None)
         return
     try:
-        plain = pydantic_core.to_jsonable_python(value)
-        size = len(msgpack.packb(plain, use_bin_type=True))
+        packed = msgpack.packb(pydantic_core.to_jsonable_python(value), use_bin_type=True)
     except Exception as e:
-        raise StepResultError(
-            step,
-            f"its result ({type(value).__name__}) cannot be kept with the state: {e}. "
-            "Return JSON-able data or a pydantic model (or None)",
-        ) from e
-    if size > MAX_RESULT_BYTES:
-        raise StepResultError(
-            step,
-            f"its result is {size} bytes, over the limit of {MAX_RESULT_BYTES}: keep large "
-            "data elsewhere (a field, a file, your database) and return a reference to it",
+        log.warning(
+            "gorch: the result of step %r (%s) is not kept with the state: %s; return "
+            "JSON-able data or a pydantic model (or None)",
+            key,
+            type(value).__name__,
+            e,
         )
-    results[step] = plain
+        return
+    if len(packed) > MAX_RESULT_BYTES:
+        log.warning(
+            "gorch: the result of step %r is not kept: %d bytes, over the limit of %d; keep "
+            "large data elsewhere (a field, a file, your database) and return a reference",
+            key,
+            len(packed),
+            MAX_RESULT_BYTES,
+        )
+        return
+    results[key] = msgpack.unpackb(packed, raw=False)  # a copy: nothing shares it
+
+
+def copy_of(value: Any) -> Any:
+    """A deep copy of a kept result (JSON-mode data), so a reader cannot change it."""
+    return msgpack.unpackb(msgpack.packb(value, use_bin_type=True), raw=False)

@@ -4,7 +4,9 @@ Statements are plain data: constructing one does no validation and no
 introspection, because ``definition()`` is called again whenever the
 interpreter needs a value computed from current data (see ``interpreter.py``).
 Validation (unique names, Break outside a loop, ...) happens once per shape in
-:mod:`gorch.index`.
+:mod:`gorch.index`. The one exception is a name read from a function
+(``Step(fn)``, ``after=[fn]``): a callable without a usable ``__name__`` is
+refused where it is written, since no later check could tell what was meant.
 
 Every container exposes its bodies as tuples of statements; the interpreter
 addresses a statement by a *path* of indices through those tuples.
@@ -13,8 +15,8 @@ addresses a statement by a *path* of indices through those tuples.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeAlias
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeAlias, overload
 
 from gorch.errors import DefinitionError
 
@@ -26,6 +28,12 @@ if TYPE_CHECKING:
 #: callable evaluated when the interpreter needs it.
 Cond: TypeAlias = "bool | Callable[[], bool]"
 Body: TypeAlias = "tuple[Stmt, ...]"
+#: What ``after=`` names a DAG node by: its name, its Step or Node, the function
+#: a ``Step(fn)`` is named after, or a composite statement placed as a node.
+Dep: TypeAlias = "str | Stmt | Callable[..., Any]"
+#: When an absolute :class:`Timeout` is due: an aware datetime, or a zero-argument
+#: callable returning one, evaluated when the Select starts waiting.
+When: TypeAlias = "datetime | Callable[[], Any]"
 
 # Kinds, compared by identity in the interpreter's dispatch.
 K_SECTION = 0
@@ -108,24 +116,58 @@ S = Section
 class Step(Stmt):
     """Run ``fn()``; an exception means the step failed and will be retried.
 
-    ``retry`` is the Engine's policy for this step (see :class:`gorch.Retry`).
+    ``Step(fn)`` is named after the function (``fn.__name__``, a bound
+    method's too); ``Step(name, fn)`` names it explicitly, as a lambda, a
+    ``functools.partial`` or two steps running one function need. ``retry`` is
+    the Engine's policy for this step (see :class:`gorch.Retry`); ``after``
+    makes the step a node of the enclosing :class:`DAG` (see :class:`Node`).
     """
 
     __slots__ = ("_after", "_retry", "fn", "name")
     _kind = K_STEP
+    name: str
+    fn: Callable[[], Any]
+    _after: tuple[str, ...] | None
 
+    @overload
     def __init__(
         self,
         name: str,
         fn: Callable[[], Any],
         *,
         retry: Retry | None = None,
-        after: Iterable[str | Stmt] | None = None,
+        after: Iterable[Dep] | Dep | None = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        fn: Callable[[], Any],
+        /,
+        *,
+        retry: Retry | None = None,
+        after: Iterable[Dep] | Dep | None = None,
+    ) -> None: ...
+
+    def __init__(
+        self,
+        name: str | Callable[[], Any],
+        fn: Callable[[], Any] | None = None,
+        *,
+        retry: Retry | None = None,
+        after: Iterable[Dep] | Dep | None = None,
     ) -> None:
-        self.name = name
-        self.fn = fn
+        if fn is None:  # Step(fn): named after the function
+            fn = name  # type: ignore[assignment]
+            name = _step_name(fn)
+        self.name = name  # type: ignore[assignment]
+        self.fn = fn  # type: ignore[assignment]
         # Validation reads ``_after`` for every step: a slot always set reads fast.
-        self._after: tuple[str, ...] | None = None if after is None else _names(after)
+        # (The common case, no after=, is the else branch: one jump fewer.)
+        if after is not None:
+            self._after = _names(after)
+        else:
+            self._after = None
         if retry is not None:  # read only when a step fails: the slot stays empty
             self._retry = retry
 
@@ -235,13 +277,39 @@ class On:
 
 
 class Timeout:
-    """A timer case of a :class:`Select`: fires ``after`` once the Select starts waiting."""
+    """A timer case of a :class:`Select`: fires ``after`` once the Select starts waiting,
+    or ``at`` a given time.
 
-    __slots__ = ("after", "body", "event")
+    ``Timeout(name, after, *body)``: ``after`` is a timedelta or seconds,
+    counted from when the Select starts waiting. ``Timeout(name, *body, at=when)``:
+    ``when`` is an aware datetime, or a zero-argument callable returning one,
+    called when the Select starts waiting (in the timer's setup), so "escalate
+    three days after the order was placed" needs no chain of relative waits.
+    A time already past fires at once (on the next ``due_events`` /
+    ``run_due``). Naive datetimes are refused: which zone they mean is a guess.
+    """
 
-    def __init__(self, name: str, after: timedelta | float, *body: Stmt) -> None:
+    __slots__ = ("after", "at", "body", "event")
+
+    @overload
+    def __init__(self, name: str, after: timedelta | float, *body: Stmt) -> None: ...
+
+    @overload
+    def __init__(self, name: str, *body: Stmt, at: When) -> None: ...
+
+    def __init__(
+        self,
+        name: str,
+        after: timedelta | float | Stmt | None = None,
+        *body: Stmt,
+        at: When | None = None,
+    ) -> None:
         self.event = name
-        self.after = after
+        self.at = at
+        if at is not None and isinstance(after, Stmt):  # Timeout(name, *body, at=...)
+            body = (after, *body)
+            after = None
+        self.after: timedelta | float | None = after  # type: ignore[assignment]
         self.body: Body = body
 
 
@@ -367,13 +435,28 @@ class Node(Stmt):
     """A node of a :class:`DAG`: ``body`` runs in its own thread after the ``after`` nodes.
 
     The body may wait on events and timers. ``Step(name, fn, after=[...])``
-    is the short form of a node made of one step.
+    is the short form of a node made of one step. ``Node(stmt, ..., after=[...])``
+    without a name is named by its body's label (see :func:`label_of`), so
+    ``after=[stmt]`` elsewhere in the DAG finds it.
+
+    ``after`` lists what the node waits for: node names, the Step or Node
+    objects, a function (the step ``Step(fn)`` named after it) or a composite
+    statement placed in the DAG (its label).
     """
 
     __slots__ = ("after", "body", "name")
     _kind = K_NODE
 
-    def __init__(self, name: str, *body: Stmt, after: Iterable[str | Stmt] = ()) -> None:
+    @overload
+    def __init__(self, name: str, *body: Stmt, after: Iterable[Dep] | Dep = ()) -> None: ...
+
+    @overload
+    def __init__(self, first: Stmt, /, *body: Stmt, after: Iterable[Dep] | Dep = ()) -> None: ...
+
+    def __init__(self, name: str | Stmt, *body: Stmt, after: Iterable[Dep] | Dep = ()) -> None:
+        if isinstance(name, Stmt):  # Node(stmt, ...): named by its body's label
+            body = (name, *body)
+            name = label_of(body[0]) if len(body) == 1 else label_of(Section(*body))
         self.name = name
         self.body: Body = body
         self.after: tuple[str, ...] = _names(after)
@@ -387,6 +470,13 @@ class Node(Stmt):
 
 class DAG(Stmt):
     """Run nodes as soon as every node they come after has completed.
+
+    A node is a ``Step(..., after=[...])``, a :class:`Node`, or a composite
+    statement placed as is -- a :class:`Section`, a :class:`Parallel` (``a | b``)
+    or a nested DAG -- which becomes a node named by its label (see
+    :func:`label_of`) that depends on nothing; ``after=[that_statement]``
+    makes other nodes wait for all of it (a sync point). To make a composite
+    wait for other nodes, wrap it: ``Node(stmt, after=[...])``.
 
     Independent nodes run as parallel threads (named ``"{name}.{node}"``),
     started in definition order. Which nodes completed, failed or were
@@ -402,15 +492,27 @@ class DAG(Stmt):
     __slots__ = ("_graph", "branches", "fail_fast", "name", "nodes")
     _kind = K_DAG
 
-    def __init__(self, name: str, *nodes: Step | Node, fail_fast: bool = False) -> None:
+    def __init__(
+        self, name: str, *nodes: Step | Node | Section | Parallel | DAG, fail_fast: bool = False
+    ) -> None:
         self.name = name
-        self.nodes = nodes
         self.fail_fast = fail_fast
-        self.branches: tuple[Go, ...] = tuple(
-            Go(f"{name}.{n.name}", *(n.body if type(n) is Node else (n,)))
-            for n in nodes
-            if type(n) is Node or type(n) is Step  # anything else: refused by validation
-        )
+        branches = []
+        wrapped: list[Any] | None = None
+        for i, n in enumerate(nodes):
+            if type(n) is Step:
+                branches.append(Go(f"{name}.{n.name}", n))
+            elif type(n) is Node:
+                branches.append(Go(f"{name}.{n.name}", *n.body))
+            elif type(n) in _AUTO_NODES:  # a composite placed as a node: wrap it
+                if wrapped is None:
+                    wrapped = list(nodes)
+                wrapped[i] = node = _as_node(n)
+                branches.append(Go(f"{name}.{node.name}", *node.body))
+            # anything else: refused by validation (gorch.index.graph_of)
+        kept: Any = nodes if wrapped is None else tuple(wrapped)
+        self.nodes: tuple[Step | Node, ...] = kept
+        self.branches: tuple[Go, ...] = tuple(branches)
 
     def children(self) -> tuple[Body, ...]:
         return (self.branches,)
@@ -446,10 +548,45 @@ def _threads(name: str, branches: tuple[Stmt, ...]) -> tuple[Go, ...]:
     return tuple(out)
 
 
-def _names(after: Iterable[str | Stmt]) -> tuple[str, ...]:
-    if isinstance(after, (str, Stmt)):
+def _names(after: Iterable[Dep] | Dep) -> tuple[str, ...]:
+    """The node names ``after=`` lists (see :data:`Dep`)."""
+    if isinstance(after, (str, Stmt)) or callable(after):
         after = (after,)
-    return tuple(a if isinstance(a, str) else str(getattr(a, "name", a)) for a in after)
+    return tuple(a if isinstance(a, str) else _dep_name(a) for a in after)
+
+
+def _dep_name(dep: object) -> str:
+    if isinstance(dep, Stmt):
+        return label_of(dep)
+    if callable(dep):
+        return _fn_name(dep, f"after=[{dep!r}]", "a node name or its Step")
+    raise DefinitionError(
+        f"after= lists node names, Steps, Nodes, step functions or composite statements, "
+        f"got {dep!r} ({type(dep).__name__})"
+    )
+
+
+def _step_name(fn: object) -> str:
+    """The name ``Step(fn)`` takes: the function's ``__name__``."""
+    if isinstance(fn, str):
+        raise DefinitionError(
+            f"Step({fn!r}) has no function to run: write Step({fn!r}, fn) or Step(fn)"
+        )
+    return _fn_name(fn, f"Step({fn!r})", "a name: Step('name', fn)")
+
+
+def _fn_name(fn: object, where: str, instead: str) -> str:
+    name = getattr(fn, "__name__", None)
+    if isinstance(name, str) and name.isidentifier():
+        return name
+    what = f"its __name__ is {name!r}" if isinstance(name, str) else "it has no __name__"
+    raise DefinitionError(f"{where}: cannot name it after the callable ({what}); pass {instead}")
+
+
+def _as_node(st: Stmt) -> Node:
+    """A composite statement placed directly in a DAG, as a node named by its label."""
+    body = st.stmts if isinstance(st, Section) else (st,)
+    return Node(label_of(st), *body)
 
 
 def _check_operand(left: object, op: str, right: object) -> None:
@@ -471,6 +608,9 @@ def _par_parts(st: Stmt) -> tuple[Stmt, ...]:
         return st._sources
     return (st,)
 
+
+#: Statements a DAG takes as nodes without a Node around them (named by their label).
+_AUTO_NODES = (Section, Parallel, DAG)
 
 #: Statement kinds whose name is a cursor (unique within a definition).
 NAMED_KINDS = frozenset({K_STEP, K_FOR, K_SELECT, K_GO, K_WAITFOR, K_PARALLEL, K_DAG})

@@ -18,7 +18,7 @@ from flow_support import Logged, new, noop
 from pydantic import Field
 
 import gorch
-from gorch import DAG, For, Go, Node, On, Parallel, Retry, S, Select, Step, WaitFor
+from gorch import DAG, For, Go, Node, On, Parallel, Retry, Return, S, Select, Step, WaitFor
 from gorch import CheckpointKind as CK
 from gorch import InstanceStatus as IS
 from gorch import NodeStatus as NS
@@ -424,14 +424,17 @@ def test_a_cycle_message_names_a_real_cycle() -> None:
 
 
 class NotANode(Logged):
+    """A section placed as a node is named by its label; ``S(Return())`` has none."""
+
     def definition(self) -> gorch.Section:
-        return S(DAG("g", Step("a", noop), S(Step("b", noop))))
+        return S(DAG("g", Step("a", noop), S(Return())))
 
 
-def test_an_unnamed_statement_as_a_node_is_named_in_the_error() -> None:
+def test_an_unlabelled_statement_as_a_node_is_named_in_the_error() -> None:
     with pytest.raises(gorch.DefinitionError) as info:
         gorch.resume(NotANode(), gorch.new_state("n", "n"))
-    assert "'g'" in str(info.value) and "S(Step('b'))" in str(info.value)
+    assert "'g'" in str(info.value) and "Return()" in str(info.value)
+    assert "Node('name', ...)" in str(info.value)
 
 
 def test_an_unnamed_statement_as_a_node_is_a_definition_error() -> None:
