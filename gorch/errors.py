@@ -371,6 +371,23 @@ class InvalidWorkflowId(GorchError):
         )
 
 
+class StepTimeout(GorchError):
+    """A step attempt took longer than its ``timeout=``: the attempt failed.
+
+    An async step is cancelled at the timeout; a plain one cannot be
+    interrupted safely, so it fails when it returns late, and what it returned
+    is dropped. Either way the attempt counts as failed and is retried by the
+    step's policy like any failure.
+    """
+
+    def __init__(self, step: str, timeout: float, took: float | None = None) -> None:
+        self.step = step
+        self.timeout = timeout
+        self.took = took
+        how = f"took {took:.3f} s" if took is not None else "was cancelled"
+        super().__init__(f"step {step!r} {how}, over its timeout of {timeout:g} s")
+
+
 class StepResultError(GorchError):
     """A step's result cannot be kept, or a step asked for a result it cannot have.
 

@@ -89,6 +89,7 @@ from gorch.errors import (
     StaleEvent,
     StepFailed,
     StepResultError,
+    StepTimeout,
     ThreadExists,
     TimerNotSendable,
     WorkflowFinishedError,
@@ -1059,12 +1060,19 @@ class _Launch:
     comes (so it sees the steps committed before it, as under :func:`resume`).
     """
 
-    __slots__ = ("here", "name", "prepared")
+    __slots__ = ("here", "name", "prepared", "timeout")
 
-    def __init__(self, name: str, here: bool = False, prepared: Prepared | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        here: bool = False,
+        prepared: Prepared | None = None,
+        timeout: float | None = None,
+    ) -> None:
         self.name = name
         self.here = here
         self.prepared = prepared  # its arguments and context, if it takes any (gorch.results)
+        self.timeout = timeout  # the step's timeout= (seconds)
 
 
 class _Flight:
@@ -1073,7 +1081,7 @@ class _Flight:
     Parked (``task`` None) until its round takes off.
     """
 
-    __slots__ = ("here", "name", "prepared", "task", "thread", "walk")
+    __slots__ = ("here", "name", "prepared", "task", "thread", "timeout", "walk")
 
     def __init__(self, thread: Thread, walk: Walk[None], launch: _Launch) -> None:
         self.thread = thread
@@ -1081,6 +1089,7 @@ class _Flight:
         self.name = launch.name
         self.here = launch.here
         self.prepared = launch.prepared
+        self.timeout = launch.timeout
         self.task: asyncio.Task[tuple[list[Change], Any]] | None = None
 
 
@@ -1180,9 +1189,12 @@ async def _isolated(
         if f.prepared is not None:
             fn = _bind(fn, f.prepared, copy)
             ctx = f.prepared[1]
+        began = time.monotonic()
         out = _run_step(call, copy, t, name, fn, ctx) if call.wrap_steps else call.call_fn(fn)
         if out is not None and is_awaitable(out):
-            out = await out
+            out = await (out if f.timeout is None else _limited(out, name, f.timeout))
+        elif f.timeout is not None:
+            _check_late(name, f.timeout, began)
     return diff_data(base, _data(copy)), out
 
 
@@ -1463,7 +1475,12 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
                         plan = plan_of(fn)
                         if plan:
                             fn, ctx = _bound(call, t, st.name, fn, plan, frames, call.wf)
+                    timeout = st._timeout
+                    if timeout is not None:
+                        began = time.monotonic()
                     out = _run_step(call, call.wf, t, st.name, fn, ctx) if call.wrap_steps else fn()
+                    if timeout is not None:
+                        _check_late(st.name, timeout, began)
                     if out is not None:
                         if is_awaitable(out):
                             raise refuse_awaitable(out, f"Step {st.name!r}")
@@ -1675,15 +1692,22 @@ def _async_step(call: _Call, t: Thread, st: Step, frames: list[Frame]) -> Walk[s
             isolated = launched = True
             # Its arguments are read now, from the results the round starts from.
             prepared = _prepare(call, t, st.name, plan, frames) if plan else None
-            out = yield _Launch(st.name, prepared=prepared)  # its result, once committed
+            launch = _Launch(st.name, prepared=prepared, timeout=st._timeout)
+            out = yield launch  # its result, once committed
         if not isolated:  # in place, on the live workflow
             wf = call.wf
             ctx = None
             if plan:
                 fn, ctx = _bound(call, t, st.name, fn, plan, frames, wf)
+            timeout = st._timeout
+            began = time.monotonic()
             out = _run_step(call, wf, t, st.name, fn, ctx) if call.wrap_steps else call.call_fn(fn)
             if out is not None and is_awaitable(out):
+                if timeout is not None:
+                    out = _limited(out, st.name, timeout)
                 out = yield from _awaited_in_place(wf, out)
+            elif timeout is not None:
+                _check_late(st.name, timeout, began)
         if out is not None or call.state.results:
             keep(call.state.results, _result_key(call, t, st.name), out)
     except Exception as e:
@@ -1854,6 +1878,21 @@ def _previous_step(call: _Call, t: Thread, frames: list[Frame]) -> str | None:
     except (IndexError, TypeError, AttributeError):
         return None
     return prev.name if type(prev) is Step else None
+
+
+def _check_late(step: str, timeout: float, began: float) -> None:
+    """A plain step returned: StepTimeout if it took longer than its ``timeout=``."""
+    took = time.monotonic() - began
+    if took > timeout:
+        raise StepTimeout(step, timeout, took)
+
+
+async def _limited(aw: Any, step: str, timeout: float) -> Any:
+    """Await a step's awaitable, cancelled at its ``timeout=`` (then StepTimeout)."""
+    try:
+        return await asyncio.wait_for(aw, timeout)
+    except TimeoutError:
+        raise StepTimeout(step, timeout) from None
 
 
 def _awaited_in_place(wf: Workflow, out: Any) -> Walk[Any]:
@@ -2040,16 +2079,41 @@ def _step_failed(
 
 
 def _policy(call: _Call, st: Step) -> Retry | None:
-    """A step's retry policy: its own, else the workflow's ``default_retry``."""
+    """A step's retry policy: its own, else its innermost DAG's or Parallel's, else the
+    workflow's ``default_retry``."""
     policy = st.retry
-    return policy if policy is not None else type(call.wf).default_retry
+    if policy is not None:
+        return policy
+    paths = call.index.paths
+    return _inherited(call.root, paths.get(st.name) if paths else None, type(call.wf))
+
+
+def _inherited(root: Section, path: Path | None, cls: type[Workflow]) -> Retry | None:
+    """The ``retry=`` of the innermost DAG or Parallel around ``path``, or the class default."""
+    found: Retry | None = None
+    if path:
+        body: Sequence[Stmt] = root.stmts
+        try:
+            for k in range(0, len(path) - 1, 2):
+                holder = body[path[k]]
+                if type(holder) in (DAG, Parallel) and holder.retry is not None:  # type: ignore[attr-defined]
+                    found = holder.retry  # type: ignore[attr-defined]
+                body = holder.children()[path[k + 1]]
+        except (IndexError, TypeError, AttributeError):
+            found = None
+    return found if found is not None else cls.default_retry
 
 
 def retry_policy(wf: Workflow, step: str) -> Retry | None:
     """The retry policy of step ``step`` in ``wf``'s current definition (see :func:`_policy`)."""
-    st = find_statement(wf, step)
+    owner = type(wf).__qualname__
+    root = _build(wf, owner)
+    path = index_definition(root, owner).get(step)
+    st = stmt_at(root, path) if path is not None else None
     policy = getattr(st, "retry", None)
-    return policy if policy is not None else type(wf).default_retry
+    if policy is not None:
+        return policy  # type: ignore[no-any-return]
+    return _inherited(root, path, type(wf))
 
 
 def _run_step(

@@ -118,44 +118,52 @@ class Step(Stmt):
 
     ``Step(fn)`` is named after the function (``fn.__name__``, a bound
     method's too); ``Step(name, fn)`` names it explicitly, as a lambda, a
-    ``functools.partial`` or two steps running one function need. ``retry`` is
-    the Engine's policy for this step (see :class:`gorch.Retry`); ``after``
-    makes the step a node of the enclosing :class:`DAG` (see :class:`Node`).
+    ``functools.partial`` or two steps running one function need. ``fn`` may
+    take parameters: results of earlier steps and its context (see
+    :mod:`gorch.results`). ``retry`` is this step's policy (see
+    :class:`gorch.Retry`); ``after`` makes the step a node of the enclosing
+    :class:`DAG` (see :class:`Node`); ``timeout`` (a timedelta or seconds) fails
+    an attempt that takes longer: an async step is cancelled, a plain one (which
+    cannot be interrupted safely) fails when it returns late, its result dropped.
     """
 
-    __slots__ = ("_after", "_retry", "fn", "name")
+    __slots__ = ("_after", "_retry", "_timeout", "fn", "name")
     _kind = K_STEP
     name: str
-    fn: Callable[[], Any]
+    fn: Callable[..., Any]
     _after: tuple[str, ...] | None
+    _timeout: float | None
 
     @overload
     def __init__(
         self,
         name: str,
-        fn: Callable[[], Any],
+        fn: Callable[..., Any],
         *,
         retry: Retry | None = None,
         after: Iterable[Dep] | Dep | None = None,
+        timeout: timedelta | float | None = None,
     ) -> None: ...
 
     @overload
     def __init__(
         self,
-        fn: Callable[[], Any],
+        fn: Callable[..., Any],
         /,
         *,
         retry: Retry | None = None,
         after: Iterable[Dep] | Dep | None = None,
+        timeout: timedelta | float | None = None,
     ) -> None: ...
 
     def __init__(
         self,
-        name: str | Callable[[], Any],
-        fn: Callable[[], Any] | None = None,
+        name: str | Callable[..., Any],
+        fn: Callable[..., Any] | None = None,
         *,
         retry: Retry | None = None,
         after: Iterable[Dep] | Dep | None = None,
+        timeout: timedelta | float | None = None,
     ) -> None:
         if fn is None:  # Step(fn): named after the function
             fn = name  # type: ignore[assignment]
@@ -170,10 +178,17 @@ class Step(Stmt):
             self._after = None
         if retry is not None:  # read only when a step fails: the slot stays empty
             self._retry = retry
+        # Read before every step run: a slot always set reads fast.
+        self._timeout = None if timeout is None else _timeout_seconds(timeout)
 
     @property
     def retry(self) -> Retry | None:
         return getattr(self, "_retry", None)
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds an attempt may take (None: no limit)."""
+        return self._timeout
 
     @property
     def after(self) -> tuple[str, ...]:
@@ -415,11 +430,14 @@ class Parallel(Stmt):
     take the new label.
     """
 
-    __slots__ = ("_auto", "_sources", "branches", "name")
+    __slots__ = ("_auto", "_sources", "branches", "name", "retry")
     _kind = K_PARALLEL
 
-    def __init__(self, name: str, *branches: Stmt, _auto: bool = False) -> None:
+    def __init__(
+        self, name: str, *branches: Stmt, retry: Retry | None = None, _auto: bool = False
+    ) -> None:
         self.name = name
+        self.retry = retry  # the policy of its steps that set none
         self._auto = _auto  # made by ``|``: a further ``|`` adds branches to it
         self._sources = branches  # as written: a further ``|`` keeps their labels
         self.branches: tuple[Go, ...] = _threads(name, branches)
@@ -486,17 +504,26 @@ class DAG(Stmt):
     depends on it is skipped, independent nodes go on, and once nothing more
     can run, the DAG raises :class:`gorch.DAGFailed`. Resuming again re-runs
     the failed and skipped nodes. With ``fail_fast`` no new node starts after
-    the first failure.
+    the first failure. ``retry`` is the policy of its steps that set none.
+    With ``isolated``, a node reads only the results of its ancestors and of
+    steps outside the DAG, not its siblings' (see :mod:`gorch.results`).
     """
 
-    __slots__ = ("_graph", "branches", "fail_fast", "name", "nodes")
+    __slots__ = ("_graph", "branches", "fail_fast", "isolated", "name", "nodes", "retry")
     _kind = K_DAG
 
     def __init__(
-        self, name: str, *nodes: Step | Node | Section | Parallel | DAG, fail_fast: bool = False
+        self,
+        name: str,
+        *nodes: Step | Node | Section | Parallel | DAG,
+        fail_fast: bool = False,
+        retry: Retry | None = None,
+        isolated: bool = False,
     ) -> None:
         self.name = name
         self.fail_fast = fail_fast
+        self.retry = retry
+        self.isolated = isolated
         branches = []
         wrapped: list[Any] | None = None
         for i, n in enumerate(nodes):
@@ -614,3 +641,16 @@ _AUTO_NODES = (Section, Parallel, DAG)
 
 #: Statement kinds whose name is a cursor (unique within a definition).
 NAMED_KINDS = frozenset({K_STEP, K_FOR, K_SELECT, K_GO, K_WAITFOR, K_PARALLEL, K_DAG})
+
+
+def _timeout_seconds(timeout: object) -> float:
+    """A step's ``timeout=`` in seconds, or DefinitionError (where the Step is written)."""
+    if isinstance(timeout, timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+    else:
+        raise DefinitionError(f"Step timeout must be a timedelta or seconds, got {timeout!r}")
+    if not seconds > 0:
+        raise DefinitionError(f"Step timeout must be more than 0 seconds, got {timeout!r}")
+    return seconds

@@ -79,8 +79,8 @@ def test_both_forms_are_declared_as_overloads() -> None:
     """What mypy and IDEs show: Step(name, fn, ...) and Step(fn, ...)."""
     forms = [inspect.signature(f) for f in typing.get_overloads(Step.__init__)]
     assert [(list(f.parameters), f.parameters["fn"].annotation) for f in forms] == [
-        (["self", "name", "fn", "retry", "after"], "Callable[[], Any]"),
-        (["self", "fn", "retry", "after"], "Callable[[], Any]"),
+        (["self", "name", "fn", "retry", "after", "timeout"], "Callable[..., Any]"),
+        (["self", "fn", "retry", "after", "timeout"], "Callable[..., Any]"),
     ]
     assert forms[1].parameters["fn"].kind is inspect.Parameter.POSITIONAL_ONLY
 
