@@ -69,7 +69,7 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
-from types import MappingProxyType, MethodType
+from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
 
 from gorch import clock
@@ -182,7 +182,7 @@ class _ClassIndex:
     anything runs.
     """
 
-    __slots__ = ("async_hooks", "asyncs", "dags", "dynamic", "hooks", "owner", "paths")
+    __slots__ = ("async_hooks", "asyncs", "dags", "dynamic", "hooks", "owner", "params", "paths")
 
     def __init__(self, cls: type) -> None:
         self.paths: dict[str, Path] | None = None
@@ -193,6 +193,9 @@ class _ClassIndex:
         self.dags: tuple[str, ...] = ()
         #: The async callables of the indexed build (the sync API refuses them).
         self.asyncs: tuple[str, ...] = ()
+        #: Whether a step function of an indexed build takes parameters (results or
+        #: its context): the sync walk looks at step functions only then.
+        self.params = False
         #: The lifecycle hooks ``cls`` overrides: the others are never called.
         self.hooks = frozenset(
             name
@@ -343,6 +346,8 @@ class _Call:
             name for name, path in paths.items() if isinstance(stmt_at(self.root, path), DAG)
         )
         index.asyncs = tuple(asyncs)
+        if not index.params:
+            index.params = any(plan_of(st.fn) for st in _steps_in(self.root))
         if asyncs and self.sync and self.check:
             self.refuse_async(())
 
@@ -1466,19 +1471,30 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
                 fn = st.fn
                 ctx = None
                 try:
-                    code = getattr(fn, "__code__", None)
-                    if (
-                        code is None
-                        or code.co_argcount + code.co_kwonlyargcount > (type(fn) is MethodType)
-                        or code.co_flags & _STAR_ARGS
-                    ):  # it may take parameters: results, or its context (no hashing else)
+                    if call.index.params:  # some step function takes parameters
                         plan = plan_of(fn)
                         if plan:
                             fn, ctx = _bound(call, t, st.name, fn, plan, frames, call.wf)
                     timeout = st._timeout
                     if timeout is not None:
                         began = time.monotonic()
-                    out = _run_step(call, call.wf, t, st.name, fn, ctx) if call.wrap_steps else fn()
+                    try:
+                        out = (
+                            _run_step(call, call.wf, t, st.name, fn, ctx)
+                            if call.wrap_steps
+                            else fn()
+                        )
+                    except TypeError as e:
+                        if not _unbound(call, fn, e):
+                            raise
+                        # A build showed a function taking parameters where the indexed
+                        # one took none: its body never ran; bind it and run it now.
+                        fn, ctx = _bound(call, t, st.name, fn, plan_of(fn), frames, call.wf)
+                        out = (
+                            _run_step(call, call.wf, t, st.name, fn, ctx)
+                            if call.wrap_steps
+                            else fn()
+                        )
                     if timeout is not None:
                         _check_late(st.name, timeout, began)
                     if out is not None:
@@ -1718,7 +1734,27 @@ def _async_step(call: _Call, t: Thread, st: Step, frames: list[Frame]) -> Walk[s
     return _DONE if call.gen == gen else _MOVED
 
 
-_STAR_ARGS = 0x04 | 0x08  # CO_VARARGS | CO_VARKEYWORDS: a wrapper may hide parameters
+def _steps_in(st: Stmt) -> list[Step]:
+    """The Steps in ``st`` (itself included)."""
+    out = [st] if type(st) is Step else []
+    for body in st.children():
+        for s in body:
+            out.extend(_steps_in(s))
+    return out
+
+
+def _unbound(call: _Call, fn: Callable[..., Any], e: TypeError) -> bool:
+    """Whether ``e`` is Python refusing to call ``fn()`` without the parameters it takes.
+
+    Raised by the call itself (its traceback has no frame of ``fn``), so the
+    function's body never ran. Marks the class: its step functions take
+    parameters from now on.
+    """
+    tb = e.__traceback__
+    if call.index.params or tb is None or tb.tb_next is not None or not plan_of(fn):
+        return False
+    call.index.params = True
+    return True
 
 
 def _result_key(call: _Call, t: Thread, name: str) -> str:

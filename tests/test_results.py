@@ -430,3 +430,29 @@ def test_a_parameter_with_a_default_takes_the_step_before_when_it_has_a_result()
     wf = Defaults()
     gorch.resume(wf, gorch.new_state("d", "d"))
     assert wf.got == [0, 2]  # "none" kept nothing: the default; then "two"'s result
+
+
+def test_a_build_that_swaps_in_a_function_taking_results_is_bound_before_it_runs() -> None:
+    """The class was indexed with a plain function at that place; a later build's takes one."""
+
+    class Swaps(gorch.Workflow):
+        i: int = 0
+        got: list[Any] = pydantic.Field(default_factory=list)
+
+        def definition(self) -> gorch.Section:
+            return S(
+                Step("a", lambda: 5),
+                For("l", self.i < 2, Step("b", self.takes if self.i else self.plain)),
+            )
+
+        def plain(self) -> None:
+            self.got.append("plain")
+            self.i += 1
+
+        def takes(self, a: int) -> None:
+            self.got.append(a)
+            self.i += 1
+
+    wf = Swaps()
+    assert gorch.resume(wf, gorch.new_state("s", "s")) is WS.FINISHED
+    assert wf.got == ["plain", 5]
