@@ -12,6 +12,8 @@ repeat is timed, as ``timeit`` does):
 
 (a) gorchestrate's own benchmark: For / Step / For + Select, driven by two
     events to the end; one op = new workflow + new_state + 3 resumes + 2 events.
+    Also the shape a store-backed Engine uses: the event's handler a
+    ``gorch.Handler`` with a setup and a teardown, and a checkpoint callback.
 (b) one resume of a straight workflow of N steps, from ``new_state`` to FINISHED:
     total and per-step cost, which should stay flat as N grows.
 (c) ``gorch.dumps`` / ``gorch.loads`` of the SPEC's Expense example waiting in
@@ -73,6 +75,37 @@ class GorchestrateBench(gorch.Workflow):
 
     def got_event(self) -> None:
         return None
+
+
+class Receipt(gorch.Handler):
+    """A handler with a setup and a teardown, as a store-backed instance has."""
+
+    def setup(self, req: gorch.EventRequest) -> str | None:
+        return None
+
+    def handle(self, req: gorch.EventRequest, input: Any) -> Any:
+        return None
+
+    def teardown(self, req: gorch.EventRequest, handled: bool) -> None:
+        return None
+
+
+_RECEIPT = Receipt()
+
+
+class HandlerBench(GorchestrateBench):
+    """(a) with a Handler object that has setup and teardown."""
+
+    def definition(self) -> gorch.Section:
+        return S(
+            For("loop", self.i < 5, Step("inc", self.inc)),
+            Step("reset", self.reset),
+            For(
+                "loop2",
+                self.i < 2,
+                Select("wait", On("event", _RECEIPT, Step("inc2", self.inc))),
+            ),
+        )
 
 
 def linear_class(n: int) -> type[gorch.Workflow]:
@@ -209,10 +242,35 @@ def _gorchestrate_op(_: object) -> gorch.WorkflowStatus:
     return gorch.resume(wf, state)
 
 
+def _handler_op(_: object) -> gorch.WorkflowStatus:
+    wf = HandlerBench()
+    state = gorch.new_state("bench", "bench")
+    saves = [0]
+
+    def checkpoint(kind: gorch.CheckpointKind) -> None:
+        saves[0] += 1
+
+    gorch.resume(wf, state, checkpoint)
+    gorch.handle_event(wf, state, "event")
+    gorch.resume(wf, state, checkpoint)
+    gorch.handle_event(wf, state, "event")
+    return gorch.resume(wf, state, checkpoint)
+
+
 def bench_gorchestrate(cfg: Config) -> dict[str, float]:
-    """(a) new workflow + new_state → resume → event → resume → event → resume."""
-    res = measure(lambda: None, _gorchestrate_op, cfg.a_ops, cfg, check=lambda s: s is FINISHED)
-    return {"us_per_op_median": res["median_us"], "us_per_op_best": res["best_us"]}
+    """(a) new workflow + new_state → resume → event → resume → event → resume.
+
+    Then the same with a setup/teardown Handler and a checkpoint callback.
+    """
+    check = lambda s: s is FINISHED  # noqa: E731
+    res = measure(lambda: None, _gorchestrate_op, cfg.a_ops, cfg, check=check)
+    hres = measure(lambda: None, _handler_op, cfg.a_ops, cfg, check=check)
+    return {
+        "us_per_op_median": res["median_us"],
+        "us_per_op_best": res["best_us"],
+        "handler_us_per_op_median": hres["median_us"],
+        "handler_us_per_op_best": hres["best_us"],
+    }
 
 
 def bench_linear(cfg: Config) -> dict[str, dict[str, float]]:
@@ -359,6 +417,13 @@ def render(report: dict[str, Any]) -> str:
                     _f(a["us_per_op_median"]),
                     _f(a["us_per_op_best"]),
                     f"{a['us_per_op_median'] / hi:.1f}-{a['us_per_op_median'] / lo:.1f}x",
+                ],
+                [
+                    "gorch, Handler with setup/teardown + checkpoint",
+                    _f(a["handler_us_per_op_median"]),
+                    _f(a["handler_us_per_op_best"]),
+                    f"{a['handler_us_per_op_median'] / hi:.1f}-"
+                    f"{a['handler_us_per_op_median'] / lo:.1f}x",
                 ],
                 ["gorchestrate (Go, reference)", f"{lo:.0f}-{hi:.0f}", "", "1x"],
                 ["target", f"<= {target:.0f}", "", ""],

@@ -11,7 +11,12 @@ from typing import Any
 from bench_support import leaves, load_bench
 
 EXPECTED = {
-    "a_gorchestrate": {"us_per_op_median", "us_per_op_best"},
+    "a_gorchestrate": {
+        "us_per_op_median",
+        "us_per_op_best",
+        "handler_us_per_op_median",
+        "handler_us_per_op_best",
+    },
     "c_codec": {
         "dumps_us_median",
         "dumps_us_best",
