@@ -131,6 +131,11 @@ class Middleware:
     def around_event(self, ctx: EventContext, call_next: CallNext) -> Any:
         return call_next()
 
+    def on_failed(self, ctx: ResumeContext, error: Exception) -> Any:
+        """After a resume failed for good (see ``Workflow.on_failed``); what it raises is
+        logged. Under the async API it may be ``async def`` (or ``on_failed_async``)."""
+        return None
+
 
 def wrappers(
     middleware: Sequence[object], method: str, asynchronous: bool = False

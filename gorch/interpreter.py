@@ -245,6 +245,8 @@ class _Call:
     written: dict[tuple[str, ...], tuple[str, str]] = {}  # this round: path -> (op, step)
     stop = False  # a step failed while others were in flight: start no new step
     deadline: datetime | None = None  # start no step from then on (see resume)
+    report_failures = True  # on_failed hooks run in the call (not for the Engine)
+    middleware: Sequence[object] = ()
     step_names: frozenset[str] | None = None  # of the build of generation step_names_gen
     step_names_gen = -1
     expired = False  # the deadline passed: the call ends where the threads are
@@ -281,6 +283,7 @@ class _Call:
             self.halted = set()
             self.stopped = set()
         if middleware:
+            self.middleware = middleware
             self.step_mw = wrappers(middleware, "around_step", not sync)
             self.event_mw = wrappers(middleware, "around_event", not sync)
         if self.step_mw or (index.hooks and not index.hooks.isdisjoint(STEP_HOOKS)):
@@ -718,6 +721,7 @@ def run(
     restore: Callable[[], None] | None = None,
     deadline: datetime | None = None,
     wait_retries: bool = False,
+    report_failures: bool = True,
 ) -> WorkflowStatus:
     """:func:`resume`, with options for callers that save at every checkpoint.
 
@@ -729,11 +733,14 @@ def run(
     ``restore()``, when given, is called as soon as a DAG node's step fails,
     before other threads go on: a caller that saved before every step (as
     with ``lazy_steps``) puts back the data that step started from.
+    ``report_failures=False`` leaves ``on_failed`` to the caller, which saves the
+    failure first and then calls :func:`report_failure`.
     """
     deadline = _aware(deadline)
     while True:
         call = _start(wf, state, checkpoint, max_units, lazy_steps, middleware, restore, True)
         call.deadline = deadline
+        call.report_failures = report_failures
         try:
             return _run_sync(call, middleware, reason)
         except StepFailed as e:
@@ -821,6 +828,7 @@ async def arun(
     executor: Executor | None = None,
     deadline: datetime | None = None,
     wait_retries: bool = False,
+    report_failures: bool = True,
 ) -> WorkflowStatus:
     """:func:`run` for the async API (the options of :func:`aresume` and :func:`run`)."""
     check_concurrency(concurrency)
@@ -830,6 +838,7 @@ async def arun(
         call.limit = asyncio.Semaphore(concurrency)
         call.executor = executor
         call.deadline = deadline
+        call.report_failures = report_failures
         try:
             out = _resume_call(call, middleware, reason)
             if is_awaitable(out):
@@ -911,13 +920,8 @@ def _run_hooked(call: _Call) -> Walk[WorkflowStatus]:
     try:
         status = yield from _run(call)
     except StepFailed as e:
-        if "on_failed" in hooks and _failed_for_good(call, e):
-            try:
-                out = _hook(call.wf, "on_failed")(e)
-                if out is not None and is_awaitable(out):
-                    yield from call.wait(out, "the hook on_failed")
-            except Exception:
-                log.exception("gorch: the on_failed hook of workflow %r raised", state.id)
+        if call.report_failures and _failed_for_good(call, e):
+            yield from _report_failure(call, e)
         raise
     try:
         out = None
@@ -932,6 +936,45 @@ def _run_hooked(call: _Call) -> Walk[WorkflowStatus]:
     except Exception:  # the state is saved: there is nothing to undo
         log.exception("gorch: a lifecycle hook of workflow %r raised", state.id)
     return status
+
+
+def _report_failure(call: _Call, e: StepFailed) -> Walk[None]:
+    """``on_failed`` of the workflow, then of each middleware (what they raise is logged)."""
+    state = call.state
+    hooks: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = []
+    if "on_failed" in call.index.hooks:
+        hooks.append(("the on_failed hook", _hook(call.wf, "on_failed"), (e,)))
+    if call.middleware:
+        ctx = ResumeContext(state.workflow, state.id, "failed", call.wf, state)
+        for m in wrappers(call.middleware, "on_failed", not call.sync):
+            hooks.append(("a middleware's on_failed", m, (ctx, e)))
+    for what, fn, args in hooks:
+        try:
+            out = fn(*args)
+            if out is not None and is_awaitable(out):
+                yield from call.wait(out, what)
+        except Exception:
+            log.exception("gorch: %s of workflow %r raised", what, state.id)
+
+
+def report_failure(
+    wf: Workflow, state: State, error: StepFailed, middleware: Sequence[object] = ()
+) -> None:
+    """Call ``on_failed`` of ``wf`` and of ``middleware`` for ``error``, a failure for good.
+
+    For callers that save a failure themselves before telling anyone (the
+    Engine runs its resumes with ``report_failures=False``, then calls this).
+    """
+    call = _Call(wf, state, None, DEFAULT_MAX_UNITS, middleware, check=False)
+    _finish(_report_failure(call, error))
+
+
+async def areport_failure(
+    wf: Workflow, state: State, error: StepFailed, middleware: Sequence[object] = ()
+) -> None:
+    """:func:`report_failure` for the async API (hooks may be ``async def``)."""
+    call = _Call(wf, state, None, DEFAULT_MAX_UNITS, middleware, sync=False, check=False)
+    await _adrive(_report_failure(call, error))
 
 
 def _fresh(state: State) -> bool:

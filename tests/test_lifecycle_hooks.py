@@ -141,3 +141,55 @@ def test_the_test_kit_and_the_engine_call_both_hooks() -> None:
     engine.run_due(now=gorch.clock.now() + timedelta(minutes=1))
     assert engine.get("h-2").status == "failed"
     assert seen == ["start", ["failed", "b broke (1)"]]  # (the Engine restores the data)
+
+
+class Alerts(gorch.Middleware):
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    def on_failed(self, ctx: gorch.ResumeContext, error: Exception) -> None:
+        self.seen.append([ctx.workflow_id, ctx.reason, type(error).__name__])
+
+
+class AsyncAlerts(Alerts):
+    async def on_failed_async(self, ctx: gorch.ResumeContext, error: Exception) -> None:
+        await asyncio.sleep(0)
+        self.seen.append(["async", type(error).__name__])
+
+
+def test_middleware_hears_of_a_failure_for_good_after_the_workflow_hook() -> None:
+    alerts = Alerts()
+    wf = Hooked(fail=5)
+    state = gorch.new_state("h-1", "hooked")
+    for _ in range(2):
+        with pytest.raises(gorch.StepFailed):
+            gorch.resume(wf, state, middleware=[alerts])
+    assert alerts.seen == [["h-1", "failed", "StepFailed"]]  # once: the second attempt
+    assert wf.calls[-1][0] == "failed"
+
+
+def test_async_middleware_hears_of_it_under_the_async_api() -> None:
+    alerts = AsyncAlerts()
+
+    async def go() -> None:
+        state = gorch.new_state("h-1", "hooked")
+        wf = Hooked(fail=5)
+        for _ in range(2):
+            with pytest.raises(gorch.StepFailed):
+                await gorch.aresume(wf, state, middleware=[alerts])
+
+    asyncio.run(go())
+    assert alerts.seen == [["async", "StepFailed"]]
+
+
+def test_a_caller_that_saves_first_reports_the_failure_itself() -> None:
+    alerts = Alerts()
+    wf = Hooked(fail=5, attempts=1)  # the second attempt: none left after it
+    state = gorch.new_state("h-1", "hooked")
+    state.threads[0].attempts = 1
+    with pytest.raises(gorch.StepFailed) as info:
+        gorch.interpreter.run(wf, state, middleware=[alerts], report_failures=False)
+    assert alerts.seen == [] and not any(isinstance(c, list) for c in wf.calls)
+    gorch.interpreter.report_failure(wf, state, info.value, [alerts])
+    assert alerts.seen == [["h-1", "failed", "StepFailed"]]
+    assert wf.calls[-1][0] == "failed"
