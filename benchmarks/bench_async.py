@@ -94,7 +94,9 @@ def open_pair(kind: str, workdir: str) -> Pair:
         sync_table, async_table = f"gorch_bench_sync_{token}", f"gorch_bench_async_{token}"
         return Pair(
             kind,
-            PostgresStore(PG_DSN, table=sync_table),
+            # One connection per workflow in flight for both: a pool smaller than the
+            # concurrency would make the figures measure waiting for connections.
+            PostgresStore(PG_DSN, table=sync_table, pool_max=max(CONCURRENCY)),
             AsyncPostgresStore(PG_DSN, table=async_table, pool_max=max(CONCURRENCY)),
             [sync_table, async_table],
         )
@@ -109,7 +111,8 @@ def drop_tables(tables: Sequence[str]) -> None:
 
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
         for t in tables:
-            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(t)))
+            for name in (t, f"{t}_seen"):  # the store's remembered keys live in a second table
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
 
 
 # --------------------------------------------------------------------------- timing

@@ -22,30 +22,39 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from gorch.bulk import StartItem
 from gorch.check import CheckReport, Progress, check_op
-from gorch.engine import (
+from gorch.engine_core import EngineCore
+from gorch.engine_ops import (
     RETAINED_STATUSES,
+    Abort,
     Awaited,
     Cancel,
-    EngineCore,
+    DryRun,
+    Halted,
     HandleEvent,
     Idle,
     Op,
     Pause,
+    ReportFailure,
     Request,
     Resume,
     StoreCall,
+    effect_ahead,
 )
+from gorch.errors import GorchError, ResumeLimitError, SetupError
 from gorch.history import History
+from gorch.hooks import CallNext, EventContext, Middleware, StepContext
 from gorch.interpreter import (
     DEFAULT_CONCURRENCY,
     acancel,
     ahandle_event,
+    areport_failure,
     arun,
     check_concurrency,
 )
@@ -144,6 +153,17 @@ class AsyncEngine(EngineCore):
         """:meth:`gorch.Engine.start`: create an instance and run it until it blocks."""
         return await self._run(self._start(name, id, data, key, by))
 
+    async def start_many(
+        self,
+        name: str,
+        items: Iterable[Mapping[str, Any] | Workflow | StartItem],
+        *,
+        batch: int = 1000,
+        by: str | None = None,
+    ) -> builtins.list[str]:
+        """:meth:`gorch.Engine.start_many`: create many instances, a batch per write."""
+        return await self._run(self._start_many(name, items, batch, by))
+
     async def send(
         self,
         id: str,
@@ -153,17 +173,18 @@ class AsyncEngine(EngineCore):
         thread_id: str | None = None,
         pc: int | None = None,
         key: str | None = None,
+        by: str | None = None,
     ) -> Any:
         """:meth:`gorch.Engine.send`: deliver an event exactly once; the handler's output."""
-        return await self._run(self._send(id, event, input, thread_id, pc, key))
+        return await self._run(self._send(id, event, input, thread_id, pc, key, by))
 
     async def resume(self, id: str) -> Snapshot:
         """:meth:`gorch.Engine.resume`: run a pending (or failed) instance until it blocks."""
         return await self._run(self._resume(id))
 
-    async def retry(self, id: str) -> Snapshot:
+    async def retry(self, id: str, *, by: str | None = None) -> Snapshot:
         """:meth:`gorch.Engine.retry`: re-arm a failed instance and resume it now."""
-        return await self._run(self._retry(id))
+        return await self._run(self._retry(id, by))
 
     async def get(self, id: str) -> Snapshot:
         """:meth:`gorch.Engine.get`: the instance's snapshot."""
@@ -180,9 +201,9 @@ class AsyncEngine(EngineCore):
         """:meth:`gorch.Engine.list`: instances in id order, filtered."""
         return await self._run(self._list(workflow, status, limit, after))
 
-    async def cancel(self, id: str) -> Snapshot:
+    async def cancel(self, id: str, *, by: str | None = None) -> Snapshot:
         """:meth:`gorch.Engine.cancel`: tear down awaited events, mark cancelled."""
-        return await self._run(self._cancel(id))
+        return await self._run(self._cancel(id, by))
 
     async def history(self, id: str) -> History:
         """:meth:`gorch.Engine.history`: what happened to the instance, oldest first."""
@@ -194,9 +215,11 @@ class AsyncEngine(EngineCore):
         finished_before: datetime,
         statuses: Sequence[str] = RETAINED_STATUSES,
         batch: int = 500,
+        progress: Progress | None = None,
     ) -> int:
-        """:meth:`gorch.Engine.purge`: delete old finished/cancelled instances in batches."""
-        return await self._run(self._purge(finished_before, statuses, batch))
+        """:meth:`gorch.Engine.purge`: delete old finished/cancelled instances in batches
+        (``progress`` may be ``async def``)."""
+        return await self._run(self._purge(finished_before, statuses, batch, progress))
 
     async def check(self, *, page_size: int = 100, progress: Progress | None = None) -> CheckReport:
         """:meth:`gorch.Engine.check`: the in-flight instances the current code would strand."""
@@ -277,18 +300,43 @@ class AsyncEngine(EngineCore):
         if isinstance(request, Resume):
             cur = request.cur
             checkpoint = request.checkpoint
-            await arun(
-                cur.wf,
-                cur.state,
-                lambda kind: self._run(checkpoint(kind)),
-                lazy_steps=True,
-                middleware=self.middleware,
-                reason=request.reason,
-                restore=request.restore,
-                concurrency=self.concurrency,
-                executor=self.executor,
+            middleware = self._live_middleware()
+            if request.create is not None:
+                create = request.create
+                middleware = (_AsyncCreateGuard(lambda: self._run(create())), *middleware)
+            try:
+                await arun(
+                    cur.wf,
+                    cur.state,
+                    lambda kind: self._run(checkpoint(kind)),
+                    lazy_steps=True,
+                    middleware=middleware,
+                    reason=request.reason,
+                    restore=request.restore,
+                    concurrency=self.concurrency,
+                    executor=self.executor,
+                    report_failures=False,
+                )
+            except Abort as a:
+                raise a.error from None
+            return None
+        if isinstance(request, ReportFailure):
+            await areport_failure(
+                request.wf, request.state, request.error, middleware=self._live_middleware()
             )
             return None
+        if isinstance(request, DryRun):
+            halt = () if request.halt is None else (request.halt,)
+            out: builtins.list[bool | GorchError] = []
+            for wf, state in request.runs:
+                try:
+                    await arun(wf, state, None, max_units=0, middleware=halt)
+                    out.append(True)
+                except (Halted, ResumeLimitError, SetupError):
+                    out.append(False)
+                except GorchError as e:
+                    out.append(e)
+            return out
         if isinstance(request, HandleEvent):
             return await ahandle_event(
                 request.wf,
@@ -297,7 +345,7 @@ class AsyncEngine(EngineCore):
                 request.input,
                 thread_id=request.thread_id,
                 pc=request.pc,
-                middleware=self.middleware,
+                middleware=self._event_middleware(),
                 now=request.now,
             )
         if isinstance(request, Pause):
@@ -331,6 +379,41 @@ class AsyncEngine(EngineCore):
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout=wait)
+
+
+class _AsyncCreateGuard(Middleware):
+    """:class:`gorch.engine.CreateGuard` for the async driver: concurrent steps of the
+    first round wait for the one create."""
+
+    def __init__(self, create: Callable[[], Awaitable[None]]) -> None:
+        self.create = create
+        self.lock = asyncio.Lock()
+        self.done = False
+        self.error: Exception | None = None
+
+    async def around_step_async(self, ctx: StepContext, call_next: CallNext) -> Any:
+        await self._ensure()
+        return await call_next()
+
+    async def around_event_async(self, ctx: EventContext, call_next: CallNext) -> Any:
+        if not self.done and effect_ahead(ctx):
+            await self._ensure()
+        return await call_next()
+
+    async def _ensure(self) -> None:
+        if self.done:
+            return
+        async with self.lock:
+            if self.error is not None:
+                raise Abort(self.error)
+            if self.done:
+                return
+            try:
+                await self.create()
+            except Exception as e:
+                self.error = e
+                raise Abort(e) from e
+            self.done = True
 
 
 class _StopWhen:

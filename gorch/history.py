@@ -47,7 +47,9 @@ class HistoryEntry(pydantic.BaseModel):
     error: str | None = None
     """For a failed step attempt (or ``failed``): the error, as ``Type: message``."""
     by: str | None = None
-    """For ``started``: who started it (``Engine.start(..., by=...)``), if told."""
+    """Who acted, if told: who started it, sent the event, cancelled or retried it
+    (``by=`` of ``Engine.start`` / ``send`` / ``cancel`` / ``retry``; the HTTP app
+    and the CLI fill it in)."""
     input: Any = None
     """For ``started``: the initial data; for an event: its input (as JSON data)."""
     output: Any = None

@@ -105,19 +105,33 @@ def _plan_key(fn: Any) -> Any:
     return None
 
 
-def _hints_target(fn: Any) -> Any:
-    """Where ``fn``'s annotations are: a partial's function, an object's ``__call__``."""
+def _hints_target(fn: Any, follow: bool) -> Any:
+    """Where ``fn``'s annotations are: a partial's function, an object's ``__call__``,
+    and with ``follow`` the function a forwarding wrapper wraps."""
     while isinstance(fn, functools.partial):
         fn = fn.func
     target = getattr(fn, "__func__", fn)
     if not inspect.isroutine(target):
         target = type(target).__call__
-    return inspect.unwrap(target)
+    return inspect.unwrap(target) if follow else target
+
+
+def _forwards(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` passes ``*args`` / ``**kwargs`` on (a decorator's wrapper): then the
+    wrapped function's parameters are what it takes. A wrapper with a fixed signature of
+    its own (``functools.wraps`` on a function that takes nothing) takes only those."""
+    try:
+        own = inspect.signature(fn, follow_wrapped=False)
+    except (TypeError, ValueError):
+        return False
+    kinds = {p.kind for p in own.parameters.values()}
+    return inspect.Parameter.VAR_POSITIONAL in kinds or inspect.Parameter.VAR_KEYWORD in kinds
 
 
 def _introspect(fn: Callable[..., Any]) -> Plan:
+    follow = _forwards(fn)
     try:
-        sig = inspect.signature(fn)
+        sig = inspect.signature(fn, follow_wrapped=follow)
     except (TypeError, ValueError):  # a builtin or a C callable: called with nothing
         return ()
     params = [
@@ -128,7 +142,7 @@ def _introspect(fn: Callable[..., Any]) -> Plan:
     if not params:
         return ()
     try:
-        hints = typing.get_type_hints(_hints_target(fn), include_extras=True)
+        hints = typing.get_type_hints(_hints_target(fn, follow), include_extras=True)
     except Exception as e:  # an unresolved forward reference
         raise DefinitionError(f"cannot resolve the annotations of step function {fn!r}: {e}") from e
     out: list[Param] = []

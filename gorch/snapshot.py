@@ -63,12 +63,40 @@ class EventInfo(pydantic.BaseModel):
     status: str
     due: datetime | None = None
     """For timers: when ``run_due`` fires it."""
-    input_schema: dict[str, Any] | None = None
-    """JSON schema of the input the event's handler validates (``{}``: any JSON).
 
-    None when the event takes no input (a timer, a case without handler, a
-    zero-argument handler) or its case cannot be found in the current definition.
-    """
+    # Where the schema comes from until it is read: kept in ``__pydantic_private__``
+    # (``{"source": ...}``, then ``{"schema": ...}``) rather than declared private
+    # attributes, which pydantic would initialise at every construction.
+
+    @pydantic.computed_field  # type: ignore[prop-decorator]
+    @property
+    def input_schema(self) -> dict[str, Any] | None:
+        """JSON schema of the input the event's handler validates (``{}``: any JSON).
+
+        None when the event takes no input (a timer, a case without handler, a
+        zero-argument handler) or its case cannot be found in the current definition.
+        Worked out when first read (or serialized), not when the snapshot is made:
+        finding the handler rebuilds the definition, and most callers of ``start``
+        never look.
+        """
+        lazy = self.__pydantic_private__
+        if lazy is None:
+            return None
+        source = lazy.pop("source", None)
+        if source is not None:
+            lazy["schema"] = source.schema(self.name)
+        return cast("dict[str, Any] | None", lazy.get("schema"))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EventInfo):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __getstate__(self) -> dict[Any, Any]:
+        _ = self.input_schema  # resolved now: the source holds the workflow, not picklable
+        return super().__getstate__()
 
 
 class ThreadInfo(pydantic.BaseModel):
@@ -196,48 +224,78 @@ def _make_schema(tp: Any) -> dict[str, Any] | None:
 
 
 def snapshot_of(rec: Record, wf: Workflow, state: State) -> Snapshot:
-    """The snapshot of an instance: ``rec`` as stored, ``wf`` and ``state`` as run."""
+    """The snapshot of an instance: ``rec`` as stored, ``wf`` and ``state`` as run.
+
+    Built as plain data and validated in one call (pydantic makes the nested
+    models in one go, several times faster than one constructor per model).
+    """
     threads = [
-        ThreadInfo(
-            id=t.id,
-            name=t.name,
-            status=t.status,
-            cur_step=t.cur_step,
-            error=t.error,
-            attempts=t.attempts,
-            parent=t.parent,
-            nodes=dict(t.nodes),
-            node_errors=dict(t.node_errors),
-        )
+        {
+            "id": t.id,
+            "name": t.name,
+            "status": t.status,
+            "cur_step": t.cur_step,
+            "error": t.error,
+            "attempts": t.attempts,
+            "parent": t.parent,
+            "nodes": t.nodes,
+            "node_errors": t.node_errors,
+        }
         for t in state.threads
     ]
+    awaited = []
+    sources = []
     selects: dict[str, Select | None] = {}
-    awaited = [
-        EventInfo(
-            name=we.req.name,
-            thread_id=t.id,
-            pc=we.req.pc,
-            status=we.status,
-            due=due_time(we.req),
-            input_schema=_input_schema(wf, we.select or t.cur_step, we.req.name, selects),
-        )
-        for t in state.threads
-        if t.status is ThreadStatus.WAITING_EVENT
-        for we in t.wait_events
-        if we.status in ACTIVE_EVENT
-    ]
-    error = next((t.error for t in state.threads if t.error), "")
-    return Snapshot(
-        id=rec.id,
-        workflow=rec.workflow,
-        status=InstanceStatus(rec.status),
-        version=rec.version,
-        data=wf.model_dump(mode="json"),
-        threads=threads,
-        awaited=awaited,
-        next_wakeup=rec.wake_at if rec.status != InstanceStatus.RESUMING else None,
-        error=error,
+    for t in state.threads:
+        if t.status is not ThreadStatus.WAITING_EVENT:
+            continue
+        for we in t.wait_events:
+            if we.status not in ACTIVE_EVENT:
+                continue
+            awaited.append(
+                {
+                    "name": we.req.name,
+                    "thread_id": t.id,
+                    "pc": we.req.pc,
+                    "status": we.status,
+                    "due": due_time(we.req),
+                }
+            )
+            sources.append(_SchemaSource(wf, we.select or t.cur_step, selects))
+    snap = Snapshot.model_validate(
+        {
+            "id": rec.id,
+            "workflow": rec.workflow,
+            "status": rec.status,
+            "version": rec.version,
+            "data": wf.model_dump(mode="json"),
+            "threads": threads,
+            "awaited": awaited,
+            "next_wakeup": rec.wake_at if rec.status != InstanceStatus.RESUMING else None,
+            "error": next((t.error for t in state.threads if t.error), ""),
+        }
     )
+    for info, source in zip(snap.awaited, sources, strict=True):
+        object.__setattr__(info, "__pydantic_private__", {"source": source})
+    return snap
+
+
+class _SchemaSource:
+    """Where an awaited event's input schema comes from, until it is asked for.
+
+    The events of one snapshot share ``selects``, so each Select is looked up
+    in the definition once, whichever of its events is read first.
+    """
+
+    __slots__ = ("select", "selects", "wf")
+
+    def __init__(self, wf: Workflow, select: str, selects: dict[str, Select | None]) -> None:
+        self.wf = wf
+        self.select = select
+        self.selects = selects
+
+    def schema(self, event: str) -> dict[str, Any] | None:
+        return _input_schema(self.wf, self.select, event, self.selects)
 
 
 def _input_schema(

@@ -42,8 +42,26 @@ def _timers(state: State) -> list[tuple[datetime, EventRequest]]:
 
 def next_wakeup(state: State) -> datetime | None:
     """The earliest due time among the timers the workflow awaits, or None."""
-    timers = _timers(state)
-    return min(due for due, _ in timers) if timers else None
+    return wakeup(state)[0]
+
+
+def wakeup(state: State) -> tuple[datetime | None, bool]:
+    """:func:`next_wakeup`, and whether an awaited event's setup failed (it is retried),
+    in one pass over the waits: the Engine asks both at every save."""
+    earliest: datetime | None = None
+    setup_failed = False
+    for t in state.threads:
+        if t.status is not ThreadStatus.WAITING_EVENT:
+            continue
+        for we in t.wait_events:
+            status = we.status
+            if status is EventStatus.SETUP:
+                due = due_time(we.req)
+                if due is not None and (earliest is None or due < earliest):
+                    earliest = due
+            elif status is EventStatus.SETUP_ERROR:
+                setup_failed = True
+    return earliest, setup_failed
 
 
 def due_events(state: State, now: datetime | None = None) -> list[EventRequest]:

@@ -19,7 +19,8 @@ APPROVAL_KEYS = {
     "start_us_median",
     "send_us_median",
 }
-FLOOR_KEYS = APPROVAL_KEYS | {"gorch_over_floor"}
+FLOOR_KEYS = APPROVAL_KEYS | {"gorch_over_floor", "goal"}
+MINIMAL_KEYS = {"minimal_us_per_workflow_median", "gorch_over_minimal"}
 CALL_KEYS = {
     "writes_per_workflow",
     "writes_in_start",
@@ -62,11 +63,15 @@ def test_quick_run_writes_every_figure(tmp_path: Path, capsys: Any) -> None:
 
     report = json.loads(out.read_text(encoding="utf-8"))
     figures = report["figures"]
-    assert set(figures) == {"approval", "floor_sqlite", "store_calls", "run_due", "blob"}
+    assert set(figures) == {"approval", "floor", "store_calls", "run_due", "blob"}
     assert set(figures["approval"]) == set(STORES)
     for kind, row in figures["approval"].items():
         assert set(row) == APPROVAL_KEYS, kind
-    assert set(figures["floor_sqlite"]) == FLOOR_KEYS
+    assert set(figures["floor"]) == set(STORES)  # memory: the bare core; sqlite: SQL by hand
+    assert set(figures["floor"]["memory"]) == FLOOR_KEYS
+    assert set(figures["floor"]["sqlite"]) == FLOOR_KEYS | MINIMAL_KEYS
+    assert figures["floor"]["memory"]["goal"] == 1.5
+    assert figures["floor"]["sqlite"]["goal"] == 1.3
     assert set(figures["store_calls"]) == CALL_KEYS
     assert set(figures["run_due"]) == set(STORES)
     for kind, row in figures["run_due"].items():
@@ -77,7 +82,7 @@ def test_quick_run_writes_every_figure(tmp_path: Path, capsys: Any) -> None:
     assert set(figures["blob"]) == BLOB_KEYS
 
     leaves = _leaves(figures)
-    assert len(leaves) == 2 * 5 + 6 + 6 + 2 * 14 + 2
+    assert len(leaves) == 2 * 5 + 2 * 7 + 2 + 6 + 2 * 14 + 2
     for path, value in leaves:
         assert isinstance(value, (int, float)) and not isinstance(value, bool), path
         assert value > 0, path
@@ -86,11 +91,14 @@ def test_quick_run_writes_every_figure(tmp_path: Path, capsys: Any) -> None:
     assert meta["quick"] is True
     assert meta["stores"] == STORES
     assert report["skipped"] == {"approval": {}, "run_due": {}}
-    assert report["reference"]["floor_goal_ratio"] > 0
+    assert report["reference"]["floor_goals"] == {"memory": 1.5, "sqlite": 1.3, "postgres": 1.3}
 
     printed = capsys.readouterr().out
     for title in ("(1)", "(2)", "(3)", "(4)"):
         assert title in printed
+    for kind in STORES:  # the ratio to the floor is printed for each store that has one
+        ratio = figures["floor"][kind]["gorch_over_floor"]
+        assert f"{ratio:.2f}x" in printed
     for kind in STORES:
         assert kind in printed
 

@@ -129,7 +129,10 @@ def test_the_history_says_which_credential_started_an_instance(engine: Engine) -
 )
 def test_the_history_says_which_credential_sent_an_event_and_cancelled(engine: Engine) -> None:
     with TestClient(create_app(engine, secret=SECRET, token=TOKEN)) as c:
-        assert c.put("/workflows/order/o-1", json={"item": "x"}, headers=AUTH).status_code == 201
+        path = "/workflows/order/o-1"
+        start = json.dumps({"item": "x"}).encode()
+        r = c.put(path, content=start, headers={**sign(SECRET, "PUT", path, start), **JSON})
+        assert r.status_code == 201, r.text
         path = "/workflows/o-1/events/pay"
         body = json.dumps(PAY).encode()
         r = c.post(path, content=body, headers={**sign(SECRET, "POST", path, body), **JSON})

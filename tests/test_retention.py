@@ -166,3 +166,35 @@ def test_the_async_engine_purges_too(kind: str, tmp_path: Path) -> None:
                 return n, [s.id for s in (await e.list()).items]
 
         assert asyncio.run(play()) == (1, ["w-1"])
+
+
+def test_purge_reports_its_progress_after_each_batch(store: Store) -> None:
+    engine = gorch.Engine(store, WORKFLOWS)
+    for i in range(5):
+        finished(engine, f"f-{i}")
+    seen: list[tuple[int, int | None]] = []
+    n = engine.purge(
+        finished_before=datetime.now(UTC) + SOON,
+        batch=2,
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert n == 5 and seen == [(2, None), (4, None), (5, None)]
+
+
+def test_the_async_engine_awaits_an_async_progress_callback(tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    async def progress(done: int, total: int | None) -> None:
+        await asyncio.sleep(0)
+        seen.append(done)
+
+    async def play() -> int:
+        async with gorch.AsyncEngine("memory://", WORKFLOWS) as e:
+            for i in range(3):
+                await e.start("order", f"f-{i}", {"amount": 1})
+                await e.send(f"f-{i}", "decide", {"approved": True, "by": "x"})
+            return await e.purge(
+                finished_before=datetime.now(UTC) + SOON, batch=2, progress=progress
+            )
+
+    assert asyncio.run(play()) == 3 and seen == [2, 3]

@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
-from gorch.stores.base import DEFAULT_HISTORY_LIMIT, AsyncStore, HistoryLog, Page, Record, Store
+from gorch.stores.base import (
+    DEFAULT_HISTORY_LIMIT,
+    AsyncStore,
+    HistoryLog,
+    NewRecord,
+    Page,
+    Record,
+    Store,
+)
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -32,12 +40,16 @@ class Op(Generic[T]):
     the store (a server-side backend runs it in one transaction or one script)
     and a fault part-way leaves the outcome to be told; a read may simply be
     repeated. ``idempotent``: running the write again after it was applied
-    gives the same answer, so it may be repeated too.
+    gives the same answer, so it may be repeated too. ``batch``: several
+    statements that must commit together (a SQL backend runs them in one
+    transaction; a unique violation means a concurrent insert won a race: the
+    transaction rolled back, and the operation may run again).
     """
 
     steps: Callable[[], Generator[Any, Any, T]]
     write: bool = True
     idempotent: bool = False
+    batch: bool = False
 
 
 def run_steps(steps: Generator[R, Any, T], send: Callable[[R], Any]) -> T:
@@ -79,6 +91,8 @@ class Operations(Protocol):
         history_limit: int,
         cursors: Sequence[str],
     ) -> Op[Record]: ...
+
+    def create_many(self, records: Sequence[NewRecord], history_limit: int) -> Op[list[str]]: ...
 
     def load(self, id: str) -> Op[Record]: ...
 
@@ -136,6 +150,13 @@ class ConnectorStore(Store):
     ) -> Record:
         op = self._ops.create(id, workflow, status, blob, wake_at, history, history_limit, cursors)
         return self._run(op)
+
+    def create_many(
+        self, records: Sequence[NewRecord], *, history_limit: int = DEFAULT_HISTORY_LIMIT
+    ) -> builtins.list[str]:
+        if not records:
+            return []
+        return self._run(self._ops.create_many(records, history_limit))
 
     def load(self, id: str) -> Record:
         return self._run(self._ops.load(id))
@@ -209,6 +230,13 @@ class AsyncConnectorStore(AsyncStore):
     ) -> Record:
         op = self._ops.create(id, workflow, status, blob, wake_at, history, history_limit, cursors)
         return await self._run(op)
+
+    async def create_many(
+        self, records: Sequence[NewRecord], *, history_limit: int = DEFAULT_HISTORY_LIMIT
+    ) -> builtins.list[str]:
+        if not records:
+            return []
+        return await self._run(self._ops.create_many(records, history_limit))
 
     async def load(self, id: str) -> Record:
         return await self._run(self._ops.load(id))

@@ -12,7 +12,14 @@ import builtins
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from gorch.stores.base import DEFAULT_HISTORY_LIMIT, AsyncStore, HistoryLog, Page, Record
+from gorch.stores.base import (
+    DEFAULT_HISTORY_LIMIT,
+    AsyncStore,
+    HistoryLog,
+    NewRecord,
+    Page,
+    Record,
+)
 from gorch.stores.memory import MemoryStore
 
 
@@ -46,6 +53,11 @@ class AsyncMemoryStore(AsyncStore):
             history_limit=history_limit,
             cursors=cursors,
         )
+
+    async def create_many(
+        self, records: Sequence[NewRecord], *, history_limit: int = DEFAULT_HISTORY_LIMIT
+    ) -> builtins.list[str]:
+        return self.store.create_many(records, history_limit=history_limit)
 
     async def load(self, id: str) -> Record:
         return self.store.load(id)

@@ -47,6 +47,7 @@ from gorch.stores.postgres_sql import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TABLE,
     PURGE_BATCH,
+    Copy,
     PostgresSQL,
     Statement,
     Steps,
@@ -160,6 +161,9 @@ class AsyncPostgresStore(AsyncConnectorStore):
         for attempt in (1, 2):
             async with self._connection() as conn:
                 try:
+                    if op.batch:
+                        async with conn.transaction():
+                            return await _execute(conn, op.steps())
                     return await _execute(conn, op.steps())
                 except psycopg.Error as exc:
                     lost = conn.broken or conn.closed
@@ -200,7 +204,12 @@ class AsyncPostgresStore(AsyncConnectorStore):
 async def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
     """Run each statement ``steps`` yields on ``conn``, awaited."""
 
-    async def send(statement: Statement) -> Any:
+    async def send(statement: Statement | Copy) -> Any:
+        if isinstance(statement, Copy):
+            async with conn.cursor().copy(statement.query) as copy:
+                for row in statement.rows:
+                    await copy.write_row(row)
+            return None
         cursor = await conn.execute(statement.query, statement.params)
         if statement.fetch == "one":
             return await cursor.fetchone()

@@ -15,6 +15,9 @@ connection per concurrent call, up to ``pool_max`` (a call waits up to
 
 from __future__ import annotations
 
+import builtins
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import redis.asyncio
@@ -66,6 +69,7 @@ class AsyncRedisStore(AsyncConnectorStore):
         )
         self._client: redis.asyncio.Redis = redis.asyncio.Redis(connection_pool=pool)
         self._scripts = {name: self._client.register_script(lua) for name, lua in SCRIPTS.items()}
+        self._backfilled = False
 
     async def _run(self, op: Op[_T]) -> _T:
         """Run ``op``; a fault is retried or reported as :meth:`RedisScripts.settle` says."""
@@ -88,6 +92,20 @@ class AsyncRedisStore(AsyncConnectorStore):
                 return await pipe.execute()
         # a Command
         return await self._client.execute_command(*request.args)  # type: ignore[no-untyped-call]
+
+    async def purge(
+        self, before: datetime, statuses: Sequence[str], limit: int
+    ) -> builtins.list[str]:
+        if not self._backfilled:  # records of an older gorch join the purge index first
+            await self.migrate()
+        return await super().purge(before, statuses, limit)
+
+    async def migrate(self) -> int:
+        """Bring the keys up to date: index the records saved before the purge index
+        existed (once per prefix; a marker key remembers it); how many were added."""
+        added = await self._run(self._ops.backfill_purge_index())
+        self._backfilled = True
+        return added
 
     async def close(self) -> None:
         """Release the client's connection pool."""

@@ -31,7 +31,14 @@ from datetime import datetime, timedelta
 from typing import ParamSpec, TypeVar
 
 from gorch.stores._options import DEFAULT_SYNCHRONOUS
-from gorch.stores.base import DEFAULT_HISTORY_LIMIT, AsyncStore, HistoryLog, Page, Record
+from gorch.stores.base import (
+    DEFAULT_HISTORY_LIMIT,
+    AsyncStore,
+    HistoryLog,
+    NewRecord,
+    Page,
+    Record,
+)
 from gorch.stores.sqlite import SQLiteStore
 
 _P = ParamSpec("_P")
@@ -94,6 +101,11 @@ class AsyncSQLiteStore(AsyncStore):
             history_limit=history_limit,
             cursors=cursors,
         )
+
+    async def create_many(
+        self, records: Sequence[NewRecord], *, history_limit: int = DEFAULT_HISTORY_LIMIT
+    ) -> builtins.list[str]:
+        return await self._run(self.store.create_many, records, history_limit=history_limit)
 
     async def load(self, id: str) -> Record:
         return await self._run(self.store.load, id)

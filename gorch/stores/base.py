@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from gorch.errors import WorkflowExists
+
 DEFAULT_HISTORY_LIMIT = 200
 """How many history entries a record keeps unless the caller says otherwise."""
 
@@ -31,6 +33,19 @@ class Record:
     """Starts at 1 on create; every successful save or claim adds 1."""
     wake_at: datetime | None
     """UTC, timezone-aware; None when nothing is scheduled."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecord:
+    """One record for :meth:`Store.create_many`: what :meth:`Store.create` takes, as a value."""
+
+    id: str
+    workflow: str
+    status: str
+    blob: bytes
+    wake_at: datetime | None
+    history: Sequence[str] = ()
+    cursors: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +108,36 @@ class Store(abc.ABC):
         names the instance's threads stand on, kept as a plain column where the
         backend has columns, so SQL can filter on them.
         """
+
+    def create_many(
+        self, records: Sequence[NewRecord], *, history_limit: int = DEFAULT_HISTORY_LIMIT
+    ) -> builtins.list[str]:
+        """Insert every record at version 1 in one atomic write; the ids already taken.
+
+        All or nothing: when some ids are taken, nothing is written and those
+        ids are returned (an empty list: every record was inserted). The ids
+        must be distinct. gorch's stores write a batch at once (PostgreSQL:
+        ``COPY`` in one transaction; SQLite: one transaction; Redis: one
+        script). This default, for other stores, calls :meth:`create` for
+        each record and is not atomic: a taken id leaves the records before it
+        created.
+        """
+        taken: builtins.list[str] = []
+        for r in records:
+            try:
+                self.create(
+                    r.id,
+                    r.workflow,
+                    r.status,
+                    r.blob,
+                    r.wake_at,
+                    history=r.history,
+                    history_limit=history_limit,
+                    cursors=r.cursors,
+                )
+            except WorkflowExists:
+                taken.append(r.id)
+        return taken
 
     @abc.abstractmethod
     def load(self, id: str) -> Record:
@@ -207,6 +252,27 @@ class AsyncStore(abc.ABC):
         cursors: Sequence[str] = (),
     ) -> Record:
         """:meth:`Store.create`."""
+
+    async def create_many(
+        self, records: Sequence[NewRecord], *, history_limit: int = DEFAULT_HISTORY_LIMIT
+    ) -> builtins.list[str]:
+        """:meth:`Store.create_many` (this default is not atomic, as there)."""
+        taken: builtins.list[str] = []
+        for r in records:
+            try:
+                await self.create(
+                    r.id,
+                    r.workflow,
+                    r.status,
+                    r.blob,
+                    r.wake_at,
+                    history=r.history,
+                    history_limit=history_limit,
+                    cursors=r.cursors,
+                )
+            except WorkflowExists:
+                taken.append(r.id)
+        return taken
 
     @abc.abstractmethod
     async def load(self, id: str) -> Record:

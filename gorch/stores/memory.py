@@ -28,7 +28,7 @@ from gorch.stores._common import (
     page_cursor,
     to_utc,
 )
-from gorch.stores.base import DEFAULT_HISTORY_LIMIT, HistoryLog, Page, Record, Store
+from gorch.stores.base import DEFAULT_HISTORY_LIMIT, HistoryLog, NewRecord, Page, Record, Store
 
 _Wakeup = tuple[datetime, str]
 
@@ -77,6 +77,32 @@ class MemoryStore(Store):
             insort(self._ids, id)
             self._schedule(None, record)
         return record
+
+    def create_many(
+        self, records: Sequence[NewRecord], *, history_limit: int = DEFAULT_HISTORY_LIMIT
+    ) -> builtins.list[str]:
+        check_history_limit(history_limit)
+        made = [
+            (
+                Record(r.id, r.workflow, r.status, bytes(r.blob), 1, opt_utc(r.wake_at)),
+                HistoryLog(*append_history([], 0, r.history, history_limit)),
+            )
+            for r in records
+        ]
+        with self._lock:  # the test and the inserts under one lock: all or nothing
+            taken = [record.id for record, _ in made if record.id in self._records]
+            if taken:
+                return taken
+            now = clock.now()
+            for record, log in made:
+                self._records[record.id] = record
+                self._history[record.id] = log
+                self._updated[record.id] = now
+                self._schedule(None, record)
+            # Two sorted runs: Timsort merges them in one pass.
+            self._ids.extend(sorted(record.id for record, _ in made))
+            self._ids.sort()
+        return []
 
     def load(self, id: str) -> Record:
         with self._lock:

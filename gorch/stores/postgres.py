@@ -50,6 +50,7 @@ from gorch.stores.postgres_sql import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TABLE,
     PURGE_BATCH,
+    Copy,
     PostgresSQL,
     Statement,
     Steps,
@@ -217,6 +218,9 @@ class PostgresStore(ConnectorStore):
         for attempt in (1, 2):
             with self._connection() as conn:
                 try:
+                    if op.batch:
+                        with conn.transaction():
+                            return _execute(conn, op.steps())
                     return _execute(conn, op.steps())
                 except psycopg.Error as exc:
                     lost = conn.closed or conn.broken
@@ -273,7 +277,12 @@ class PostgresStore(ConnectorStore):
 def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
     """Run each statement ``steps`` yields on ``conn``, blocking."""
 
-    def send(statement: Statement) -> Any:
+    def send(statement: Statement | Copy) -> Any:
+        if isinstance(statement, Copy):
+            with conn.cursor().copy(statement.query) as copy:
+                for row in statement.rows:
+                    copy.write_row(row)
+            return None
         cursor = conn.execute(statement.query, statement.params)
         if statement.fetch == "one":
             return cursor.fetchone()

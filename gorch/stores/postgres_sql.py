@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeAlias, TypeVar
 
 import psycopg
+import psycopg.errors
 from psycopg import sql
 from psycopg.rows import TupleRow
 
@@ -38,8 +39,9 @@ from gorch.stores._common import (
     scrub,
     to_utc,
 )
+from gorch.stores._floor import WakeFloor
 from gorch.stores._ops import Op
-from gorch.stores.base import HistoryLog, Page, Record
+from gorch.stores.base import HistoryLog, NewRecord, Page, Record
 
 T = TypeVar("T")
 
@@ -52,6 +54,10 @@ PURGE_BATCH = 1000
 
 DEFAULT_TABLE = "gorch_workflows"
 DEFAULT_CONNECT_TIMEOUT = 10
+
+TERMINAL = ("finished", "cancelled", "failed")
+"""Statuses an instance ends in: the only rows the purge index holds."""
+TERMINAL_SQL = "status IN ('finished', 'cancelled', 'failed')"
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS {t} (
@@ -67,10 +73,17 @@ SCHEMA = (
         history jsonb NOT NULL DEFAULT '[]',
         history_dropped bigint NOT NULL DEFAULT 0
     )""",
+    # Every index costs each write an index insert (most saves change wake_at or status,
+    # so PostgreSQL cannot update in place), hence only two beside the primary key:
+    # * the wake-up index: run_due's claims, which must not read records that are not
+    #   due; partial, so finished instances (wake_at NULL) are not in it;
+    # * the purge index: retention deletes old ended instances in batches, oldest first;
+    #   partial, so only an instance's last save (the one that ends it) writes to it.
+    # list(workflow=..., status=...) walks the primary key in id order instead: a page
+    # costs up to a scan of the table when matches are rare (an admin's query, not a
+    # hot path).
     "CREATE INDEX IF NOT EXISTS {wake_idx} ON {t} (wake_at, id) WHERE wake_at IS NOT NULL",
-    "CREATE INDEX IF NOT EXISTS {workflow_idx} ON {t} (workflow, id)",
-    "CREATE INDEX IF NOT EXISTS {status_idx} ON {t} (status, id)",
-    "CREATE INDEX IF NOT EXISTS {purge_idx} ON {t} (status, updated_at)",
+    "CREATE INDEX IF NOT EXISTS {purge_idx} ON {t} (status, updated_at) WHERE " + TERMINAL_SQL,
     """CREATE TABLE IF NOT EXISTS {seen} (
         key text COLLATE "C" PRIMARY KEY,
         token text NOT NULL,
@@ -78,6 +91,8 @@ SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS {seen_idx} ON {seen} (until)",
 )
+OBSOLETE_INDEXES = ("workflow_idx", "status_idx", "status_updated_idx")
+"""Indexes of earlier versions (by suffix), dropped by a migration: they cost every write."""
 COLUMNS = sql.SQL("id, workflow, status, blob, version, wake_at")
 ADDED_COLUMNS = {  # columns of later versions, added to a table created before them
     "created_at": "timestamptz",  # then filled from updated_at, then given its default
@@ -93,6 +108,9 @@ _STATEMENTS = {
     " history, history_dropped) VALUES (%s, %s, %s, %s, 1, %s, %s::text[], %s::jsonb, %s)"
     " ON CONFLICT (id) DO NOTHING RETURNING id",
     "load": "SELECT {cols} FROM {t} WHERE id = %s",
+    "taken": "SELECT id FROM {t} WHERE id = ANY(%s)",
+    "copy": "COPY {t} (id, workflow, status, blob, version, wake_at, cursors, history,"
+    " history_dropped) FROM STDIN",
     "save": "UPDATE {t} SET status = %s, blob = %s, wake_at = %s,"
     " version = version + 1, updated_at = now(), cursors = %s::text[]"
     " WHERE id = %s AND version = %s RETURNING workflow, version",
@@ -101,8 +119,12 @@ _STATEMENTS = {
     "save_history": "UPDATE {t} SET status = %(status)s, blob = %(blob)s,"
     " wake_at = %(wake)s, version = version + 1, updated_at = now(),"
     " cursors = %(cursors)s::text[],"
-    " history = jsonb_path_query_array(history || %(new)s::jsonb, '$[$n to last]',"
-    " jsonb_build_object('n', greatest(0, jsonb_array_length(history) + %(count)s - %(limit)s))),"
+    # (jsonb_array_length reads the array's header: the usual case, under the cap, is a
+    # plain concatenation; the jsonpath slice runs only when entries must go.)
+    " history = CASE WHEN jsonb_array_length(history) + %(count)s <= %(limit)s"
+    " THEN history || %(new)s::jsonb"
+    " ELSE jsonb_path_query_array(history || %(new)s::jsonb, '$[$n to last]',"
+    " jsonb_build_object('n', jsonb_array_length(history) + %(count)s - %(limit)s)) END,"
     " history_dropped = history_dropped"
     " + greatest(0, jsonb_array_length(history) + %(count)s - %(limit)s)"
     " WHERE id = %(id)s AND version = %(expected)s RETURNING workflow, version",
@@ -116,14 +138,32 @@ _STATEMENTS = {
     " ORDER BY updated_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
     " DELETE FROM {t} AS w USING doomed WHERE w.id = doomed.id"
     " AND w.status = ANY(%(statuses)s) AND w.updated_at < %(before)s RETURNING w.id",
+    # The same for ended statuses only (the usual case): the predicate, spelled as the
+    # index's, lets the planner use the purge index whatever the parameters are.
+    "purge_ended": "WITH doomed AS (SELECT id FROM {t}"
+    " WHERE status = ANY(%(statuses)s) AND updated_at < %(before)s AND "
+    + TERMINAL_SQL
+    + " ORDER BY updated_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+    " DELETE FROM {t} AS w USING doomed WHERE w.id = doomed.id"
+    " AND w.status = ANY(%(statuses)s) AND w.updated_at < %(before)s RETURNING w.id",
+    "indexes": "SELECT indexname FROM pg_indexes WHERE schemaname = %s AND tablename = %s",
+    "current_schema": "SELECT current_schema()",
     "columns": "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s)"
     " AND attnum > 0 AND NOT attisdropped",
     "version": "SELECT version FROM {t} WHERE id = %s",
     "delete": "DELETE FROM {t} WHERE id = %s RETURNING id",
     "claim": "WITH due AS ("
-    " SELECT id, wake_at FROM {t} WHERE wake_at <= %s"
-    " ORDER BY wake_at, id LIMIT %s FOR UPDATE SKIP LOCKED)"
-    " UPDATE {t} AS w SET wake_at = %s, version = w.version + 1, updated_at = now()"
+    " SELECT id, wake_at FROM {t} WHERE wake_at <= %(now)s"
+    " ORDER BY wake_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+    " UPDATE {t} AS w SET wake_at = %(until)s, version = w.version + 1, updated_at = now()"
+    " FROM due WHERE w.id = due.id"
+    " RETURNING w.id, w.workflow, w.status, w.blob, w.version, due.wake_at",
+    # The same from a lower bound (see gorch.stores._floor): the index scan starts at the
+    # floor instead of stepping over the dead entries fired timers leave below it.
+    "claim_from": "WITH due AS ("
+    " SELECT id, wake_at FROM {t} WHERE wake_at >= %(floor)s AND wake_at <= %(now)s"
+    " ORDER BY wake_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+    " UPDATE {t} AS w SET wake_at = %(until)s, version = w.version + 1, updated_at = now()"
     " FROM due WHERE w.id = due.id"
     " RETURNING w.id, w.workflow, w.status, w.blob, w.version, due.wake_at",
     # A live key is left alone (no row returned); an absent or expired one is
@@ -148,7 +188,16 @@ class Statement:
     fetch: Literal["one", "all", "rowcount"] = "one"
 
 
-Steps: TypeAlias = Generator[Statement, Any, T]
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """``COPY ... FROM STDIN`` for a connector to run, with the rows to send (it sends back
+    nothing)."""
+
+    query: sql.Composed
+    rows: Sequence[tuple[Any, ...]]
+
+
+Steps: TypeAlias = Generator[Statement | Copy, Any, T]
 """An operation's statements in order; each one's result is sent back in."""
 
 
@@ -191,9 +240,7 @@ class PostgresSQL:
             "t": sql.Identifier(*parts),
             "cols": COLUMNS,
             "wake_idx": sql.Identifier(f"{base}_wake_at_idx"),
-            "workflow_idx": sql.Identifier(f"{base}_workflow_idx"),
-            "status_idx": sql.Identifier(f"{base}_status_idx"),
-            "purge_idx": sql.Identifier(f"{base}_status_updated_idx"),
+            "purge_idx": sql.Identifier(f"{base}_ended_idx"),
             "seen": sql.Identifier(*parts[:-1], f"{base}_seen"),
             "seen_idx": sql.Identifier(f"{base}_seen_until_idx"),
         }
@@ -211,7 +258,16 @@ class PostgresSQL:
         self.regclass = ".".join('"' + part.replace('"', '""') + '"' for part in parts)
         #: Every statement, composed once with the (quoted) table and index names.
         self.q = {key: sql.SQL(text).format(**names) for key, text in texts.items()}
+        self._schema_name = parts[0] if len(parts) == 2 else None
+        self.base = base
+        self._obsolete = {f"{base}_{suffix}" for suffix in OBSOLETE_INDEXES}
+        self._drop = {
+            name: sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(*parts[:-1], name))
+            for name in self._obsolete
+        }
         self._next_purge = 0.0  # time.monotonic() after which remember() purges expired keys
+        #: Where claims start their index scan (see :mod:`gorch.stores._floor`).
+        self.floor = WakeFloor()
 
     # -- faults ----------------------------------------------------------------------
 
@@ -235,6 +291,9 @@ class PostgresSQL:
         committing it: ``StoreUnavailable`` says nothing was written. An
         error that is no fault (a bug of ours) is raised as it is.
         """
+        batch = op is not None and op.batch
+        if batch and not last and isinstance(exc, psycopg.errors.UniqueViolation):
+            return  # a concurrent insert took an id after our test: test again
         if not is_fault(exc):
             raise exc
         write = op is not None and op.write
@@ -266,6 +325,15 @@ class PostgresSQL:
             yield Statement(self.q["default_created_at"], (), "rowcount")
         for i in range(1, len(SCHEMA)):
             yield Statement(self.q[f"schema{i}"], (), "rowcount")
+        # Indexes of earlier versions cost every write: drop them (only if present, since
+        # DROP INDEX locks the table).
+        schema = self._schema_name
+        if schema is None:
+            schema = (yield Statement(self.q["current_schema"], (), "one"))[0]
+        found = yield Statement(self.q["indexes"], (schema, self.base), "all")
+        for (name,) in found:
+            if name in self._obsolete:
+                yield Statement(self._drop[name], (), "rowcount")
 
     def create(
         self,
@@ -286,9 +354,53 @@ class PostgresSQL:
         def steps() -> Steps[Record]:
             if (yield Statement(self.q["insert"], params)) is None:
                 raise WorkflowExists(id)
+            self.floor.wrote(wake)
             return Record(id, workflow, status, bytes(blob), 1, wake)
 
         return Op(steps)
+
+    def create_many(
+        self, records: Sequence[NewRecord], history_limit: int
+    ) -> Op[builtins.list[str]]:
+        check_history_limit(history_limit)
+        ids = [r.id for r in records]
+        rows = []
+        wakes = []
+        for r in records:
+            wake = opt_utc(r.wake_at)
+            if wake is not None:
+                wakes.append(wake)
+            entries, dropped = append_history([], 0, r.history, history_limit)
+            rows.append(
+                (
+                    r.id,
+                    r.workflow,
+                    r.status,
+                    r.blob,
+                    1,
+                    wake,
+                    list(r.cursors),
+                    _array(entries),
+                    dropped,
+                )
+            )
+
+        attempts = 0
+
+        def steps() -> Steps[builtins.list[str]]:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:  # the COPY met a taken id (and rolled back): say which
+                taken = yield Statement(self.q["taken"], (ids,), "all")
+                if taken:
+                    return [row[0] for row in taken]
+            yield Copy(self.q["copy"], rows)
+            if wakes:
+                self.floor.wrote(min(wakes))
+            return []
+
+        # One transaction; a unique violation (an id taken) runs it again, testing first.
+        return Op(steps, batch=True)
 
     def load(self, id: str) -> Op[Record]:
         def steps() -> Steps[Record]:
@@ -337,6 +449,7 @@ class PostgresSQL:
                 current = yield Statement(self.q["version"], (id,))
                 raise Conflict(id, expected_version, None if current is None else current[0])
             workflow, version = row
+            self.floor.wrote(wake)
             return Record(id, workflow, status, bytes(blob), version, wake)
 
         return Op(steps)
@@ -353,14 +466,13 @@ class PostgresSQL:
     def purge(
         self, before: datetime, statuses: Sequence[str], limit: int
     ) -> Op[builtins.list[str]]:
-        params = {
-            "statuses": check_purge(statuses, limit),
-            "before": to_utc(before),
-            "limit": limit,
-        }
+        wanted = check_purge(statuses, limit)
+        params = {"statuses": wanted, "before": to_utc(before), "limit": limit}
+        # Other statuses than the ended ones are not in the purge index: a table scan.
+        query = self.q["purge_ended" if set(wanted) <= set(TERMINAL) else "purge_records"]
 
         def steps() -> Steps[builtins.list[str]]:
-            rows = yield Statement(self.q["purge_records"], params, "all")
+            rows = yield Statement(query, params, "all")
             return [row[0] for row in rows]
 
         # Repeating it after an unknown outcome deletes only what still matches: safe.
@@ -403,8 +515,15 @@ class PostgresSQL:
         now = to_utc(now)
         until = now + lease
 
+        params = {"now": now, "limit": limit, "until": until}
+
         def steps() -> Steps[builtins.list[Record]]:
-            rows = yield Statement(self.q["claim"], (now, limit, until), "all")
+            floor, token = self.floor.bound(now)
+            if floor is None:
+                rows = yield Statement(self.q["claim"], params, "all")
+            else:
+                rows = yield Statement(self.q["claim_from"], {**params, "floor": floor}, "all")
+            self.floor.claimed(now, floor, len(rows) < limit, token)
             # UPDATE ... RETURNING has no order: restore "earliest first" from the old wake_at.
             rows.sort(key=lambda row: (row[5], row[0]))
             return [

@@ -31,6 +31,9 @@ The keys, the scripts and the requests of each operation are
 
 from __future__ import annotations
 
+import builtins
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import redis
@@ -96,6 +99,7 @@ class RedisStore(ConnectorStore):
         self._client = redis.Redis(connection_pool=pool)
         self._client.auto_close_connection_pool = True
         self._scripts = {name: self._client.register_script(lua) for name, lua in SCRIPTS.items()}
+        self._backfilled = False
 
     def _run(self, op: Op[_T]) -> _T:
         """Run ``op``; a fault is retried or reported as :meth:`RedisScripts.settle` says."""
@@ -119,6 +123,18 @@ class RedisStore(ConnectorStore):
             return pipe.execute()
         # a Command
         return self._client.execute_command(*request.args)  # type: ignore[no-untyped-call]
+
+    def purge(self, before: datetime, statuses: Sequence[str], limit: int) -> builtins.list[str]:
+        if not self._backfilled:  # records of an older gorch join the purge index first
+            self.migrate()
+        return super().purge(before, statuses, limit)
+
+    def migrate(self) -> int:
+        """Bring the keys up to date: index the records saved before the purge index
+        existed (once per prefix; a marker key remembers it); how many were added."""
+        added = self._run(self._ops.backfill_purge_index())
+        self._backfilled = True
+        return added
 
     def close(self) -> None:
         """Release the client's connection pool."""

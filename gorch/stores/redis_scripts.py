@@ -52,7 +52,7 @@ from gorch.stores._common import (
     to_utc,
 )
 from gorch.stores._ops import Op
-from gorch.stores.base import HistoryLog, Page, Record
+from gorch.stores.base import HistoryLog, NewRecord, Page, Record
 
 T = TypeVar("T")
 
@@ -100,6 +100,48 @@ redis.call('ZADD', upd_key(ARGV[4]), ARGV[9], ARGV[2])
 redis.call('DEL', KEYS[7])
 append_history(KEYS[1], KEYS[7], 12, tonumber(ARGV[10]))
 return 1
+"""
+)
+
+# ARGV: prefix updated_us updated_score limit count, then per record: id workflow status
+# blob wake_us wake_score cursors nhist entries... All or nothing: the ids already taken,
+# or an empty list once every record is created.
+CREATE_MANY = (
+    KEYS_LUA
+    + """
+local n = tonumber(ARGV[5])
+local starts = {}
+local taken = {}
+local i = 6
+for r = 1, n do
+  starts[r] = i
+  if redis.call('EXISTS', p .. ':rec:' .. ARGV[i]) == 1 then taken[#taken + 1] = ARGV[i] end
+  i = i + 8 + tonumber(ARGV[i + 7])
+end
+if #taken > 0 then return taken end
+local limit = tonumber(ARGV[4])
+for r = 1, n do
+  local j = starts[r]
+  local id, w, s = ARGV[j], ARGV[j + 1], ARGV[j + 2]
+  local key = p .. ':rec:' .. id
+  local nh = tonumber(ARGV[j + 7])
+  local dropped = 0
+  if nh > limit then dropped = nh - limit end
+  redis.call('HSET', key, 'workflow', w, 'status', s, 'blob', ARGV[j + 3], 'version', 1,
+             'wake_at', ARGV[j + 4], 'updated_at', ARGV[2], 'created_at', ARGV[2],
+             'cursors', ARGV[j + 6], 'history_dropped', dropped)
+  if ARGV[j + 4] ~= '' then redis.call('ZADD', p .. ':wake', ARGV[j + 5], id) end
+  redis.call('ZADD', p .. ':idx:all', 0, id)
+  redis.call('ZADD', wf_key(w), 0, id)
+  redis.call('ZADD', st_key(s), 0, id)
+  redis.call('ZADD', ws_key(w, s), 0, id)
+  redis.call('ZADD', upd_key(s), ARGV[3], id)
+  redis.call('DEL', hist_key(id))
+  if nh > dropped then
+    redis.call('RPUSH', hist_key(id), unpack(ARGV, j + 8 + dropped, j + 7 + nh))
+  end
+end
+return {}
 """
 )
 
@@ -169,6 +211,23 @@ for i = 5, #ARGV do
   end
 end
 return out
+"""
+)
+
+# ARGV: prefix id... Puts each record in the purge index of its status (if not there yet),
+# scored by its updated_at: records saved before that index existed become purgeable.
+BACKFILL = (
+    KEYS_LUA
+    + """
+local added = 0
+for i = 2, #ARGV do
+  local f = redis.call('HMGET', p .. ':rec:' .. ARGV[i], 'status', 'updated_at')
+  if f[1] then
+    local at = tonumber(f[2]) or 0
+    added = added + redis.call('ZADD', upd_key(f[1]), 'NX', at / 1000000, ARGV[i])
+  end
+end
+return added
 """
 )
 
@@ -244,11 +303,13 @@ def _stamp() -> tuple[str, str]:
 
 SCRIPTS = {
     "create": CREATE,
+    "create_many": CREATE_MANY,
     "save": SAVE,
     "delete": DELETE,
     "claim": CLAIM,
     "remember": REMEMBER,
     "purge": PURGE,
+    "backfill": BACKFILL,
 }
 """Every script by name; a connector registers each once with its client."""
 
@@ -427,6 +488,31 @@ class RedisScripts:
 
         return Op(steps)
 
+    def create_many(
+        self, records: Sequence[NewRecord], history_limit: int
+    ) -> Op[builtins.list[str]]:
+        check_history_limit(history_limit)
+        args: builtins.list[EncodableT] = [self.prefix, *_stamp(), history_limit, len(records)]
+        for r in records:
+            args.extend(
+                (
+                    r.id,
+                    r.workflow,
+                    r.status,
+                    r.blob,
+                    *_wake_args(opt_utc(r.wake_at)),
+                    json.dumps(list(r.cursors)),
+                    len(r.history),
+                    *r.history,
+                )
+            )
+
+        def steps() -> Steps[builtins.list[str]]:
+            taken = yield Script("create_many", [], args)
+            return [id.decode() for id in taken]
+
+        return Op(steps)
+
     def load(self, id: str) -> Op[Record]:
         def steps() -> Steps[Record]:
             fields = yield Command(("HGETALL", self.rec(id)))
@@ -499,6 +585,8 @@ class RedisScripts:
     def purge(
         self, before: datetime, statuses: Sequence[str], limit: int
     ) -> Op[builtins.list[str]]:
+        """Delete old records by the purge index (see :meth:`backfill_purge_index` for the
+        records saved before it existed: the connector runs it before a first purge)."""
         wanted = check_purge(statuses, limit)
         before_us = to_micros(before)
         args: builtins.list[EncodableT] = [
@@ -537,6 +625,35 @@ class RedisScripts:
             return Page(records, page_cursor(ids, limit))
 
         return Op(steps, write=False)
+
+    def backfill_purge_index(self) -> Op[int]:
+        """Put the records saved before the purge index existed into it; how many.
+
+        Done once per prefix (a marker key says so afterwards): ``SCAN`` over the
+        record hashes, a batch at a time, each batch one script (``ZADD NX``: a
+        record already indexed keeps its entry). Safe to repeat, and to run while
+        the store is in use: a record saved meanwhile indexes itself.
+        """
+        marker = f"{self.prefix}:meta:purge_index"
+        match = f"{self.prefix}:rec:*"
+        start = len(self.prefix) + len(":rec:")
+
+        def steps() -> Steps[int]:
+            if (yield Command(("GET", marker))):
+                return 0
+            added = 0
+            cursor: EncodableT = 0
+            while True:
+                cursor, keys = yield Command(("SCAN", cursor, "MATCH", match, "COUNT", 1000))
+                ids = [k.decode()[start:] for k in keys]
+                if ids:
+                    added += int((yield Script("backfill", [], [self.prefix, *ids])))
+                if int(cursor) == 0:
+                    break
+            yield Command(("SET", marker, "1"))
+            return added
+
+        return Op(steps, idempotent=True)
 
     def claim_due(self, now: datetime, limit: int, lease: timedelta) -> Op[builtins.list[Record]]:
         now = to_utc(now)

@@ -1,11 +1,17 @@
 """SQLite, the embedded default: one file, shared safely by the processes of one machine.
 
-WAL mode lets readers run while one writer commits; every write that must
-read first (compare-and-swap, claims) runs under ``BEGIN IMMEDIATE``, which
-takes the database's write lock up front, so two writers never interleave and
-never deadlock upgrading a read lock. Writers queue on ``busy_timeout``.
-Instants are stored as integer microseconds since the epoch (UTC), so the
-index on ``wake_at`` orders them exactly.
+WAL mode lets readers run while one writer commits. Most writes are one
+statement, committed on its own: compare-and-swap is ``UPDATE ... WHERE id = ?
+AND version = ?`` (no read first), a create an ``INSERT``; SQLite takes the
+write lock for the statement, waiting up to ``busy_timeout`` for another
+writer. Writes of several statements (claims, ``remember``, a batch of
+``create_many``) run under ``BEGIN IMMEDIATE``, which takes the write lock up
+front, so two writers never interleave and never deadlock upgrading a read
+lock. Instants are stored as integer microseconds since the epoch (UTC), so
+the index on ``wake_at`` orders them exactly.
+
+Durability is the ``synchronous`` setting (``sqlite:///app.db?synchronous=normal``):
+``full`` by default, so a committed write survives a power cut.
 """
 
 from __future__ import annotations
@@ -36,7 +42,11 @@ from gorch.stores._common import (
     to_utc,
 )
 from gorch.stores._options import DEFAULT_SYNCHRONOUS, synchronous_level
-from gorch.stores.base import DEFAULT_HISTORY_LIMIT, HistoryLog, Page, Record, Store
+from gorch.stores.base import DEFAULT_HISTORY_LIMIT, HistoryLog, NewRecord, Page, Record, Store
+
+TERMINAL = ("finished", "cancelled", "failed")
+"""Statuses an instance ends in: the only rows the purge index holds."""
+TERMINAL_SQL = "status IN ('finished', 'cancelled', 'failed')"
 
 _SCHEMA = {  # every table and index, by name
     "gorch_workflows": """CREATE TABLE IF NOT EXISTS gorch_workflows (
@@ -53,20 +63,27 @@ _SCHEMA = {  # every table and index, by name
         history TEXT NOT NULL DEFAULT '[]',
         history_dropped INTEGER NOT NULL DEFAULT 0
     )""",
+    # Each index is written by every insert, and by every update that changes its columns,
+    # so there are only two beside the primary key (the schema docs say the same):
+    # * the wake-up index: run_due's claims read only the due records; partial, so
+    #   finished instances (wake_at NULL) are not in it;
+    # * the purge index: retention deletes old ended instances, oldest first; partial, so
+    #   an instance is written to it once, by the save that ends it (not by every save,
+    #   as updated_at changes each time).
+    # list(workflow=..., status=...) walks the primary key in id order: a page costs up
+    # to a scan of the table when matches are rare (an admin's query, not a hot path).
     "gorch_workflows_wake_at": """CREATE INDEX IF NOT EXISTS gorch_workflows_wake_at
         ON gorch_workflows (wake_at, id) WHERE wake_at IS NOT NULL""",
-    "gorch_workflows_workflow": "CREATE INDEX IF NOT EXISTS gorch_workflows_workflow"
-    " ON gorch_workflows (workflow, id)",
-    "gorch_workflows_status": "CREATE INDEX IF NOT EXISTS gorch_workflows_status"
-    " ON gorch_workflows (status, id)",
-    "gorch_workflows_purge": "CREATE INDEX IF NOT EXISTS gorch_workflows_purge"
-    " ON gorch_workflows (status, updated_at)",
+    "gorch_workflows_ended": "CREATE INDEX IF NOT EXISTS gorch_workflows_ended"
+    " ON gorch_workflows (status, updated_at) WHERE " + TERMINAL_SQL,
     "gorch_seen": """CREATE TABLE IF NOT EXISTS gorch_seen (
         key TEXT PRIMARY KEY,
         until INTEGER NOT NULL
     )""",
     "gorch_seen_until": "CREATE INDEX IF NOT EXISTS gorch_seen_until ON gorch_seen (until)",
 }
+_OBSOLETE_INDEXES = ("gorch_workflows_workflow", "gorch_workflows_status", "gorch_workflows_purge")
+"""Indexes of earlier versions, dropped when a store opens the file: they cost every write."""
 _ADDED_COLUMNS = {  # columns of later versions, added to a table created before them
     "created_at": "INTEGER NOT NULL DEFAULT 0",
     "cursors": "TEXT NOT NULL DEFAULT '[]'",
@@ -74,6 +91,40 @@ _ADDED_COLUMNS = {  # columns of later versions, added to a table created before
     "history_dropped": "INTEGER NOT NULL DEFAULT 0",
 }
 _PURGE_BATCH = 100  # expired keys removed per remember(): bounded work, and enough to keep up
+_ID_CHUNK = 500  # ids per IN (...) test: well under SQLite's limit of bound parameters
+# A batch inserts with no conflict clause: a taken id fails (and rolls back) the batch.
+_INSERT_ALL = (
+    "INSERT INTO gorch_workflows (id, workflow, status, blob, version, wake_at, updated_at,"
+    " created_at, cursors, history, history_dropped) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT = (
+    "INSERT INTO gorch_workflows (id, workflow, status, blob, version, wake_at, updated_at,"
+    " created_at, cursors, history, history_dropped) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (id) DO NOTHING"
+)
+_SAVE = (
+    "UPDATE gorch_workflows SET status = :status, blob = :blob, version = version + 1,"
+    " wake_at = :wake, updated_at = :now, cursors = :cursors"
+    " WHERE id = :id AND version = :expected RETURNING workflow, version"
+)
+# The history log grows by :new (a JSON array text of :n entries) in the same statement,
+# by joining the two array texts; past :limit entries, the oldest are cut off (json_each
+# gives the entries in order, key = position) and counted in history_dropped.
+_JOINED = (
+    "CASE WHEN history = '[]' THEN :new"
+    " ELSE substr(history, 1, length(history) - 1) || ',' || substr(:new, 2) END"
+)
+_SAVE_HISTORY = (
+    "UPDATE gorch_workflows SET status = :status, blob = :blob, version = version + 1,"
+    " wake_at = :wake, updated_at = :now, cursors = :cursors,"
+    " history = CASE WHEN json_array_length(history) + :n <= :limit THEN "
+    + _JOINED
+    + " ELSE (SELECT json_group_array(json(value)) FROM json_each("
+    + _JOINED
+    + ") WHERE key >= json_array_length(history) + :n - :limit) END,"
+    " history_dropped = history_dropped + max(0, json_array_length(history) + :n - :limit)"
+    " WHERE id = :id AND version = :expected RETURNING workflow, version"
+)
 _COLUMNS = "id, workflow, status, blob, version, wake_at"
 
 
@@ -92,6 +143,14 @@ def _record(row: tuple[Any, ...]) -> Record:
 def _json_array(entries: builtins.list[str]) -> str:
     """Entries (each a JSON text) as one JSON array text."""
     return "[" + ",".join(entries) + "]"
+
+
+def _history_columns(history: Sequence[str], limit: int) -> tuple[str, int]:
+    """A new record's history log and dropped count, as columns."""
+    if len(history) <= limit:
+        return _json_array(list(history)), 0
+    entries, dropped = append_history([], 0, history, limit)
+    return _json_array(entries), dropped
 
 
 def _micros_or_none(when: datetime | None) -> int | None:
@@ -186,11 +245,15 @@ class SQLiteStore(Store):
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         """Create what is missing; skipped without the write lock when everything exists,
         so readers can open the store while another process holds a long write."""
-        marks = ", ".join("?" * len(_SCHEMA))
-        found = conn.execute(
-            f"SELECT count(*) FROM sqlite_master WHERE name IN ({marks})", tuple(_SCHEMA)
-        ).fetchone()[0]
-        if found == len(_SCHEMA) and not self._missing_columns(conn):
+        names = (*_SCHEMA, *_OBSOLETE_INDEXES)
+        marks = ", ".join("?" * len(names))
+        found = {
+            row[0]
+            for row in conn.execute(
+                f"SELECT name FROM sqlite_master WHERE name IN ({marks})", names
+            )
+        }
+        if found == set(_SCHEMA) and not self._missing_columns(conn):
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -203,6 +266,8 @@ class SQLiteStore(Store):
                     conn.execute("UPDATE gorch_workflows SET created_at = updated_at")
             for statement in _SCHEMA.values():
                 conn.execute(statement)
+            for index in _OBSOLETE_INDEXES:
+                conn.execute(f"DROP INDEX IF EXISTS {index}")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -271,7 +336,19 @@ class SQLiteStore(Store):
         except sqlite3.Error:
             self._conns.discard()  # closing it rolls back whatever is left
 
-    def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    def _write1(self, sql: str, params: tuple[Any, ...] | dict[str, Any]) -> sqlite3.Cursor:
+        """One write statement, committed by itself (autocommit): SQLite takes the write
+        lock for it (waiting up to the busy timeout, as ``BEGIN IMMEDIATE`` would) and
+        rolls it back whole if it fails. Read a ``RETURNING`` cursor to the end: the
+        statement commits when it is done."""
+        try:
+            return self._conns.get().execute(sql, params)
+        except sqlite3.Error as exc:
+            if not _is_fault(exc):
+                raise
+            raise self._unavailable(exc) from exc
+
+    def _read(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         try:
             return self._conns.get().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
@@ -297,27 +374,66 @@ class SQLiteStore(Store):
         wake = opt_utc(wake_at)
         entries, dropped = append_history([], 0, history, history_limit)
         stamp = _now_micros()
-        with self._write() as conn:
-            cur = conn.execute(
-                "INSERT INTO gorch_workflows (id, workflow, status, blob, version, wake_at,"
-                " updated_at, created_at, cursors, history, history_dropped)"
-                " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                (
-                    id,
-                    workflow,
-                    status,
-                    bytes(blob),
-                    _micros_or_none(wake),
-                    stamp,
-                    stamp,
-                    json.dumps(list(cursors)),
-                    _json_array(entries),
-                    dropped,
-                ),
-            )
-            if cur.rowcount != 1:
-                raise WorkflowExists(id)
+        cur = self._write1(
+            _INSERT,
+            (
+                id,
+                workflow,
+                status,
+                bytes(blob),
+                _micros_or_none(wake),
+                stamp,
+                stamp,
+                json.dumps(list(cursors)),
+                _json_array(entries),
+                dropped,
+            ),
+        )
+        if cur.rowcount != 1:
+            raise WorkflowExists(id)
         return Record(id, workflow, status, bytes(blob), 1, wake)
+
+    def create_many(
+        self, records: Sequence[NewRecord], *, history_limit: int = DEFAULT_HISTORY_LIMIT
+    ) -> builtins.list[str]:
+        check_history_limit(history_limit)
+        stamp = _now_micros()
+        cursors: dict[tuple[str, ...], str] = {}  # a batch's instances mostly stand alike
+        rows = []
+        for r in records:
+            key = tuple(r.cursors)
+            text = cursors.get(key)
+            if text is None:
+                text = cursors[key] = json.dumps(list(key))
+            rows.append(
+                (
+                    r.id,
+                    r.workflow,
+                    r.status,
+                    bytes(r.blob),
+                    _micros_or_none(opt_utc(r.wake_at)),
+                    stamp,
+                    stamp,
+                    text,
+                    *_history_columns(r.history, history_limit),
+                )
+            )
+        try:
+            with self._write() as conn:  # one transaction: all or nothing
+                conn.executemany(_INSERT_ALL, rows)
+            return []
+        except sqlite3.IntegrityError as exc:  # an id is taken: rolled back; say which
+            refused = exc
+        ids = [r.id for r in records]
+        taken: builtins.list[str] = []
+        for i in range(0, len(ids), _ID_CHUNK):
+            chunk = ids[i : i + _ID_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            found = self._read(f"SELECT id FROM gorch_workflows WHERE id IN ({marks})", chunk)
+            taken.extend(row[0] for row in found)
+        if not taken:  # not a taken id after all (or its holder is gone again): as it is
+            raise refused
+        return taken
 
     def load(self, id: str) -> Record:
         rows = self._read(f"SELECT {_COLUMNS} FROM gorch_workflows WHERE id = ?", (id,))
@@ -339,44 +455,28 @@ class SQLiteStore(Store):
     ) -> Record:
         check_history_limit(history_limit)
         wake = opt_utc(wake_at)
-        with self._write() as conn:
-            row = conn.execute(
-                "SELECT workflow, version, history, history_dropped FROM gorch_workflows"
-                " WHERE id = ?",
-                (id,),
-            ).fetchone()
-            if row is None or row[1] != expected_version:
-                raise Conflict(id, expected_version, None if row is None else row[1])
-            params: tuple[Any, ...] = (
-                status,
-                bytes(blob),
-                expected_version + 1,
-                _micros_or_none(wake),
-                _now_micros(),
-                json.dumps(list(cursors)),
-            )
-            if history:  # the log is rewritten only when it grows
-                entries, dropped = append_history(
-                    [json.dumps(e) for e in json.loads(row[2])], row[3], history, history_limit
-                )
-                conn.execute(
-                    "UPDATE gorch_workflows SET status = ?, blob = ?, version = ?, wake_at = ?,"
-                    " updated_at = ?, cursors = ?, history = ?, history_dropped = ? WHERE id = ?",
-                    (*params, _json_array(entries), dropped, id),
-                )
-            else:
-                conn.execute(
-                    "UPDATE gorch_workflows SET status = ?, blob = ?, version = ?, wake_at = ?,"
-                    " updated_at = ?, cursors = ? WHERE id = ?",
-                    (*params, id),
-                )
-        return Record(id, row[0], status, bytes(blob), expected_version + 1, wake)
+        params: dict[str, Any] = {
+            "status": status,
+            "blob": bytes(blob),
+            "wake": _micros_or_none(wake),
+            "now": _now_micros(),
+            "cursors": json.dumps(list(cursors)),
+            "id": id,
+            "expected": expected_version,
+        }
+        if history:  # the log is rewritten only when it grows
+            params.update(new=_json_array(list(history)), n=len(history), limit=history_limit)
+        # One conditional UPDATE: the version test and the write are one statement.
+        rows = self._write1(_SAVE_HISTORY if history else _SAVE, params).fetchall()
+        if not rows:
+            found = self._read("SELECT version FROM gorch_workflows WHERE id = ?", (id,))
+            raise Conflict(id, expected_version, found[0][0] if found else None)
+        workflow, version = rows[0]
+        return Record(id, workflow, status, bytes(blob), version, wake)
 
     def delete(self, id: str) -> None:
-        with self._write() as conn:
-            cur = conn.execute("DELETE FROM gorch_workflows WHERE id = ?", (id,))
-            if cur.rowcount != 1:
-                raise WorkflowNotFound(id)
+        if self._write1("DELETE FROM gorch_workflows WHERE id = ?", (id,)).rowcount != 1:
+            raise WorkflowNotFound(id)
 
     def history(self, id: str) -> HistoryLog:
         rows = self._read(
@@ -390,13 +490,16 @@ class SQLiteStore(Store):
         wanted = check_purge(statuses, limit)
         marks = ", ".join("?" * len(wanted))
         before_us = to_micros(before)
-        with self._write() as conn:  # the write lock: nothing changes between test and delete
-            rows = conn.execute(
-                f"DELETE FROM gorch_workflows WHERE id IN (SELECT id FROM gorch_workflows"
-                f" WHERE status IN ({marks}) AND updated_at < ? ORDER BY updated_at LIMIT ?)"
-                f" AND status IN ({marks}) AND updated_at < ? RETURNING id",
-                (*wanted, before_us, limit, *wanted, before_us),
-            ).fetchall()
+        # Spelled as the purge index's predicate, so SQLite uses it (ended statuses only;
+        # others are not in it: a table scan).
+        ended = f" AND {TERMINAL_SQL}" if set(wanted) <= set(TERMINAL) else ""
+        # One statement: the test and the delete run under one write lock.
+        rows = self._write1(
+            f"DELETE FROM gorch_workflows WHERE id IN (SELECT id FROM gorch_workflows"
+            f" WHERE status IN ({marks}) AND updated_at < ?{ended} ORDER BY updated_at"
+            f" LIMIT ?) AND status IN ({marks}) AND updated_at < ? RETURNING id",
+            (*wanted, before_us, limit, *wanted, before_us),
+        ).fetchall()
         return [row[0] for row in rows]
 
     def list(

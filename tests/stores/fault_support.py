@@ -339,8 +339,12 @@ def redis_store_sees_close(store: Any) -> None:
             return True
 
     pool = store._client.connection_pool
+
+    def idle() -> list[Any]:  # a BlockingConnectionPool keeps them in a queue (None: a slot)
+        return [c for c in list(pool.pool.queue) if c is not None]
+
     wait_until(
-        lambda: all(closed(c) for c in list(pool._available_connections)),
+        lambda: all(closed(c) for c in idle()),
         "the store's connection to see the server's close",
     )
 

@@ -38,7 +38,7 @@ from gorch.stores import (
     SQLiteStore,
     Store,
 )
-from gorch.stores.base import HistoryLog
+from gorch.stores.base import HistoryLog, NewRecord
 
 PG_DSN = os.environ.get("GORCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("GORCH_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -180,6 +180,9 @@ class SyncOverAsync(Store):
         **options: Any,
     ) -> Record:
         return self._run(lambda: self.aio.create(id, workflow, status, blob, wake_at, **options))
+
+    def create_many(self, records: Sequence[NewRecord], **options: Any) -> builtins.list[str]:
+        return self._run(lambda: self.aio.create_many(records, **options))
 
     def load(self, id: str) -> Record:
         return self._run(lambda: self.aio.load(id))

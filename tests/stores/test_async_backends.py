@@ -136,8 +136,8 @@ def test_bad_pool_options_are_unsupported_urls(query: str) -> None:
     assert "pool_" in str(info.value) and "hunter2" not in str(info.value)
 
 
-def test_the_sync_store_accepts_a_url_with_pool_options() -> None:
-    """One setting for both: the sync store has no pool and ignores the options."""
+def test_the_sync_store_reads_the_same_pool_options() -> None:
+    """One setting for both: the sync store pools its connections the same way."""
     require_server("postgres")
     token = uuid.uuid4().hex[:12]
     url = PG_DSN + ("&" if "?" in PG_DSN else "?") + "pool_max=3"
@@ -145,6 +145,7 @@ def test_the_sync_store_accepts_a_url_with_pool_options() -> None:
 
     store = open_store(url)
     assert isinstance(store, PostgresStore) and "pool_max" not in store.url
+    assert store.pool_max == 3
     store.close()
     table = f"gorch_test_{token}"
     with PostgresStore(store.url, table=table) as sync:  # the cleaned URL works as a DSN

@@ -148,20 +148,35 @@ def _with_fault(store: Any, method: str, arm: Callable[[], None], end: Callable[
     return result, error, before, _snapshot(store)
 
 
+REPEATABLE = ["load", "remember"]  # a read, and the write made idempotent by its token
+UNKNOWN = "the connection was lost during the write, so it may or may not have been applied"
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_postgres_statement_terminated_once_is_retried_on_a_new_connection(
+def test_postgres_statement_terminated_once(
     pg: tuple[Any, PgFault, FaultProxy], method: str
 ) -> None:
+    """The backend ends while the statement waits for a lock. A read, or a write safe to
+    repeat, runs again on a new connection; any other write was sent in autocommit and
+    could have committed as far as the store can tell: it says the outcome is unknown
+    (here it was not applied), and trying again applies it once."""
     store, fault, _ = pg
     opened = len(store.pids)
     result, error, before, after = _with_fault(store, method, fault.lock, fault.end)
-    assert error is None
-    assert len(fault.terminated) == 1 and len(store.pids) == opened + 1  # a new connection
-    _check_applied_once(store, method, result, before, after)
+    assert len(fault.terminated) == 1
+    if method in REPEATABLE:
+        assert error is None
+        assert len(store.pids) == opened + 1  # on a new connection
+        _check_applied_once(store, method, result, before, after)
+        return
+    assert error is not None and UNKNOWN in str(error)
+    assert f"PostgreSQL store {store.url} is unavailable" in str(error)
+    _check_untouched(before, after)
+    _retry_applies_once(store, method, before)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_postgres_statement_terminated_every_time_is_reported_and_writes_nothing(
+def test_postgres_statement_terminated_every_time_is_reported(
     pg: tuple[Any, PgFault, FaultProxy], method: str
 ) -> None:
     store, fault, _ = pg
@@ -173,19 +188,53 @@ def test_postgres_statement_terminated_every_time_is_reported_and_writes_nothing
     assert f"PostgreSQL store {store.url} is unavailable" in message
     assert "terminating connection due to administrator command" in message
     if method != "load":
-        assert message.endswith("nothing was written")
-    assert len(fault.terminated) == 2  # tried once more, on a new connection, then reported
+        assert message.endswith(UNKNOWN)
+    # Tried once more on a new connection only when that is safe.
+    assert len(fault.terminated) == (2 if method in REPEATABLE else 1)
     _check_untouched(before, after)
     # The server is back: the same call goes through, once.
     _retry_applies_once(store, method, before)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_postgres_statement_refused_writes_nothing_and_says_so(
+    pg_spec: StoreSpec, method: str
+) -> None:
+    """A fault that leaves the connection up (here a lock timeout) ends the statement
+    uncommitted: the store says nothing was written (a read: just unavailable)."""
+    import psycopg
+    from psycopg import sql
+
+    url = pg_spec.target + ("&" if "?" in pg_spec.target else "?")
+    url += "options=-c%20lock_timeout%3D50"
+    store = pg_store(url, pg_spec.namespace)
+    store.migrate()
+    _prepare(store)
+    before = _snapshot(store)
+    with psycopg.connect(pg_spec.target) as locker:
+        locker.execute(
+            sql.SQL("LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE").format(
+                sql.Identifier(pg_spec.namespace), sql.Identifier(f"{pg_spec.namespace}_seen")
+            )
+        )
+        with pytest.raises(StoreUnavailable) as info:
+            _call(store, method)
+        locker.rollback()
+    message = str(info.value)
+    assert "lock timeout" in message
+    if method != "load":
+        assert message.endswith("nothing was written")
+    _check_untouched(before, _snapshot(store))
+    _retry_applies_once(store, method, before)
+    store.close()
 
 
 @pytest.mark.parametrize("method", WRITES)
 def test_postgres_commit_terminated_is_an_unknown_outcome_unless_safe_to_repeat(
     pg: tuple[Any, PgFault, FaultProxy], method: str
 ) -> None:
-    """The backend ends while its COMMIT waits: the transaction is rolled back, but the
-    store cannot tell; it says so, except for remember(), which it can safely repeat."""
+    """The backend ends while the write's commit waits: it is rolled back, but the store
+    cannot tell; it says so, except for remember(), which it can safely repeat."""
     store, fault, _ = pg
     result, error, before, after = _with_fault(store, method, fault.gate, fault.end)
     assert len(fault.terminated) == 1
@@ -194,7 +243,7 @@ def test_postgres_commit_terminated_is_an_unknown_outcome_unless_safe_to_repeat(
         _check_applied_once(store, method, result, before, after)
         return
     assert error is not None
-    assert "lost during COMMIT, so the write may or may not have been applied" in str(error)
+    assert UNKNOWN in str(error)
     _check_untouched(before, after)  # it was not: the session ended before its commit
     _retry_applies_once(store, method, before)
 
@@ -203,7 +252,7 @@ def test_postgres_commit_terminated_is_an_unknown_outcome_unless_safe_to_repeat(
 def test_postgres_reply_of_a_commit_lost_is_an_unknown_outcome_applied_once(
     pg: tuple[Any, PgFault, FaultProxy], method: str
 ) -> None:
-    """The COMMIT went through and the connection died before its reply came back."""
+    """The write committed and the connection died before its reply came back."""
     store, fault, proxy = pg
     result, error, before, after = _with_fault(
         store, method, lambda: fault.reply_lost(proxy), fault.end
