@@ -714,8 +714,15 @@ def purge(s: Settings, before: str, statuses: tuple[str, ...], batch: int) -> No
     when = _parse_when(before)
     chosen = statuses or RETAINED_STATUSES
     engine = _engine(s)
-    with _progress(s, "purging", None, counted=False):
-        purged = engine.purge(finished_before=when, statuses=chosen, batch=batch)
+    with _progress(s, "purging", None) as advance:
+        deleted = 0
+
+        def progress(done: int, _total: int | None) -> None:
+            nonlocal deleted
+            advance(done - deleted)
+            deleted = done
+
+        purged = engine.purge(finished_before=when, statuses=chosen, batch=batch, progress=progress)
     if s.json:
         _emit({"purged": purged, "finished_before": when.isoformat(), "statuses": list(chosen)})
     else:
