@@ -1886,7 +1886,7 @@ def _bound(
 def _step_names_of(call: _Call) -> frozenset[str]:
     """The names of every Step in the current build (a parameter may name one)."""
     if call.step_names is None or call.step_names_gen != call.gen:
-        call.step_names = frozenset(_step_names(call.root))
+        call.step_names = frozenset(st.name for st in _steps_in(call.root))
         call.step_names_gen = call.gen
     return call.step_names
 
@@ -1905,16 +1905,7 @@ def _hidden_results(call: _Call, t: Thread) -> frozenset[str]:
             if d not in mine:
                 mine.add(d)
                 todo.append(d)
-    return frozenset(name for n in dag.nodes if n.name not in mine for name in _step_names(n))
-
-
-def _step_names(st: Stmt) -> list[str]:
-    """The names of the steps in ``st`` (itself included)."""
-    out = [st.name] if type(st) is Step else []
-    for body in st.children():
-        for s in body:
-            out.extend(_step_names(s))
-    return out
+    return frozenset(st.name for n in dag.nodes if n.name not in mine for st in _steps_in(n))
 
 
 def _previous_step(call: _Call, t: Thread, frames: list[Frame]) -> str | None:
