@@ -83,6 +83,7 @@ class AsyncEngine(EngineCore):
     keeps slow blocking ones off the loop (and lets them run concurrently too).
 
     Steps, handlers, hooks and middleware may be ``async def`` or plain.
+    ``run_deadline`` is :class:`gorch.Engine`'s.
     """
 
     store: AsyncStore
@@ -104,6 +105,7 @@ class AsyncEngine(EngineCore):
         history_limit: int = DEFAULT_HISTORY_LIMIT,
         retention: timedelta | float | None = None,
         retention_every: timedelta | float = 3600.0,
+        run_deadline: timedelta | float | None = None,
     ) -> None:
         if isinstance(store, str):
             from gorch.stores import open_async_store
@@ -137,6 +139,7 @@ class AsyncEngine(EngineCore):
             history_limit=history_limit,
             retention=retention,
             retention_every=retention_every,
+            run_deadline=run_deadline,
         )
 
     # ------------------------------------------------------------------ public API
@@ -316,6 +319,7 @@ class AsyncEngine(EngineCore):
                     concurrency=self.concurrency,
                     executor=self.executor,
                     report_failures=False,
+                    deadline=request.deadline,
                 )
             except Abort as a:
                 raise a.error from None

@@ -117,6 +117,10 @@ class Engine(EngineCore):
     ``store_retries`` times with backoff; a write whose outcome is unknown (the
     connection dropped after the statement was sent) is settled by reading
     the record back, so a committed write is never reported as failed.
+
+    ``run_deadline`` (seconds or a timedelta) bounds every run of an instance
+    (a start, a send, a due resume): no step starts after it, and an instance
+    with steps left is saved ``resuming``, due at once, for ``run_due``.
     """
 
     def __init__(
@@ -134,6 +138,7 @@ class Engine(EngineCore):
         history_limit: int = DEFAULT_HISTORY_LIMIT,
         retention: timedelta | float | None = None,
         retention_every: timedelta | float = 3600.0,
+        run_deadline: timedelta | float | None = None,
     ) -> None:
         if isinstance(store, str):
             from gorch.stores import open_store
@@ -152,6 +157,7 @@ class Engine(EngineCore):
             history_limit=history_limit,
             retention=retention,
             retention_every=retention_every,
+            run_deadline=run_deadline,
         )
 
     # ------------------------------------------------------------------ public API
@@ -396,6 +402,7 @@ class Engine(EngineCore):
                     reason=request.reason,
                     restore=request.restore,
                     report_failures=False,
+                    deadline=request.deadline,
                 )
             except Abort as a:
                 raise a.error from None

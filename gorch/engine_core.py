@@ -156,6 +156,7 @@ class EngineCore(BulkStart, HistoryRules):
         history_limit: int = DEFAULT_HISTORY_LIMIT,
         retention: timedelta | float | None = None,
         retention_every: timedelta | float = 3600.0,
+        run_deadline: timedelta | float | None = None,
     ) -> None:
         self.workflows = dict(workflows)
         for name, cls in self.workflows.items():
@@ -169,6 +170,12 @@ class EngineCore(BulkStart, HistoryRules):
         self.lease = _seconds(lease)
         self.conflict_retries = conflict_retries
         self.error_backoff = _seconds(error_backoff)
+        #: How long one run of an instance (a start, a send, a due resume) may go on
+        #: starting steps; past it the instance is saved ``resuming``, due at once, and
+        #: ``run_due`` carries on in a later call (``None``: no limit).
+        self.run_deadline = None if run_deadline is None else _seconds(run_deadline)
+        if self.run_deadline is not None and self.run_deadline <= timedelta(0):
+            raise ValueError(f"run_deadline must be more than 0 seconds, got {run_deadline!r}")
         #: How often a store call that failed with ``StoreUnavailable`` is tried again
         #: (with capped exponential backoff and jitter) before the error is reported.
         self.store_retries = store_retries
@@ -443,11 +450,25 @@ class EngineCore(BulkStart, HistoryRules):
                         raise
                     log.warning("gorch: run_due stopped early: %s", _one_line(e))
                     break
-                if not claimed or claimed[0].id in seen:
-                    break  # nothing due (or only what this call already ran, due again)
+                if not claimed:
+                    break  # nothing due
+                if claimed[0].id in seen:
+                    # Only what this call already ran is due again (it reached its run
+                    # deadline, or a retry is due at once): leave it to the next call,
+                    # due now rather than leased to a call that is ending.
+                    yield from self._unclaim(claimed[0], at)
+                    break
                 seen.add(claimed[0].id)
                 results.append((yield from self._process_due(claimed[0], at, due)))
         return results
+
+    def _unclaim(self, rec: Record, at: datetime) -> Op[None]:
+        """Give back a claim this call will not use: the record is due at ``at`` again."""
+        try:
+            wf, state = loads(rec.blob, self._cls(rec.workflow))
+            yield from self._write(_Loaded(rec, wf, state), InstanceStatus(rec.status), at)
+        except GorchError as e:  # another runner has it, or the store failed: the lease ends
+            log.info("gorch: run_due could not give back its claim of %r: %s", rec.id, e)
 
     def _process_due(self, rec: Record, now: datetime, due: Any = None) -> Op[DueResult]:
         action = "resume"
@@ -720,9 +741,16 @@ class EngineCore(BulkStart, HistoryRules):
                 yield from self._write(cur, driving=True)
 
         self._recorder.watch(cur.rec.id, cast("list[HistoryEntry]", cur.history))
+        deadline = None if self.run_deadline is None else clock.now() + self.run_deadline
         try:
             create = (lambda: self._create_first(cur)) if create_first else None
-            yield Resume(cur, reason, checkpoint, lambda: self._restore_data(cur), create)
+            restore = lambda: self._restore_data(cur)  # noqa: E731
+            yield Resume(cur, reason, checkpoint, restore, create, deadline)
+            if deadline is not None and cur.state.status is WorkflowStatus.RESUMING:
+                # The run's deadline passed with steps left: due at once, for run_due
+                # (the last checkpoint kept our lease, as if we were still running it).
+                log.info("gorch: run of %r reached its deadline; run_due carries on", cur.rec.id)
+                yield from self._write(cur, InstanceStatus.RESUMING, _now())
         except StepFailed as e:
             if not isinstance(e, DAGFailed):
                 self._restore_data(cur)

@@ -108,6 +108,8 @@ class Resume:
     create: Callable[[], Op[None]] | None = None
     """For a start: creates the record; the driver runs it before anything with effects
     (a step, a handler's setup other than a timer's) and runs nothing if it fails."""
+    deadline: datetime | None = None
+    """No step starts from then on (the Engine's ``run_deadline``)."""
 
 
 @dataclass(slots=True)

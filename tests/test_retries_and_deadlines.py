@@ -178,3 +178,71 @@ def test_an_async_deadline_commits_the_round_in_flight_and_starts_nothing_more()
     assert wf.log == ["a1", "b1"]
     assert asyncio.run(gorch.aresume(wf, state)) is WS.FINISHED
     assert wf.log == ["a1", "b1", "a2", "b2"]
+
+
+# --------------------------------------------------------------------------- Engine(run_deadline=)
+
+
+class Slow(gorch.Workflow):
+    """Five steps; each takes a second on the clock the test moves."""
+
+    i: int = 0
+
+    def definition(self) -> gorch.Section:
+        return S(For("loop", self.i < 5, Step("work", self.work)))
+
+    def work(self) -> None:
+        self.i += 1
+        _TICK[0] += timedelta(seconds=1)
+
+
+_TICK = [T0]
+
+
+def _engine_clock() -> datetime:
+    return _TICK[0]
+
+
+def test_the_engine_run_deadline_leaves_the_rest_to_run_due(tmp_path: object) -> None:
+    _TICK[0] = T0
+    engine = gorch.Engine(f"sqlite:///{tmp_path}/d.db", {"slow": Slow}, run_deadline=2.5)
+    with gorch.clock.use_clock(_engine_clock):
+        snap = engine.start("slow", "s-1")
+        # Steps at 0 s, 1 s and 2 s started before the deadline (2.5 s); none from 3 s on.
+        assert (snap.status, snap.data["i"]) == ("resuming", 3)
+        rec = engine.store.load("s-1")
+        assert (rec.status, rec.wake_at) == ("resuming", T0 + timedelta(seconds=3))  # due now
+        [due] = engine.run_due()  # a fresh run, with a deadline of its own
+        assert (due.id, due.status, due.outcome) == ("s-1", "finished", "processed")
+    assert engine.get("s-1").data["i"] == 5
+    kinds = [e.kind for e in engine.history("s-1")]
+    assert kinds.count("step") == 5  # no step ran twice across the two runs
+
+
+def test_without_a_run_deadline_one_start_runs_to_the_end() -> None:
+    _TICK[0] = T0
+    engine = gorch.Engine("memory://", {"slow": Slow})
+    with gorch.clock.use_clock(_engine_clock):
+        assert engine.start("slow", "s-1").status == "finished"
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, timedelta(0)])
+def test_a_run_deadline_must_be_positive(bad: float | timedelta) -> None:
+    with pytest.raises(ValueError, match="run_deadline must be more than 0 seconds"):
+        gorch.Engine("memory://", {"slow": Slow}, run_deadline=bad)
+
+
+def test_the_async_engine_honours_the_run_deadline_too() -> None:
+    async def main() -> None:
+        _TICK[0] = T0
+        engine = gorch.AsyncEngine("memory://", {"slow": Slow}, run_deadline=timedelta(seconds=1.5))
+        with gorch.clock.use_clock(_engine_clock):
+            snap = await engine.start("slow", "s-1")
+            assert (snap.status, snap.data["i"]) == ("resuming", 2)
+            [due] = await engine.run_due()
+            assert due.status == "resuming"  # 2 more steps, then its own deadline
+            [due] = await engine.run_due()
+            assert due.status == "finished"
+        assert (await engine.get("s-1")).data["i"] == 5
+
+    asyncio.run(main())
