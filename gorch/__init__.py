@@ -40,7 +40,15 @@ from gorch.errors import (
 from gorch.handlers import FunctionHandler, Handler
 from gorch.history import History, HistoryEntry
 from gorch.hooks import EventContext, LoggingMiddleware, Middleware, ResumeContext, StepContext
-from gorch.interpreter import acancel, ahandle_event, aresume, awaited_events, handle_event, resume
+from gorch.interpreter import (
+    acancel,
+    ahandle_event,
+    aresume,
+    awaited_events,
+    cancel,
+    handle_event,
+    resume,
+)
 from gorch.retry import Retry
 from gorch.state import (
     MAIN_THREAD,
@@ -168,6 +176,7 @@ __all__ = [
     "ahandle_event",
     "aresume",
     "awaited_events",
+    "cancel",
     "due_events",
     "dumps",
     "handle_event",

@@ -505,8 +505,15 @@ class EngineCore(BulkStart, HistoryRules):
                 yield from self._drive(cur, reason)
             return DueResult(id=rec.id, action=action, fired=fired, status=cur.rec.status)
         except Conflict:
-            log.info("gorch: run_due: %r was taken over by another runner", rec.id)
-            return DueResult(id=rec.id, action=action, outcome="skipped")
+            # Cancelled meanwhile, or taken over by another runner: say what it is now.
+            status = ""
+            with contextlib.suppress(GorchError):
+                status = (yield from self._read("load", (rec.id,))).status
+            if status == InstanceStatus.CANCELLED:
+                log.info("gorch: run_due: %r was cancelled while it ran", rec.id)
+            else:
+                log.info("gorch: run_due: %r was taken over by another runner", rec.id)
+            return DueResult(id=rec.id, action=action, status=status, outcome="skipped")
         except GorchError as e:
             log.warning("gorch: run_due could not process %r: %s", rec.id, _one_line(e))
             error = f"{type(e).__name__}: {_one_line(e)}"
