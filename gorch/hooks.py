@@ -75,6 +75,9 @@ class StepContext:
     hidden: frozenset[str] = frozenset()
     """Results kept but not visible here (nodes of an isolated DAG that are not
     ancestors of this one)."""
+    timeout: float | None = None
+    """The step's own ``Step(timeout=)``, in seconds (None: it has none), so a
+    middleware that gives steps a default limit can leave those to the core."""
 
     def result(self, step: str) -> Any:
         """What ``step`` returned (its JSON form, as kept in the state).

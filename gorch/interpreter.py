@@ -1237,12 +1237,17 @@ async def _isolated(
         if f.prepared is not None:
             fn = _bind(fn, f.prepared, copy)
             ctx = f.prepared[1]
-        began = time.monotonic()
-        out = _run_step(call, copy, t, name, fn, ctx) if call.wrap_steps else call.call_fn(fn)
-        if out is not None and is_awaitable(out):
-            out = await (out if f.timeout is None else _limited(out, name, f.timeout))
-        elif f.timeout is not None:
-            _check_late(name, f.timeout, began)
+        if call.wrap_steps:  # the timeout is checked inside the hooks and middleware
+            out = _run_step(call, copy, t, name, fn, ctx, f.timeout)
+            if out is not None and is_awaitable(out):
+                out = await out
+        else:
+            began = time.monotonic()
+            out = call.call_fn(fn)
+            if out is not None and is_awaitable(out):
+                out = await (out if f.timeout is None else _limited(out, name, f.timeout))
+            elif f.timeout is not None:
+                _check_late(name, f.timeout, began)
     return diff_data(base, _data(copy)), out
 
 
@@ -1523,7 +1528,7 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
                         began = time.monotonic()
                     try:
                         out = (
-                            _run_step(call, call.wf, t, st.name, fn, ctx)
+                            _run_step(call, call.wf, t, st.name, fn, ctx, timeout)
                             if call.wrap_steps
                             else fn()
                         )
@@ -1534,11 +1539,11 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
                         # one took none: its body never ran; bind it and run it now.
                         fn, ctx = _bound(call, t, st.name, fn, plan_of(fn), frames, call.wf)
                         out = (
-                            _run_step(call, call.wf, t, st.name, fn, ctx)
+                            _run_step(call, call.wf, t, st.name, fn, ctx, timeout)
                             if call.wrap_steps
                             else fn()
                         )
-                    if timeout is not None:
+                    if timeout is not None and not call.wrap_steps:
                         _check_late(st.name, timeout, began)
                     if out is not None:
                         if is_awaitable(out):
@@ -1760,7 +1765,11 @@ def _async_step(call: _Call, t: Thread, st: Step, frames: list[Frame]) -> Walk[s
                 fn, ctx = _bound(call, t, st.name, fn, plan, frames, wf)
             timeout = st._timeout
             began = time.monotonic()
-            out = _run_step(call, wf, t, st.name, fn, ctx) if call.wrap_steps else call.call_fn(fn)
+            if call.wrap_steps:  # the timeout is checked inside the hooks and middleware
+                out = _run_step(call, wf, t, st.name, fn, ctx, timeout)
+                timeout = None
+            else:
+                out = call.call_fn(fn)
             if out is not None and is_awaitable(out):
                 if timeout is not None:
                     out = _limited(out, st.name, timeout)
@@ -2193,17 +2202,22 @@ def _run_step(
     name: str,
     fn: Callable[[], Any],
     ctx: StepContext | None = None,
+    timeout: float | None = None,
 ) -> Any:
     """Run a step's function on ``wf`` inside the class hooks and the middleware chain.
 
     ``ctx``: the step's own context, when it takes one (hooks and middleware see
-    the same). Returns its result, or (async API) an awaitable of it.
+    the same). ``timeout`` (the step's ``timeout=``, shown to them as
+    ``ctx.timeout``) is checked right around the function, so hooks and
+    middleware see a late step fail. Returns its result, or (async API) an
+    awaitable of it.
     """
     if ctx is None:
         ctx = StepContext(call.state.workflow, call.state.id, t.id, name, t.attempts + 1, wf)
+    ctx.timeout = timeout
 
     def inner() -> Any:
-        return call.run(_hooked_step(call, wf, ctx, name, fn))
+        return call.run(_hooked_step(call, wf, ctx, name, fn, timeout))
 
     if not call.step_mw:
         return inner()
@@ -2211,7 +2225,12 @@ def _run_step(
 
 
 def _hooked_step(
-    call: _Call, wf: Workflow, ctx: StepContext, name: str, fn: Callable[[], Any]
+    call: _Call,
+    wf: Workflow,
+    ctx: StepContext,
+    name: str,
+    fn: Callable[[], Any],
+    timeout: float | None = None,
 ) -> Walk[Any]:
     """A step inside ``on_step_start`` / ``on_step_end`` / ``on_step_error``."""
     hooks = call.index.hooks
@@ -2220,9 +2239,14 @@ def _hooked_step(
             out = _hook(wf, "on_step_start")(ctx)
             if out is not None and is_awaitable(out):
                 yield from call.wait(out, "the hook on_step_start")
+        began = time.monotonic()
         out = fn() if call.sync else call.call_fn(fn)
         if out is not None and is_awaitable(out):
+            if timeout is not None:
+                out = _limited(out, name, timeout)
             out = yield from call.wait(out, f"Step {name!r}")
+        elif timeout is not None:
+            _check_late(name, timeout, began)
         if "on_step_end" in hooks:
             end = _hook(wf, "on_step_end")(ctx)
             if end is not None and is_awaitable(end):

@@ -48,6 +48,50 @@ def test_a_plain_step_returning_late_fails_and_its_result_is_dropped() -> None:
     assert state.results == {"plain": "late"}
 
 
+class Watched(Slow):
+    """``Slow`` with step hooks: they must hear of the timeout as a failure."""
+
+    heard: list[str] = pydantic.Field(default_factory=list)
+
+    def on_step_end(self, ctx: gorch.StepContext) -> None:
+        self.heard.append(f"end {ctx.step}")
+
+    def on_step_error(self, ctx: gorch.StepContext, error: Exception) -> None:
+        self.heard.append(f"error {ctx.step} {type(error).__name__}")
+
+
+class Outcomes(gorch.Middleware):
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def around_step(self, ctx: gorch.StepContext, call_next: Any) -> Any:
+        self.seen.append(f"{ctx.step} has timeout={ctx.timeout}")
+        try:
+            out = call_next()
+        except Exception as e:
+            self.seen.append(f"{ctx.step} raised {type(e).__name__}")
+            raise
+        self.seen.append(f"{ctx.step} returned {out!r}")
+        return out
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_hooks_middleware_and_history_see_a_late_step_fail(api: str, tmp_path: Any) -> None:
+    mw = Outcomes()
+    wf, state = Watched(), gorch.new_state("t-1", "watched")
+    with pytest.raises(gorch.StepFailed):
+        if api == "sync":
+            gorch.resume(wf, state, middleware=[mw])
+        else:
+            asyncio.run(gorch.aresume(wf, state, middleware=[mw]))
+    assert wf.heard == ["error plain StepTimeout"]  # never "end plain"
+    assert mw.seen == ["plain has timeout=0.01", "plain raised StepTimeout"]
+    engine = gorch.Engine(f"sqlite:///{tmp_path}/t.db", {"watched": Watched})
+    assert engine.start("watched", "t-2").status == "failed"
+    [step] = [e for e in engine.history("t-2") if e.kind == "step"]
+    assert step.name == "plain" and step.error is not None and "StepTimeout" in step.error
+
+
 class AsyncSlow(gorch.Workflow):
     cancelled: list[str] = pydantic.Field(default_factory=list)
 
