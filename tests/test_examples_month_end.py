@@ -26,9 +26,9 @@ def test_month_end_isolates_failures_escalates_on_day_3_and_honours_the_run_dead
     assert "-> close-2026-11-dup: cancelled" in rest
     retry, _, rest = rest.partition("== the worker carries on")
     # Only the failed branches ran again; the run deadline stopped the run after two banks.
-    assert "bank_a" not in retry.split("retries the failed branches only", 1)[1].split(
-        "reconcile"
-    )[0]
+    assert (
+        "bank_a" not in retry.split("retries the failed branches only", 1)[1].split("reconcile")[0]
+    )
     assert retry.count("reconcile:") == 2
     assert "run_due: close-2026-11 retry -> resuming" in retry
     carry, _, rest = rest.partition("== nobody approves")
