@@ -22,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gorch.bulk import StartItem
 from gorch.check import CheckReport, Progress, check_op
@@ -35,6 +36,7 @@ from gorch.engine_ops import (
     Abort,
     Awaited,
     Cancel,
+    Dispatch,
     DryRun,
     Halted,
     HandleEvent,
@@ -45,6 +47,7 @@ from gorch.engine_ops import (
     Request,
     Resume,
     StoreCall,
+    _one_line,
     effect_ahead,
 )
 from gorch.errors import GorchError, ResumeLimitError, SetupError
@@ -61,6 +64,11 @@ from gorch.interpreter import (
 from gorch.snapshot import DueResult, ListPage, Snapshot
 from gorch.stores.base import DEFAULT_HISTORY_LIMIT, AsyncStore, Store
 from gorch.workflow import Workflow
+
+if TYPE_CHECKING:
+    from gorch.dispatch.base import Dispatcher
+
+log = logging.getLogger("gorch")
 
 __all__ = ["AsyncEngine"]
 
@@ -106,6 +114,7 @@ class AsyncEngine(EngineCore):
         retention: timedelta | float | None = None,
         retention_every: timedelta | float = 3600.0,
         run_deadline: timedelta | float | None = None,
+        dispatch: Dispatcher | None = None,
     ) -> None:
         if isinstance(store, str):
             from gorch.stores import open_async_store
@@ -140,6 +149,7 @@ class AsyncEngine(EngineCore):
             retention=retention,
             retention_every=retention_every,
             run_deadline=run_deadline,
+            dispatch=dispatch,
         )
 
     # ------------------------------------------------------------------ public API
@@ -152,9 +162,19 @@ class AsyncEngine(EngineCore):
         *,
         key: str | None = None,
         by: str | None = None,
+        conn: Any = None,
     ) -> Snapshot:
-        """:meth:`gorch.Engine.start`: create an instance and run it until it blocks."""
-        return await self._run(self._start(name, id, data, key, by))
+        """:meth:`gorch.Engine.start`: create an instance and run it until it blocks.
+
+        ``conn``: a ``psycopg.AsyncConnection`` (or, for SQLite, the caller's
+        ``sqlite3.Connection``) whose open transaction the instance is written in,
+        as with ``Engine.start``.
+        """
+        if conn is None:
+            return await self._run(self._start(name, id, data, key, by))
+        store = await self.store.using(conn)
+        op = self._start(name, id, data, key, by, callers_transaction=True)
+        return await self._run(op, store)
 
     async def start_many(
         self,
@@ -238,6 +258,10 @@ class AsyncEngine(EngineCore):
         """:meth:`gorch.Engine.run_due`: fire due timers, retry, finish pending resumes."""
         return await self._run(self._run_due(now, limit, should_stop))
 
+    async def resume_due(self, id: str, *, now: datetime | None = None) -> DueResult | None:
+        """:meth:`gorch.Engine.resume_due`: process instance ``id`` if it is due; else None."""
+        return await self._run(self._resume_due(id, now))
+
     async def work(
         self,
         *,
@@ -274,7 +298,7 @@ class AsyncEngine(EngineCore):
 
     # ------------------------------------------------------------------ the driver
 
-    async def _run(self, op: Op[_T]) -> _T:
+    async def _run(self, op: Op[_T], store: AsyncStore | None = None) -> _T:
         """Perform ``op``'s requests with ``await`` until it returns.
 
         A cancellation (or any BaseException) is not thrown into the operation
@@ -291,15 +315,26 @@ class AsyncEngine(EngineCore):
                     return stop.value  # type: ignore[no-any-return]
                 result, error = None, None
                 try:
-                    result = await self._perform(request)
+                    result = await self._perform(request, store or self.store)
                 except Exception as e:
                     error = e
         finally:
             op.close()
 
-    async def _perform(self, request: Request) -> Any:
+    async def _perform(self, request: Request, store: AsyncStore) -> Any:
         if isinstance(request, StoreCall):
-            return await getattr(self.store, request.method)(*request.args, **request.kwargs)
+            return await getattr(store, request.method)(*request.args, **request.kwargs)
+        if isinstance(request, Dispatch):
+            try:
+                if self.dispatch is not None:
+                    await self.dispatch.adispatch(request.ids)
+            except Exception as e:  # the save committed: run_due finds the instance due
+                log.warning(
+                    "gorch: could not dispatch %s (%s); run_due resumes it",
+                    ", ".join(map(repr, request.ids)),
+                    _one_line(e),
+                )
+            return None
         if isinstance(request, Resume):
             cur = request.cur
             checkpoint = request.checkpoint

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gorch.bulk import StartItem
 from gorch.check import CheckReport, Progress, check_op
@@ -25,6 +25,7 @@ from gorch.engine_ops import (
     Awaited,
     Cancel,
     CreateGuard,
+    Dispatch,
     DryRun,
     Halted,
     HandleEvent,
@@ -35,6 +36,7 @@ from gorch.engine_ops import (
     Request,
     Resume,
     StoreCall,
+    _one_line,
     effect_ahead,
     initial_data,
 )
@@ -65,6 +67,9 @@ from gorch.snapshot import (
 )
 from gorch.stores.base import DEFAULT_HISTORY_LIMIT, Store
 from gorch.workflow import Workflow
+
+if TYPE_CHECKING:
+    from gorch.dispatch.base import Dispatcher
 
 __all__ = [
     "RETAINED_STATUSES",
@@ -121,6 +126,11 @@ class Engine(EngineCore):
     ``run_deadline`` (seconds or a timedelta) bounds every run of an instance
     (a start, a send, a due resume): no step starts after it, and an instance
     with steps left is saved ``resuming``, due at once, for ``run_due``.
+
+    ``dispatch`` (a :class:`gorch.dispatch.Dispatcher`) is told of every
+    instance a save leaves due now (a deferred start or send, a run past its
+    deadline), so a queue's worker resumes it at once (``resume_due``);
+    timers stay with the store and ``run_due``.
     """
 
     def __init__(
@@ -139,6 +149,7 @@ class Engine(EngineCore):
         retention: timedelta | float | None = None,
         retention_every: timedelta | float = 3600.0,
         run_deadline: timedelta | float | None = None,
+        dispatch: Dispatcher | None = None,
     ) -> None:
         if isinstance(store, str):
             from gorch.stores import open_store
@@ -158,6 +169,7 @@ class Engine(EngineCore):
             retention=retention,
             retention_every=retention_every,
             run_deadline=run_deadline,
+            dispatch=dispatch,
         )
 
     # ------------------------------------------------------------------ public API
@@ -170,6 +182,7 @@ class Engine(EngineCore):
         *,
         key: str | None = None,
         by: str | None = None,
+        conn: Any = None,
     ) -> Snapshot:
         """Create an instance, run it until it blocks (unless deferred), return its snapshot.
 
@@ -193,8 +206,20 @@ class Engine(EngineCore):
 
         ``by`` (a user, a service) is written to the ``started`` entry of the
         instance's history.
+
+        ``conn``, a connection of the caller's (``sqlite3.Connection`` to the
+        store's file, ``psycopg.Connection`` to the store's database), writes
+        the instance in the transaction open on it, so "create the order row
+        and its workflow" commits or rolls back as one. Nothing with effects
+        runs before that commit: an instance that would run a step first is
+        written ``resuming``, due at once, for ``run_due`` or a dispatcher's
+        worker (a dispatcher that enqueues in the transaction is told in it;
+        one that sends after a commit is not, and ``run_due`` finds it).
         """
-        return self._run(self._start(name, id, data, key, by))
+        if conn is None:
+            return self._run(self._start(name, id, data, key, by))
+        store = self.store.using(conn)
+        return self._run(self._start(name, id, data, key, by, callers_transaction=True), store)
 
     def start_many(
         self,
@@ -261,6 +286,16 @@ class Engine(EngineCore):
     def resume(self, id: str) -> Snapshot:
         """Run a pending (or failed) instance until it blocks; return its snapshot."""
         return self._run(self._resume(id))
+
+    def resume_due(self, id: str, *, now: datetime | None = None) -> DueResult | None:
+        """Do for instance ``id`` what :meth:`run_due` would, if it is due; else None.
+
+        What a queue's worker runs for "resume instance X now" (see
+        :mod:`gorch.dispatch`): the instance is claimed with a lease first, so
+        a message delivered twice, or one for an instance another runner has
+        (or that is no longer due), changes nothing and returns None.
+        """
+        return self._run(self._resume_due(id, now))
 
     def retry(self, id: str, *, by: str | None = None) -> Snapshot:
         """Re-arm a failed instance: reset attempt counts and resume it now."""
@@ -368,8 +403,9 @@ class Engine(EngineCore):
 
     # ------------------------------------------------------------------ the driver
 
-    def _run(self, op: Op[_T]) -> _T:
-        """Perform ``op``'s requests with blocking calls until it returns."""
+    def _run(self, op: Op[_T], store: Store | None = None) -> _T:
+        """Perform ``op``'s requests with blocking calls until it returns (its store calls
+        on ``store``, if given, else on the Engine's)."""
         result: Any = None
         error: Exception | None = None
         while True:
@@ -379,13 +415,24 @@ class Engine(EngineCore):
                 return stop.value  # type: ignore[no-any-return]
             result, error = None, None
             try:
-                result = self._perform(request)
+                result = self._perform(request, store or self.store)
             except Exception as e:
                 error = e
 
-    def _perform(self, request: Request) -> Any:
+    def _perform(self, request: Request, store: Store) -> Any:
         if isinstance(request, StoreCall):
-            return getattr(self.store, request.method)(*request.args, **request.kwargs)
+            return getattr(store, request.method)(*request.args, **request.kwargs)
+        if isinstance(request, Dispatch):
+            try:
+                if self.dispatch is not None:
+                    self.dispatch.dispatch(request.ids)
+            except Exception as e:  # the save committed: run_due finds the instance due
+                log.warning(
+                    "gorch: could not dispatch %s (%s); run_due resumes it",
+                    ", ".join(map(repr, request.ids)),
+                    _one_line(e),
+                )
+            return None
         if isinstance(request, Resume):
             cur = request.cur
             middleware = self._live_middleware()

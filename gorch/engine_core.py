@@ -32,7 +32,7 @@ import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from gorch import clock
 from gorch.bulk import BulkStart
@@ -91,6 +91,9 @@ from gorch.stores.base import DEFAULT_HISTORY_LIMIT, Page, Record
 from gorch.timers import due_events, due_time, wakeup
 from gorch.workflow import Workflow
 
+if TYPE_CHECKING:
+    from gorch.dispatch.base import Dispatcher
+
 try:  # the ``otel`` extra: spans and metrics, no-ops until the application sets up an SDK
     from gorch import otel as _otel
 except ImportError:  # pragma: no cover - exercised without the extra
@@ -102,6 +105,7 @@ from gorch.engine_ops import (
     _ID_RE,
     Awaited,
     Cancel,
+    Dispatch,
     DryRun,
     HandleEvent,
     Idle,
@@ -157,6 +161,7 @@ class EngineCore(BulkStart, HistoryRules):
         retention: timedelta | float | None = None,
         retention_every: timedelta | float = 3600.0,
         run_deadline: timedelta | float | None = None,
+        dispatch: Dispatcher | None = None,
     ) -> None:
         self.workflows = dict(workflows)
         for name, cls in self.workflows.items():
@@ -192,6 +197,10 @@ class EngineCore(BulkStart, HistoryRules):
         #: By workflow class: whether it has lifecycle hooks run when it blocks.
         self._hooked: dict[type[Workflow], bool] = {}
         self._setup_halt = SetupHalt(effect_ahead)
+        #: Told of every instance a save leaves due now (see :mod:`gorch.dispatch`).
+        self.dispatch = dispatch
+        if dispatch is not None:
+            dispatch.attach(self)
 
     # ------------------------------------------------------------------ operations
 
@@ -202,6 +211,7 @@ class EngineCore(BulkStart, HistoryRules):
         data: Mapping[str, Any] | Workflow | None,
         key: str | None,
         by: str | None = None,
+        callers_transaction: bool = False,
     ) -> Op[Snapshot]:
         cls = self._cls(name)
         wf = initial_data(name, cls, data)
@@ -222,6 +232,7 @@ class EngineCore(BulkStart, HistoryRules):
         state = new_state(wid, name)
         state.meta.update(meta)
         cur = _Loaded(Record(wid, name, InstanceStatus.RESUMING, b"", 0, None), wf, state)
+        cur.callers_transaction = callers_transaction
         cur.history.append(started)
         try:
             if self.defer_resume:  # created due at once, for run_due
@@ -242,6 +253,9 @@ class EngineCore(BulkStart, HistoryRules):
                     return self._snapshot(cur)
                 cur.state = state = new_state(wid, name)  # an effect ahead: from the start
                 state.meta.update(meta)
+            if callers_transaction:  # nothing with effects runs before the caller commits
+                yield from self._write(cur, InstanceStatus.RESUMING, _now())
+                return self._snapshot(cur)
             yield from self._drive(cur, "start", keep_on_error=False, create_first=True)
         except WorkflowExists:  # raised by the create: nothing of ours was stored
             if key is None:
@@ -386,7 +400,8 @@ class EngineCore(BulkStart, HistoryRules):
                 t.attempts = 0
             cur.history.append(entry("retried", by=by))
             try:
-                yield from self._write(cur, InstanceStatus.RESUMING)
+                # Leased to this call, which runs it next (not due at once for a worker).
+                yield from self._write(cur, InstanceStatus.RESUMING, driving=True)
                 yield from self._drive(cur, "retry")
             except Conflict:
                 continue
@@ -469,6 +484,34 @@ class EngineCore(BulkStart, HistoryRules):
             yield from self._write(_Loaded(rec, wf, state), InstanceStatus(rec.status), at)
         except GorchError as e:  # another runner has it, or the store failed: the lease ends
             log.info("gorch: run_due could not give back its claim of %r: %s", rec.id, e)
+
+    def _resume_due(self, id: str, now: datetime | None) -> Op[DueResult | None]:
+        """Claim instance ``id`` if it is due, and process it as ``run_due`` would; None when
+        it is not due (already resumed, claimed by another runner, gone).
+
+        The claim is a compare-and-swap of the record as it is, with its wake-up
+        moved to the end of a lease: of two callers for one instance, one claims
+        it and the other gets None; a runner that dies holding it leaves it to
+        ``run_due`` once the lease runs out.
+        """
+        at = _now() if now is None else (now if now.tzinfo else now.replace(tzinfo=UTC))
+        try:
+            rec: Record = yield from self._read("load", (self._check_id(id),))
+        except WorkflowNotFound:
+            return None
+        if rec.wake_at is None or rec.wake_at > at:
+            return None
+        _, state = loads(rec.blob, self._cls(rec.workflow))
+        until = at + self.lease
+        try:
+            claimed: Record = yield StoreCall(
+                "save",
+                (rec.id, rec.version, rec.status, rec.blob, until),
+                self._annex([], state),
+            )
+        except Conflict:
+            return None  # another runner claimed or saved it first
+        return (yield from self._process_due(claimed, at))
 
     def _process_due(self, rec: Record, now: datetime, due: Any = None) -> Op[DueResult]:
         action = "resume"
@@ -591,6 +634,29 @@ class EngineCore(BulkStart, HistoryRules):
         blob: bytes,
         wake: datetime | None,
         annex: dict[str, Any] | None = None,
+        after_commit: bool = True,
+    ) -> Op[Record]:
+        """:meth:`_store_put`, then the dispatcher told if the record is due now.
+
+        A dispatcher that enqueues in the save's transaction is handed to the
+        store with the save; one that sends after the commit is told once the
+        save has committed (not when the commit is the caller's, ``after_commit``
+        False: ``run_due`` finds the instance due).
+        """
+        due_now = self.dispatch is not None and wake is not None and wake <= _now()
+        if due_now and self.dispatch is not None and self.dispatch.in_transaction:
+            annex = {**(annex or {}), "enqueue": self.dispatch}
+        saved: Record = yield from self._store_put(rec, blob, wake, annex)
+        if due_now and after_commit and self.dispatch and not self.dispatch.in_transaction:
+            yield Dispatch((saved.id,))
+        return saved
+
+    def _store_put(
+        self,
+        rec: Record,
+        blob: bytes,
+        wake: datetime | None,
+        annex: dict[str, Any] | None = None,
     ) -> Op[Record]:
         """Create (``rec.version == 0``) or compare-and-swap ``rec`` with ``blob`` and ``wake``.
 
@@ -688,6 +754,7 @@ class EngineCore(BulkStart, HistoryRules):
                 blob,
                 wake,
                 self._annex(cur.history, state),
+                after_commit=not cur.callers_transaction,
             )
             cur.history.clear()
         except Conflict:

@@ -155,8 +155,28 @@ class DryRun:
     halt: SetupHalt | None
 
 
+@dataclass(slots=True)
+class Dispatch:
+    """Tell the Engine's dispatcher that ``ids`` are due now (their save has committed).
+
+    The driver reports nothing back: a message that cannot be sent is logged,
+    and ``run_due`` finds the instance due all the same.
+    """
+
+    ids: tuple[str, ...]
+
+
 Request = (
-    StoreCall | Pause | Idle | Awaited | Resume | HandleEvent | Cancel | DryRun | ReportFailure
+    StoreCall
+    | Pause
+    | Idle
+    | Awaited
+    | Resume
+    | HandleEvent
+    | Cancel
+    | DryRun
+    | ReportFailure
+    | Dispatch
 )
 Op = Generator[Request, Any, _T]
 """An engine operation: yields requests, gets their results sent back, returns ``_T``."""
@@ -171,6 +191,9 @@ class _Loaded:
     """Set when run_due claimed the record: our claim lasts until then."""
     history: builtins.list[HistoryEntry | Written] = field(default_factory=builtins.list)
     """Entries that go to the store with the next save (then cleared)."""
+    callers_transaction: bool = False
+    """Written on a connection of the caller's (``start(conn=...)``): a save commits when
+    the caller commits, so a dispatcher that sends after the commit is not told."""
 
 
 class Written(str):

@@ -25,7 +25,7 @@ belongs to the event loop that first used it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, NoReturn, TypeVar
@@ -42,15 +42,18 @@ from gorch.stores._options import (
     DEFAULT_PREPARE_THRESHOLD,
     check_pool,
 )
+from gorch.stores.base import DEFAULT_HISTORY_LIMIT, Record
 from gorch.stores.postgres import connect_options, idle_connection_died
 from gorch.stores.postgres_sql import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TABLE,
     PURGE_BATCH,
     Copy,
+    Enqueue,
     PostgresSQL,
     Statement,
     Steps,
+    TransactionHook,
 )
 
 _Conn = psycopg.AsyncConnection[TupleRow]
@@ -184,6 +187,58 @@ class AsyncPostgresStore(AsyncConnectorStore):
 
     # -- beyond the protocol -----------------------------------------------------------
 
+    async def create(
+        self,
+        id: str,
+        workflow: str,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
+        enqueue: TransactionHook | None = None,
+    ) -> Record:
+        """:meth:`PostgresStore.create`, awaited."""
+        op = self._ops.create(
+            id, workflow, status, blob, wake_at, history, history_limit, cursors, enqueue
+        )
+        return await self._run(op)
+
+    async def save(
+        self,
+        id: str,
+        expected_version: int,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
+        enqueue: TransactionHook | None = None,
+    ) -> Record:
+        """:meth:`PostgresStore.save`, awaited."""
+        op = self._ops.save(
+            id, expected_version, status, blob, wake_at, history, history_limit, cursors, enqueue
+        )
+        return await self._run(op)
+
+    async def using(self, conn: Any) -> AsyncPostgresStore:
+        """This store with its calls run on ``conn``, the caller's ``psycopg.AsyncConnection``
+        (see :meth:`PostgresStore.using`)."""
+        if not isinstance(conn, psycopg.AsyncConnection):
+            raise TypeError(
+                f"{type(self).__name__}.using() takes a psycopg.AsyncConnection, got"
+                f" {type(conn).__name__} (a sync Connection goes to PostgresStore)"
+            )
+        if not self._migrated:
+            async with self._lock:
+                if not self._migrated:
+                    await self.migrate()
+        return _OnConnection(self, conn)
+
     async def remember(self, key: str, until: datetime) -> bool:
         recorded = await super().remember(key, until)
         if self._ops.purge_due():
@@ -201,10 +256,39 @@ class AsyncPostgresStore(AsyncConnectorStore):
             await pool.close()
 
 
+class _OnConnection(AsyncPostgresStore):
+    """An :class:`AsyncPostgresStore` whose calls run on one connection of the caller's."""
+
+    def __init__(self, store: AsyncPostgresStore, conn: _Conn) -> None:
+        self.__dict__.update(store.__dict__)  # the same table, statements and wake-up floor
+        self._conn = conn
+
+    async def _run(self, op: Op[_T]) -> _T:
+        conn = self._conn
+        try:
+            intrans = conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+            if conn.autocommit or intrans:  # see PostgresStore's _OnConnection
+                async with conn.transaction():
+                    return await _execute(conn, op.steps())
+            return await _execute(conn, op.steps())
+        except psycopg.Error as exc:
+            self._ops.settle(exc, op, lost=conn.closed or conn.broken, last=True)
+        raise AssertionError("unreachable")
+
+    async def using(self, conn: Any) -> AsyncPostgresStore:
+        raise TypeError("this store already runs on a connection of the caller's")
+
+    async def close(self) -> None:
+        """Nothing to release: the connection is the caller's, the pool the store's."""
+
+
 async def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
     """Run each statement ``steps`` yields on ``conn``, awaited."""
 
-    async def send(statement: Statement | Copy) -> Any:
+    async def send(statement: Statement | Copy | Enqueue) -> Any:
+        if isinstance(statement, Enqueue):
+            await statement.hook.aenqueue(conn, statement.ids)
+            return None
         if isinstance(statement, Copy):
             async with conn.cursor().copy(statement.query) as copy:
                 for row in statement.rows:

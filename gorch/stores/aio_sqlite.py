@@ -28,7 +28,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from gorch.stores._options import DEFAULT_SYNCHRONOUS
 from gorch.stores.base import (
@@ -163,6 +163,14 @@ class AsyncSQLiteStore(AsyncStore):
     ) -> builtins.list[str]:
         return await self._run(self.store.purge, before, statuses, limit)
 
+    async def using(self, conn: Any) -> AsyncSQLiteStore:
+        """This store with its calls run on ``conn``, the caller's ``sqlite3.Connection`` to
+        the same file (see :meth:`SQLiteStore.using`). They run on the calling thread, the
+        one that owns ``conn`` (a sqlite3 connection belongs to its thread), and are short:
+        a transaction of the caller's holds SQLite's write lock anyway."""
+        store = self.store.using(conn)
+        return _OnConnection(self, store)
+
     async def close(self) -> None:
         """Wait for calls in flight, then close every connection and the pool's threads
         (a later call starts new ones)."""
@@ -173,3 +181,21 @@ class AsyncSQLiteStore(AsyncStore):
         if executor is not None:
             executor.shutdown(wait=True)
         self.store.close()
+
+
+class _OnConnection(AsyncSQLiteStore):
+    """An :class:`AsyncSQLiteStore` whose calls run, inline, on one connection of the
+    caller's."""
+
+    def __init__(self, outer: AsyncSQLiteStore, store: SQLiteStore) -> None:
+        self.__dict__.update(outer.__dict__)
+        self.store = store
+
+    async def _run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return fn(*args, **kwargs)
+
+    async def using(self, conn: Any) -> AsyncSQLiteStore:
+        raise TypeError("this store already runs on a connection of the caller's")
+
+    async def close(self) -> None:
+        """Nothing to release: the connection is the caller's."""

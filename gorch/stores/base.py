@@ -14,6 +14,7 @@ import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from gorch.errors import WorkflowExists
 
@@ -70,11 +71,21 @@ class UnsupportedByStore(NotImplementedError):
     """A store (a custom one) that does not implement history or purging: a setup
     mistake to fix in code, not a runtime condition, hence no ``GorchError``."""
 
-    def __init__(self, store: object, what: str) -> None:
+    def __init__(self, store: object, what: str, instead: str = "") -> None:
         super().__init__(
-            f"{type(store).__name__} does not implement {what}: use one of gorch's stores"
-            " (memory, SQLite, PostgreSQL, Redis) or implement it"
+            f"{type(store).__name__} does not implement {what}: "
+            + (
+                instead
+                or "use one of gorch's stores (memory, SQLite, PostgreSQL, Redis) or implement it"
+            )
         )
+
+
+_USING_INSTEAD = (
+    "only the SQLite and PostgreSQL stores write with a connection of the caller's"
+    " (SQLiteStore: a sqlite3.Connection to the same file; PostgresStore: a"
+    " psycopg.Connection; AsyncPostgresStore: a psycopg.AsyncConnection)"
+)
 
 
 class Store(abc.ABC):
@@ -216,6 +227,15 @@ class Store(abc.ABC):
         """
         raise UnsupportedByStore(self, "purge")
 
+    def using(self, conn: Any) -> Store:
+        """This store with its calls run on ``conn``, a database connection of the caller's,
+        so a write joins the transaction open on it (``Engine.start(..., conn=...)``).
+
+        Only stores over a database the application also writes to have it
+        (SQLite, PostgreSQL); the others raise :class:`UnsupportedByStore`.
+        """
+        raise UnsupportedByStore(self, "writing on a connection of the caller's", _USING_INSTEAD)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
@@ -325,6 +345,10 @@ class AsyncStore(abc.ABC):
     ) -> builtins.list[str]:
         """:meth:`Store.purge`."""
         raise UnsupportedByStore(self, "purge")
+
+    async def using(self, conn: Any) -> AsyncStore:
+        """:meth:`Store.using` (awaited: a store may create its table first)."""
+        raise UnsupportedByStore(self, "writing on a connection of the caller's", _USING_INSTEAD)
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

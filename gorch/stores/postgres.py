@@ -29,7 +29,7 @@ import contextlib
 import os
 import select
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
@@ -46,14 +46,17 @@ from gorch.stores._options import (
     DEFAULT_PREPARE_THRESHOLD,
     check_pool,
 )
+from gorch.stores.base import DEFAULT_HISTORY_LIMIT, Record
 from gorch.stores.postgres_sql import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TABLE,
     PURGE_BATCH,
     Copy,
+    Enqueue,
     PostgresSQL,
     Statement,
     Steps,
+    TransactionHook,
 )
 
 __all__ = [
@@ -250,6 +253,63 @@ class PostgresStore(ConnectorStore):
 
     # -- beyond the protocol -----------------------------------------------------------
 
+    def create(
+        self,
+        id: str,
+        workflow: str,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
+        enqueue: TransactionHook | None = None,
+    ) -> Record:
+        """:meth:`Store.create`; ``enqueue`` is told of the record in the insert's transaction."""
+        op = self._ops.create(
+            id, workflow, status, blob, wake_at, history, history_limit, cursors, enqueue
+        )
+        return self._run(op)
+
+    def save(
+        self,
+        id: str,
+        expected_version: int,
+        status: str,
+        blob: bytes,
+        wake_at: datetime | None,
+        *,
+        history: Sequence[str] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        cursors: Sequence[str] = (),
+        enqueue: TransactionHook | None = None,
+    ) -> Record:
+        """:meth:`Store.save`; ``enqueue`` is told of the record in the update's transaction
+        (a conflict enqueues nothing)."""
+        op = self._ops.save(
+            id, expected_version, status, blob, wake_at, history, history_limit, cursors, enqueue
+        )
+        return self._run(op)
+
+    def using(self, conn: Any) -> PostgresStore:
+        """This store with its calls run on ``conn``, the caller's ``psycopg.Connection``.
+
+        A write joins the transaction open on ``conn`` (as a savepoint, so a
+        refused write leaves the caller's transaction usable) and commits or
+        rolls back with it; on a connection in autocommit mode without a
+        transaction, each write is a transaction of its own. The table is
+        created first, on a connection of the store's. ``conn`` stays the
+        caller's: nothing here commits it or closes it.
+        """
+        if not isinstance(conn, psycopg.Connection):
+            raise TypeError(
+                f"{type(self).__name__}.using() takes a psycopg.Connection, got"
+                f" {type(conn).__name__} (an AsyncConnection goes to AsyncPostgresStore)"
+            )
+        self._ensure_schema()
+        return _OnConnection(self, conn)
+
     def remember(self, key: str, until: datetime) -> bool:
         recorded = super().remember(key, until)
         if self._ops.purge_due():
@@ -274,10 +334,45 @@ class PostgresStore(ConnectorStore):
             pool.close()
 
 
+class _OnConnection(PostgresStore):
+    """A :class:`PostgresStore` whose calls run on one connection of the caller's."""
+
+    def __init__(self, store: PostgresStore, conn: _Conn) -> None:
+        self.__dict__.update(store.__dict__)  # the same table, statements and wake-up floor
+        self._conn = conn
+        self._migrated = True
+
+    def _run(self, op: Op[_T]) -> _T:
+        conn = self._conn
+        try:
+            # In a transaction (or with none to join, in autocommit): a savepoint (or a
+            # transaction) of our own. Idle outside autocommit: the statement opens the
+            # caller's transaction, as any statement of theirs would.
+            if (
+                conn.autocommit
+                or conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+            ):
+                with conn.transaction():
+                    return _execute(conn, op.steps())
+            return _execute(conn, op.steps())
+        except psycopg.Error as exc:
+            self._ops.settle(exc, op, lost=conn.closed or conn.broken, last=True)
+        raise AssertionError("unreachable")
+
+    def using(self, conn: Any) -> PostgresStore:
+        raise TypeError("this store already runs on a connection of the caller's")
+
+    def close(self) -> None:
+        """Nothing to release: the connection is the caller's, the pool the store's."""
+
+
 def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
     """Run each statement ``steps`` yields on ``conn``, blocking."""
 
-    def send(statement: Statement | Copy) -> Any:
+    def send(statement: Statement | Copy | Enqueue) -> Any:
+        if isinstance(statement, Enqueue):
+            statement.hook.enqueue(conn, statement.ids)
+            return None
         if isinstance(statement, Copy):
             with conn.cursor().copy(statement.query) as copy:
                 for row in statement.rows:

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, TypeAlias, TypeVar
+from typing import Any, Literal, Protocol, TypeAlias, TypeVar
 
 import psycopg
 import psycopg.errors
@@ -197,7 +197,30 @@ class Copy:
     rows: Sequence[tuple[Any, ...]]
 
 
-Steps: TypeAlias = Generator[Statement | Copy, Any, T]
+class TransactionHook(Protocol):
+    """Work done on the store's own connection, inside the transaction of a write.
+
+    A queue that lives in the same PostgreSQL (``gorch.dispatch.procrastinate``)
+    enqueues "resume these instances" here, so the state save and the message
+    commit, or roll back, together.
+    """
+
+    def enqueue(self, conn: psycopg.Connection[Any], ids: Sequence[str]) -> None:
+        """Enqueue, blocking, on ``conn`` (a transaction is open on it)."""
+
+    async def aenqueue(self, conn: psycopg.AsyncConnection[Any], ids: Sequence[str]) -> None:
+        """Enqueue, awaited, on ``conn`` (a transaction is open on it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueue:
+    """Call ``hook`` with the connection the operation runs on (it sends back nothing)."""
+
+    hook: TransactionHook
+    ids: tuple[str, ...]
+
+
+Steps: TypeAlias = Generator[Statement | Copy | Enqueue, Any, T]
 """An operation's statements in order; each one's result is sent back in."""
 
 
@@ -345,6 +368,7 @@ class PostgresSQL:
         history: Sequence[str],
         history_limit: int,
         cursors: Sequence[str],
+        enqueue: TransactionHook | None = None,
     ) -> Op[Record]:
         check_history_limit(history_limit)
         wake = opt_utc(wake_at)
@@ -354,10 +378,13 @@ class PostgresSQL:
         def steps() -> Steps[Record]:
             if (yield Statement(self.q["insert"], params)) is None:
                 raise WorkflowExists(id)
+            if enqueue is not None:
+                yield Enqueue(enqueue, (id,))
             self.floor.wrote(wake)
             return Record(id, workflow, status, bytes(blob), 1, wake)
 
-        return Op(steps)
+        # With a hook: the insert and the enqueue in one transaction.
+        return Op(steps, batch=enqueue is not None)
 
     def create_many(
         self, records: Sequence[NewRecord], history_limit: int
@@ -421,6 +448,7 @@ class PostgresSQL:
         history: Sequence[str],
         history_limit: int,
         cursors: Sequence[str],
+        enqueue: TransactionHook | None = None,
     ) -> Op[Record]:
         check_history_limit(history_limit)
         wake = opt_utc(wake_at)
@@ -448,11 +476,14 @@ class PostgresSQL:
             if row is None:
                 current = yield Statement(self.q["version"], (id,))
                 raise Conflict(id, expected_version, None if current is None else current[0])
+            if enqueue is not None:
+                yield Enqueue(enqueue, (id,))
             workflow, version = row
             self.floor.wrote(wake)
             return Record(id, workflow, status, bytes(blob), version, wake)
 
-        return Op(steps)
+        # With a hook: the compare-and-swap and the enqueue in one transaction.
+        return Op(steps, batch=enqueue is not None)
 
     def history(self, id: str) -> Op[HistoryLog]:
         def steps() -> Steps[HistoryLog]:

@@ -305,6 +305,49 @@ class SQLiteStore(Store):
             reason = str(exc)
         return StoreUnavailable(f"SQLite store {self.url} is unavailable: {reason}")
 
+    def _conn(self) -> sqlite3.Connection:
+        """The connection this thread's calls run on."""
+        return self._conns.get()
+
+    def using(self, conn: Any) -> SQLiteStore:
+        """This store with its calls run on ``conn``, the caller's ``sqlite3.Connection`` to
+        the same file, so a write joins the caller's transaction.
+
+        A single-statement write (``create``, ``save``) runs as any statement of
+        the caller's would: in Python's default transaction handling it opens
+        the caller's transaction (or joins the one open) and commits when the
+        caller commits. A write of several statements runs in a savepoint of
+        that transaction. ``conn`` stays the caller's: nothing here commits or
+        closes it.
+        """
+        if not isinstance(conn, sqlite3.Connection):
+            raise TypeError(
+                f"{type(self).__name__}.using() takes a sqlite3.Connection, got"
+                f" {type(conn).__name__}"
+            )
+        try:
+            files = {row[1]: row[2] for row in conn.execute("PRAGMA database_list")}
+            theirs = files.get("main") or ""
+            if not theirs or os.path.realpath(theirs) != os.path.realpath(self.path):
+                raise ValueError(
+                    f"the connection given to {type(self).__name__}.using() is to"
+                    f" {theirs or 'a private in-memory database'!r}, not to the store's file"
+                    f" {self.path!r}"
+                )
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'gorch_workflows'"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from exc
+        if not found and conn.in_transaction:
+            # Creating it needs the write lock, which the caller's transaction may hold.
+            raise ValueError(
+                f"the store's table does not exist yet in {self.path!r}: open the store once"
+                " (any call, or `gorch migrate`) before writing in a transaction of your own"
+            )
+        self._conns.get()  # the schema, created on a connection of the store's if missing
+        return _OnConnection(self, conn)
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction holding the database's write lock from its first statement.
@@ -312,7 +355,7 @@ class SQLiteStore(Store):
         SQLite rolls back whatever fails, so a failed write never leaves half a record:
         ``StoreUnavailable`` from here means nothing was written.
         """
-        conn = self._conns.get()
+        conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -342,7 +385,7 @@ class SQLiteStore(Store):
         rolls it back whole if it fails. Read a ``RETURNING`` cursor to the end: the
         statement commits when it is done."""
         try:
-            return self._conns.get().execute(sql, params)
+            return self._conn().execute(sql, params)
         except sqlite3.Error as exc:
             if not _is_fault(exc):
                 raise
@@ -350,7 +393,7 @@ class SQLiteStore(Store):
 
     def _read(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         try:
-            return self._conns.get().execute(sql, params).fetchall()
+            return self._conn().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             if not _is_fault(exc):
                 raise
@@ -569,6 +612,47 @@ class SQLiteStore(Store):
     def close(self) -> None:
         """Close the connections this process opened, in every thread."""
         self._conns.close_all()
+
+
+class _OnConnection(SQLiteStore):
+    """A :class:`SQLiteStore` whose calls run on one connection of the caller's."""
+
+    def __init__(self, store: SQLiteStore, conn: sqlite3.Connection) -> None:
+        self.__dict__.update(store.__dict__)
+        self._caller = conn
+
+    def _conn(self) -> sqlite3.Connection:
+        return self._caller
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A savepoint in the caller's transaction (opened first, as Python would before a
+        write, unless the connection is in autocommit mode)."""
+        conn = self._caller
+        try:
+            if not conn.in_transaction and conn.isolation_level is not None:
+                conn.execute("BEGIN")
+            conn.execute("SAVEPOINT gorch_write")
+        except sqlite3.Error as exc:
+            if not _is_fault(exc):
+                raise
+            raise self._unavailable(exc) from exc
+        try:
+            yield conn
+            conn.execute("RELEASE gorch_write")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK TO gorch_write")
+                conn.execute("RELEASE gorch_write")
+            if isinstance(exc, sqlite3.Error) and _is_fault(exc):
+                raise self._unavailable(exc) from exc
+            raise
+
+    def using(self, conn: Any) -> SQLiteStore:
+        raise TypeError("this store already runs on a connection of the caller's")
+
+    def close(self) -> None:
+        """Nothing to release: the connection is the caller's."""
 
 
 def _is_fault(exc: sqlite3.Error) -> bool:
