@@ -371,6 +371,11 @@ class InvalidWorkflowId(GorchError):
         )
 
 
+class PipelineError(DefinitionError):
+    """A pipeline (:mod:`gorch.pipeline`) is wired wrongly, or run with an impossible
+    option; nothing ran."""
+
+
 class StepTimeout(GorchError):
     """A step attempt took longer than its ``timeout=``: the attempt failed.
 

@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from datetime import timedelta
 from typing import Any, Protocol, TypeAlias, overload
 
-from gorch.errors import DefinitionError
+from gorch.errors import PipelineError
 from gorch.retry import Retry
 from gorch.statements import Stmt
 
@@ -35,10 +35,6 @@ Part: TypeAlias = "Task | Flow"
 TaskRef: TypeAlias = "Task | str"
 
 _ACTIVE: ContextVar[tuple[_Collector, ...]] = ContextVar("gorch_pipelines", default=())
-
-
-class PipelineError(DefinitionError):
-    """A pipeline is wired wrongly (or run with an impossible option); nothing ran."""
 
 
 # --------------------------------------------------------------------------- tasks

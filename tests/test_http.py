@@ -900,6 +900,7 @@ STATUS = {
     "ConcurrentChange": 500,
     "DAGFailed": 500,
     "ParallelFailed": 500,
+    "PipelineError": 500,
     "StepResultError": 500,
     "StepTimeout": 500,
     "HandlerFailed": 500,

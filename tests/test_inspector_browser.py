@@ -135,6 +135,21 @@ def _rgb(css: str) -> tuple[int, ...]:
     return tuple(int(float(v)) for v in inside.split(",")[:3])
 
 
+def _follow(driver: Any, element: Any) -> None:
+    """Click what loads a new page, and wait until the old one is gone.
+
+    Without the wait, the next lookup may find the old page's elements, which
+    go stale under it as the new page replaces them.
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(old))
+
+
 def _absent(driver: Any, css: str) -> bool:
     """No element matches ``css`` now (without the implicit wait for one to appear)."""
     driver.implicitly_wait(0)
@@ -164,7 +179,7 @@ def test_sign_in_open_the_list_click_an_instance_and_see_its_cursor(
             "Failed to load resource: the server responded with a status of 401 (Unauthorized)"
         ]
         browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+        _follow(browser, browser.find_element(By.CSS_SELECTOR, "form button[type=submit]"))
         links = browser.find_elements(By.CSS_SELECTOR, "a.instance-link")
         assert [a.text for a in links] == ["t-1", "t-2"]
         cookie = browser.get_cookie("gorch_inspect")
@@ -174,12 +189,12 @@ def test_sign_in_open_the_list_click_an_instance_and_see_its_cursor(
         # Filter on the status: the form's own GET.
         Choice(browser.find_element(By.ID, "f-status")).select_by_visible_text("waiting")
         browser.find_element(By.ID, "f-q").send_keys("T-2")
-        browser.find_element(By.CSS_SELECTOR, "form.filters button").click()
+        _follow(browser, browser.find_element(By.CSS_SELECTOR, "form.filters button"))
         assert [a.text for a in browser.find_elements(By.CSS_SELECTOR, "a.instance-link")] == [
             "t-2"
         ]
 
-        browser.find_element(By.LINK_TEXT, "t-2").click()
+        _follow(browser, browser.find_element(By.LINK_TEXT, "t-2"))
         assert browser.current_url == f"{url}/inspect/instances/t-2"
         marked = browser.find_elements(By.CSS_SELECTOR, "#diagram .node.cursor")
         assert [n.get_attribute("data-name") for n in marked] == ["work"]
@@ -197,15 +212,15 @@ def test_sign_in_open_the_list_click_an_instance_and_see_its_cursor(
         ]
 
         # Back to the list, the other instance: its own cursor.
-        browser.find_element(By.LINK_TEXT, "← Instances").click()
-        browser.find_element(By.LINK_TEXT, "t-1").click()
+        _follow(browser, browser.find_element(By.LINK_TEXT, "← Instances"))
+        _follow(browser, browser.find_element(By.LINK_TEXT, "t-1"))
         marked = browser.find_elements(By.CSS_SELECTOR, "#diagram .node.cursor")
         assert [n.get_attribute("data-name") for n in marked] == ["triage"]
         problems = _problems(browser)
         assert problems == [], problems
 
         # Signing out ends the session.
-        browser.find_element(By.CSS_SELECTOR, "header form button").click()
+        _follow(browser, browser.find_element(By.CSS_SELECTOR, "header form button"))
         assert browser.get_cookie("gorch_inspect") is None
         browser.get(f"{url}/inspect")
         assert browser.find_elements(By.ID, "token")
