@@ -14,6 +14,11 @@ once, for ``run_due`` (a worker) to run, so that nothing with effects ever runs
 before its record exists. The same dry run serves ``start`` (see
 :meth:`BulkStart._dry_run_of`): an instance that blocks at once is then
 created in one write, as it blocks.
+
+An Engine with a dispatcher (:mod:`gorch.dispatch`) is told of a batch's
+instances due at once after the batch has committed, in one call (a ``COPY``
+cannot take a queue's job along in its transaction); ``run_due`` remains the
+safety net should that call fail.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from gorch.codec import dumps
 from gorch.engine_ops import (
     _CREATED_BY,
+    Dispatch,
     DryRun,
     Op,
     Pause,
@@ -54,6 +60,9 @@ from gorch.state import State, new_state
 from gorch.statements import Select, Stmt, Timeout
 from gorch.stores.base import NewRecord, Record
 from gorch.workflow import Workflow
+
+if TYPE_CHECKING:
+    from gorch.dispatch.base import Dispatcher
 
 __all__ = ["BulkStart", "StartItem", "custom_setups", "started_entry"]
 
@@ -118,6 +127,7 @@ class BulkStart:
 
     if TYPE_CHECKING:
         defer_resume: bool
+        dispatch: Dispatcher | None
         history_limit: int
         store_retries: int
         _keeps_history: bool
@@ -265,10 +275,13 @@ class BulkStart:
                 _bulk_note(e, index, len(ids))
                 raise
             records[wid] = NewRecord(wid, name, InstanceStatus.RESUMING, blob, now, history)
+        written: builtins.list[NewRecord] = []
         while records:
-            taken = yield from self._create_many(list(records.values()))
+            written = list(records.values())
+            taken = yield from self._create_many(written)
             if not taken:
                 break
+            written = []
             for wid in taken:
                 index, key, digest = keys[wid]
                 try:
@@ -281,6 +294,11 @@ class BulkStart:
                     raise
                 del records[wid]  # started before with this key and data: nothing to do
         ids.extend(batch_ids)
+        due = tuple(r.id for r in written if r.wake_at is not None and r.wake_at <= now)
+        if due and self.dispatch is not None:
+            # The batch has committed: its instances due at once go to the queue in one
+            # message batch (a COPY cannot take a job along; run_due is the safety net).
+            yield Dispatch(due)
 
     def _halt_for(self, wf: Workflow) -> SetupHalt | None:
         """The middleware a dry run of ``wf``'s class needs: None when its handlers' only

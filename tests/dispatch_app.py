@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -45,12 +46,12 @@ def run_procrastinate_worker() -> None:
     )
 
 
-def celery_engine() -> tuple[object, Engine]:
-    """The Celery app and the Engine that sends its messages after each due save."""
+def celery_dispatcher() -> Any:
+    """A Celery app on the test's broker and queue (its keys under the queue's prefix on
+    Redis), and the dispatcher that sends its messages."""
     import celery
 
     from gorch.dispatch.celery import CeleryDispatcher
-    from gorch.stores import open_store
 
     app = celery.Celery("gorch-test", broker=os.environ["GORCH_TEST_BROKER"])
     app.conf.update(
@@ -63,7 +64,14 @@ def celery_engine() -> tuple[object, Engine]:
             "visibility_timeout": 5,
         },
     )
-    dispatcher = CeleryDispatcher(app, queue=os.environ["GORCH_TEST_QUEUE"], run_due_every=1.0)
+    return CeleryDispatcher(app, queue=os.environ["GORCH_TEST_QUEUE"], run_due_every=1.0)
+
+
+def celery_engine() -> tuple[object, Engine]:
+    """The Celery app and the Engine that sends its messages after each due save."""
+    from gorch.stores import open_store
+
+    dispatcher = celery_dispatcher()
     engine = Engine(
         open_store(os.environ["GORCH_TEST_STORE"]),
         WORKFLOWS,
@@ -71,7 +79,7 @@ def celery_engine() -> tuple[object, Engine]:
         lease=LEASE,
         dispatch=dispatcher,
     )
-    return app, engine
+    return dispatcher.app, engine
 
 
 celery_app: object = None

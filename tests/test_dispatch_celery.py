@@ -14,6 +14,7 @@ afterwards; workers are subprocesses killed by pid.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -73,7 +74,11 @@ class Setup:
             *("--without-heartbeat", "--without-gossip", "--without-mingle"),
         ]
         log = open(self.workdir / f"worker-{n}.log", "wb")  # noqa: SIM115 - the process's
-        proc = subprocess.Popen(command, env=self.env, cwd=HERE, stdout=log, stderr=log)
+        # A session of its own: -B runs beat in a child process, which outlives a worker
+        # killed with SIGKILL; the fixture ends the whole group.
+        proc = subprocess.Popen(
+            command, env=self.env, cwd=HERE, stdout=log, stderr=log, start_new_session=True
+        )
         self.workers.append(proc)
         return proc
 
@@ -98,8 +103,8 @@ def setup(
         yield made
     finally:
         for proc in made.workers:
-            if proc.poll() is None:
-                proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # the worker and its beat child
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         _remove_queue(broker, queue)
 
@@ -116,6 +121,7 @@ def _remove_queue(broker: str, queue: str) -> None:
         return
     with celery.Celery(broker=broker).connection() as conn:
         conn.default_channel.queue_delete(queue)
+        conn.default_channel.exchange_delete(queue)  # declared with the queue, of its name
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
