@@ -40,7 +40,25 @@ _ACTIVE: ContextVar[tuple[_Collector, ...]] = ContextVar("gorch_pipelines", defa
 # --------------------------------------------------------------------------- tasks
 
 
-class Task:
+class _Wiring:
+    """``>>`` (one after the other) and ``|`` (side by side), for tasks and flows alike."""
+
+    __slots__ = ()
+
+    def __rshift__(self, other: object) -> Flow:
+        return _seq(self, other)
+
+    def __rrshift__(self, other: object) -> Flow:
+        return _seq(other, self)
+
+    def __or__(self, other: object) -> Flow:
+        return _par(self, other)
+
+    def __ror__(self, other: object) -> Flow:
+        return _par(other, self)
+
+
+class Task(_Wiring):
     """A function that a pipeline runs as one step, named after the function.
 
     Calling the task calls the function (handy in unit tests). ``retry`` and
@@ -94,18 +112,6 @@ class Task:
             and self.retry == other.retry
             and self.timeout == other.timeout
         )
-
-    def __rshift__(self, other: object) -> Flow:
-        return _seq(self, other)
-
-    def __rrshift__(self, other: object) -> Flow:
-        return _seq(other, self)
-
-    def __or__(self, other: object) -> Flow:
-        return _par(self, other)
-
-    def __ror__(self, other: object) -> Flow:
-        return _par(other, self)
 
     def __repr__(self) -> str:
         return f"Task({self.name!r})"
@@ -226,7 +232,7 @@ def _describe(t: Task) -> str:
     return f"{where}({', '.join(opts)})" if opts else where
 
 
-class Flow:
+class Flow(_Wiring):
     """What ``>>`` and ``|`` over tasks build: a graph with its first and last tasks.
 
     ``a >> b`` adds an edge from each last task of ``a`` to each first task
@@ -254,18 +260,6 @@ class Flow:
     @property
     def edges(self) -> list[tuple[str, str]]:
         return list(self.graph.edges)
-
-    def __rshift__(self, other: object) -> Flow:
-        return _seq(self, other)
-
-    def __rrshift__(self, other: object) -> Flow:
-        return _seq(other, self)
-
-    def __or__(self, other: object) -> Flow:
-        return _par(self, other)
-
-    def __ror__(self, other: object) -> Flow:
-        return _par(other, self)
 
     def __repr__(self) -> str:
         edges = ", ".join(f"{a}->{b}" for a, b in self.graph.edges)
