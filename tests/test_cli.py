@@ -517,7 +517,7 @@ def test_history_names_who_started_from_the_cli(
 
 
 def test_who_runs_the_cli_when_the_system_cannot_tell(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gorch import cli as cli_module
+    from gorch.cli import base as cli_module
 
     def nobody() -> str:
         raise OSError("no login name")
