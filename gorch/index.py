@@ -421,7 +421,11 @@ def stmt_at(root: Section, path: Path) -> Stmt | None:
     body: Body = root.stmts
     try:
         for k in range(0, len(path) - 1, 2):
-            body = body[path[k]].children()[path[k + 1]]
+            owner = body[path[k]]
+            if owner._kind == K_FOR and path[k + 1] == 0:  # (children(), inlined: the commonest)
+                body = owner.body  # type: ignore[attr-defined]
+            else:
+                body = owner.children()[path[k + 1]]
         return body[path[-1]]
     except (IndexError, TypeError, AttributeError):
         return None

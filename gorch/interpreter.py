@@ -167,6 +167,21 @@ T = TypeVar("T")
 #: A walk: yields awaitables (and :class:`_Launch` requests) under the async API.
 Walk = Generator[Any, Any, T]
 
+# Enum members read in the walk, as module constants: reading a member through
+# its class costs several times a global's read.
+_FINISHED = WorkflowStatus.FINISHED
+_WF_WAITING = WorkflowStatus.WAITING
+_WF_RESUMING = WorkflowStatus.RESUMING
+_AFTER_STEP = CheckpointKind.AFTER_STEP
+_AFTER_RESUME = CheckpointKind.AFTER_RESUME
+_AFTER_SETUP = CheckpointKind.AFTER_SETUP
+_AFTER_TEARDOWN = CheckpointKind.AFTER_TEARDOWN
+_AFTER_CONDITION = CheckpointKind.AFTER_CONDITION
+_PENDING_SETUP = EventStatus.PENDING_SETUP
+_SETUP = EventStatus.SETUP
+_SETUP_ERROR = EventStatus.SETUP_ERROR
+_PENDING_TEARDOWN = EventStatus.PENDING_TEARDOWN
+_TEARDOWN_ERROR = EventStatus.TEARDOWN_ERROR
 _RESUMING = ThreadStatus.RESUMING
 _EXECUTING = ThreadStatus.EXECUTING
 _WAITING_EVENT = ThreadStatus.WAITING_EVENT
@@ -182,7 +197,17 @@ class _ClassIndex:
     anything runs.
     """
 
-    __slots__ = ("async_hooks", "asyncs", "dags", "dynamic", "hooks", "owner", "params", "paths")
+    __slots__ = (
+        "async_hooks",
+        "asyncs",
+        "dags",
+        "dynamic",
+        "hooks",
+        "owner",
+        "params",
+        "paths",
+        "step_hooks",
+    )
 
     def __init__(self, cls: type) -> None:
         self.paths: dict[str, Path] | None = None
@@ -209,6 +234,8 @@ class _ClassIndex:
             )
             if getattr(cls, name, None) is not getattr(Workflow, name)
         )
+        #: Whether ``cls`` overrides a hook around steps (steps then run through them).
+        self.step_hooks = not self.hooks.isdisjoint(STEP_HOOKS)
         self.async_hooks = tuple(
             f"the hook {cls.__qualname__}.{name}"
             for name in sorted(self.hooks)
@@ -218,42 +245,94 @@ class _ClassIndex:
 
 _indexes: dict[type, _ClassIndex] = {}
 
+# What a call of the sync API shares instead of empty containers of its own:
+# the sync walk only reads them (the async API gives each call new ones).
+_NO_FLIGHTS: dict[str, Any] = {}
+_NO_KINDS: list[CheckpointKind] = []
+_NO_WRITES: dict[tuple[str, ...], tuple[str, str]] = {}
+_NO_NAMES: set[str] = set()
+_NO_WRAPPERS: list[Any] = []
+_NONE_DEFERRED: list[StepFailed] = []
+
 
 class _Call:
-    """What one ``resume`` / ``handle_event`` call knows: the current build and its index."""
+    """What one ``resume`` / ``handle_event`` call knows: the current build and its index.
 
-    # Defaults live on the class: a call sets only what differs (calls are hot).
-    gen = 0
-    indexed_gen = -1
-    units = 0
-    dirty = False
-    lazy = False
-    pending = False
-    wrap_steps = False  # middleware or class hooks around steps
-    step_mw: list[Any] = []
-    event_mw: list[Any] = []
-    deferred: list[StepFailed] = []
-    restore: Callable[[], Any] | None = None
+    Slotted, and every attribute is set in ``__init__``: the walk reads these
+    flags on every unit, and a slot reads fast where a class-level default
+    read through the instance does not.
+    """
+
+    __slots__ = (
+        "check",
+        "checkpoint",
+        "deadline",
+        "deferred",
+        "dirty",
+        "event_mw",
+        "executor",
+        "expired",
+        "failure",
+        "flights",
+        "gen",
+        "halted",
+        "held",
+        "index",
+        "indexed_gen",
+        "lazy",
+        "limit",
+        "located",
+        "max_units",
+        "middleware",
+        "parked",
+        "pending",
+        "report_failures",
+        "restore",
+        "root",
+        "state",
+        "step_mw",
+        "step_names",
+        "step_names_gen",
+        "stop",
+        "stopped",
+        "sync",
+        "units",
+        "wf",
+        "wrap_steps",
+        "written",
+    )
+
+    gen: int
+    indexed_gen: int
+    units: int
+    dirty: bool
+    lazy: bool
+    pending: bool
+    wrap_steps: bool  # middleware or class hooks around steps
+    step_mw: list[Any]
+    event_mw: list[Any]
+    deferred: list[StepFailed]
+    restore: Callable[[], Any] | None
     #: A call of the sync API: awaitables are refused where they are met.
-    sync = True
+    sync: bool
     #: Refuse, up front, a workflow with async callables (sync API; not for tooling).
-    check = True
+    check: bool
     # Async API only: steps in flight by thread id, and how the scheduler goes on.
-    flights: dict[str, _Flight] = {}
-    parked: dict[str, _Flight] = {}  # steps waiting for the next round to start
-    held: list[CheckpointKind] = []  # checkpoints due while a round is in flight
-    written: dict[tuple[str, ...], tuple[str, str]] = {}  # this round: path -> (op, step)
-    stop = False  # a step failed while others were in flight: start no new step
-    deadline: datetime | None = None  # start no step from then on (see resume)
-    report_failures = True  # on_failed hooks run in the call (not for the Engine)
-    middleware: Sequence[object] = ()
-    step_names: frozenset[str] | None = None  # of the build of generation step_names_gen
-    step_names_gen = -1
-    expired = False  # the deadline passed: the call ends where the threads are
-    stopped: set[str] = set()  # threads walked since then (each once)
-    failure: StepFailed | None = None
-    halted: set[str] = set()  # joining threads of fail_fast DAGs whose node failed
-    executor: Executor | None = None
+    flights: dict[str, _Flight]
+    parked: dict[str, _Flight]  # steps waiting for the next round to start
+    held: list[CheckpointKind]  # checkpoints due while a round is in flight
+    written: dict[tuple[str, ...], tuple[str, str]]  # this round: path -> (op, step)
+    stop: bool  # a step failed while others were in flight: start no new step
+    deadline: datetime | None  # start no step from then on (see resume)
+    report_failures: bool  # on_failed hooks run in the call (not for the Engine)
+    middleware: Sequence[object]
+    step_names: frozenset[str] | None  # of the build of generation step_names_gen
+    step_names_gen: int
+    expired: bool  # the deadline passed: the call ends where the threads are
+    stopped: set[str]  # threads walked since then (each once)
+    failure: StepFailed | None
+    halted: set[str]  # joining threads of fail_fast DAGs whose node failed
+    executor: Executor | None
     limit: asyncio.Semaphore
     root: Section
 
@@ -272,10 +351,36 @@ class _Call:
         index = _indexes.get(cls)
         if index is None:
             index = _indexes[cls] = _ClassIndex(cls)
-        if not check:
-            self.check = False
-        if not sync:
-            self.sync = False
+        self.wf = wf
+        self.state = state
+        self.index = index
+        self.checkpoint = checkpoint
+        self.max_units = max_units
+        self.check = check
+        self.sync = sync
+        self.gen = 0
+        self.indexed_gen = -1
+        self.units = 0
+        self.dirty = False
+        self.lazy = False
+        self.pending = False
+        self.restore = None
+        self.deferred = _NONE_DEFERRED
+        self.stop = False
+        self.deadline = None
+        self.report_failures = True
+        self.step_names = None
+        self.step_names_gen = -1
+        self.expired = False
+        self.failure = None
+        self.executor = None
+        self.located: dict[str, tuple[int, str, list[Frame], Stmt]] = {}
+        if sync:  # never filled by the sync API: shared empty ones
+            self.flights = self.parked = _NO_FLIGHTS
+            self.held = _NO_KINDS
+            self.written = _NO_WRITES
+            self.halted = self.stopped = _NO_NAMES
+        else:
             self.flights = {}
             self.parked = {}
             self.held = []
@@ -286,23 +391,18 @@ class _Call:
             self.middleware = middleware
             self.step_mw = wrappers(middleware, "around_step", not sync)
             self.event_mw = wrappers(middleware, "around_event", not sync)
-        if self.step_mw or (index.hooks and not index.hooks.isdisjoint(STEP_HOOKS)):
-            self.wrap_steps = True
-        self.wf = wf
-        self.state = state
-        self.index = index
-        self.checkpoint = checkpoint
-        self.max_units = max_units
-        self.located: dict[str, tuple[int, str, list[Frame], Stmt]] = {}
+        else:
+            self.middleware = ()
+            self.step_mw = self.event_mw = _NO_WRAPPERS
+        self.wrap_steps = bool(self.step_mw) or index.step_hooks
         self.rebuild()
         if index.dynamic and self.indexed_gen != self.gen:
             self.reindex()
-        if (
-            check
-            and sync
-            and (index.asyncs or index.async_hooks or middleware or checkpoint is not None)
-        ):
-            self.refuse_async(middleware)
+        if check and sync:
+            if index.asyncs or index.async_hooks or middleware:
+                self.refuse_async(middleware)
+            elif checkpoint is not None and is_async(checkpoint):
+                self.refuse_async(())
 
     def refuse_async(self, middleware: Sequence[object]) -> None:
         """Raise DefinitionError if the sync API would meet anything async (before it runs)."""
@@ -574,10 +674,16 @@ def _navigate(root: Section, path: Path, name: str) -> tuple[list[Frame], Stmt, 
             frames.append([body, i, owner, child])
             owner = body[i]
             child = path[k + 1]
-            if owner._kind == K_GO:
-                base = len(frames)
-                go_name = owner.name
-            body = owner.children()[child]
+            kind = owner._kind
+            if kind == K_FOR and child == 0:  # (children(), inlined for the commonest owners)
+                body = owner.body
+            elif kind == K_SELECT:
+                body = owner.cases[child].body
+            else:
+                if kind == K_GO:
+                    base = len(frames)
+                    go_name = owner.name
+                body = owner.children()[child]
             k += 2
         st = body[path[last]]
         if st.name != name:  # type: ignore[attr-defined]
@@ -878,7 +984,7 @@ def _start(
     sync: bool,
 ) -> _Call:
     """The checks both APIs make before anything runs, and the call they run."""
-    if state.status is WorkflowStatus.FINISHED:
+    if state.status is _FINISHED:
         raise WorkflowFinishedError(state.id)
     call = _Call(wf, state, checkpoint, max_units, middleware, sync=sync)
     call.lazy = lazy_steps and checkpoint is not None
@@ -925,10 +1031,10 @@ def _run_hooked(call: _Call) -> Walk[WorkflowStatus]:
         raise
     try:
         out = None
-        if status is WorkflowStatus.FINISHED:
+        if status is _FINISHED:
             if "on_finish" in hooks:
                 out = _hook(call.wf, "on_finish")()
-        elif status is WorkflowStatus.WAITING and "on_waiting" in hooks:
+        elif status is _WF_WAITING and "on_waiting" in hooks:
             awaited = [we.req for t in state.threads for we in _active(t)]
             out = _hook(call.wf, "on_waiting")(awaited)
         if out is not None and is_awaitable(out):
@@ -1063,23 +1169,23 @@ def _run(call: _Call) -> Walk[WorkflowStatus]:
                     break  # nothing waits for a condition: done
                 if not (yield from _release_condition(call)):
                     break
-        if state.status is WorkflowStatus.FINISHED:
+        if state.status is _FINISHED:
             if call.flights or call.parked:  # the main thread ended: the others are cancelled
                 _ground(call)
                 yield from _cancel_flights(call, list(call.flights.values()))
             call.pending = False  # AFTER_RESUME saves the last step too
-            aw = call.save(CheckpointKind.AFTER_RESUME)
+            aw = call.save(_AFTER_RESUME)
             if aw is not None:
                 yield aw
             return state.status
     failures = (yield from _setup_new_waits(call)) if _awaits_setup(state) else []
-    state.status = WorkflowStatus.WAITING
+    state.status = _WF_WAITING
     for t in state.threads:
         if t.status is _RESUMING or t.status is _EXECUTING:
-            state.status = WorkflowStatus.RESUMING
+            state.status = _WF_RESUMING
     call.pending = False
     if call.checkpoint is not None:
-        aw = call.save(CheckpointKind.AFTER_RESUME)
+        aw = call.save(_AFTER_RESUME)
         if aw is not None:
             yield aw
     if call.deferred:
@@ -1093,7 +1199,7 @@ def _awaits_setup(state: State) -> bool:
     """Whether an event waits for its setup (or a retry of it)."""
     for t in state.threads:
         for we in t.wait_events:
-            if we.status is EventStatus.PENDING_SETUP or we.status is EventStatus.SETUP_ERROR:
+            if we.status is _PENDING_SETUP or we.status is _SETUP_ERROR:
                 return True
     return False
 
@@ -1327,7 +1433,7 @@ def _commit_round(call: _Call) -> Walk[None]:
             yield from _land(call, f)
         if call.halted:
             yield from _halt_nodes(call)
-        if call.state.status is WorkflowStatus.FINISHED:
+        if call.state.status is _FINISHED:
             return
 
 
@@ -1511,7 +1617,7 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
                 t.case = ""
             if call.pending:  # lazy_steps: save the last step before this one runs
                 call.pending = False
-                aw = call.save(CheckpointKind.AFTER_STEP)
+                aw = call.save(_AFTER_STEP)
                 if aw is not None:
                     yield aw
             call.dirty = True  # the step may change data, even when it fails
@@ -1574,7 +1680,7 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
                 if call.lazy:
                     call.pending = True
                 else:  # (the async API may hold it: see _Call.save)
-                    kind_ = CheckpointKind.AFTER_STEP
+                    kind_ = _AFTER_STEP
                     aw = call.checkpoint(kind_) if call.sync else call.save(kind_)
                     if aw is not None and is_awaitable(aw):
                         yield from call.wait(aw, "the checkpoint callback")
@@ -1639,9 +1745,9 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
                 waits.append(
                     WaitEvent(
                         EventRequest(wid, tid, c.event, pc),
-                        EventStatus.PENDING_SETUP
+                        _PENDING_SETUP
                         if type(c) is Timeout or (c.handler is not None and _needs_setup(c))
-                        else EventStatus.SETUP,
+                        else _SETUP,
                         select=name,
                     )
                 )
@@ -2057,7 +2163,7 @@ def _release_condition(call: _Call) -> Walk[bool]:
                 continue
             t.status = _RESUMING
             call.units += 1
-            aw = call.save(CheckpointKind.AFTER_CONDITION)
+            aw = call.save(_AFTER_CONDITION)
             if aw is not None:
                 yield aw
             return True
@@ -2078,7 +2184,7 @@ def _release_condition(call: _Call) -> Walk[bool]:
         if st.handler is not None:
             if call.pending:
                 call.pending = False
-                aw = call.save(CheckpointKind.AFTER_STEP)
+                aw = call.save(_AFTER_STEP)
                 if aw is not None:
                     yield aw
             call.dirty = True
@@ -2098,7 +2204,7 @@ def _release_condition(call: _Call) -> Walk[bool]:
         t.status = _RESUMING
         t.attempts = 0
         t.error = ""
-        aw = call.save(CheckpointKind.AFTER_CONDITION)
+        aw = call.save(_AFTER_CONDITION)
         if aw is not None:
             yield aw
         return True
@@ -2129,7 +2235,7 @@ def _end_thread(call: _Call, t: Thread) -> None:
         for other in state.threads:  # the main thread's end cancels the others
             other.wait_events = []
         state.threads = []
-        state.status = WorkflowStatus.FINISHED
+        state.status = _FINISHED
         return
     t.wait_events = []
     state.threads.remove(t)
@@ -2527,27 +2633,53 @@ def _parallel_ended_with_failures(call: _Call, t: Thread, st: Parallel) -> bool:
 def _case_handler(call: _Call, we: WaitEvent) -> tuple[bool, Handler | None]:
     """(found, handler) for a wait event, from the current build."""
     found = call.find(we.select)
-    if found is None or not isinstance(found[1], Select):
+    if found is None or type(found[1]) is not Select:
         return False, None
     hit = found[1].case(we.req.name)
     if hit is None:
         return False, None
     case = hit[1]
-    if isinstance(case, Timeout):
-        return True, TimerHandler.of(case)
-    h = case.handler
-    return True, h if isinstance(h, Handler) else None  # callables have no setup/teardown
+    if isinstance(case, On):  # (isinstance is cheap when true: the common case first)
+        h = case.handler
+        return True, h if isinstance(h, Handler) else None  # callables have no setup/teardown
+    return True, TimerHandler.of(case)
+
+
+#: Per handler type: (overrides ``setup``, overrides ``teardown``, is a Handler).
+_HANDLER_HOOKS: dict[type, tuple[bool, bool, bool]] = {}
+
+
+def _handler_hooks(handler: object) -> tuple[bool, bool, bool]:
+    """Which of :class:`Handler`'s no-op hooks the type of ``handler`` overrides.
+
+    Looked up once per type: setup and teardown bookkeeping asks for every
+    awaited event. (A plain callable is no Handler: it overrides nothing.)
+    """
+    cls = type(handler)
+    hooks = _HANDLER_HOOKS.get(cls)
+    if hooks is None:
+        is_handler = issubclass(cls, Handler)
+        hooks = _HANDLER_HOOKS[cls] = (
+            is_handler and getattr(cls, "setup") is not Handler.setup,  # noqa: B009
+            is_handler and getattr(cls, "teardown") is not Handler.teardown,  # noqa: B009
+            is_handler,
+        )
+    return hooks
 
 
 def _overrides(handler: object, method: str) -> bool:
-    return isinstance(handler, Handler) and (
-        getattr(type(handler), method) is not getattr(Handler, method)
-    )
+    """Whether ``handler`` is a :class:`Handler` whose ``method`` (setup / teardown) acts."""
+    return _handler_hooks(handler)[0 if method == "setup" else 1]
+
+
+def _is_timer(case: On | Timeout) -> bool:
+    """Whether a Select's case is a Timeout (a type test: ``isinstance`` costs more when false)."""
+    return issubclass(type(case), Timeout)
 
 
 def _needs_setup(case: On | Timeout) -> bool:
     """Whether the case's handler has a setup to run (decided on a fresh build)."""
-    return isinstance(case, Timeout) or _overrides(case.handler, "setup")
+    return _is_timer(case) or _handler_hooks(case.handler)[0]  # type: ignore[union-attr]
 
 
 def _teardown(call: _Call, we: WaitEvent) -> Walk[bool]:
@@ -2579,7 +2711,7 @@ def _teardown(call: _Call, we: WaitEvent) -> Walk[bool]:
     except SyncCallRefused:
         raise
     except Exception as e:
-        we.status = EventStatus.TEARDOWN_ERROR
+        we.status = _TEARDOWN_ERROR
         we.error = f"{type(e).__name__}: {e}"
         return False
     return True
@@ -2606,7 +2738,7 @@ def _teardown_finished_waits(call: _Call) -> Walk[None]:
                     t.id,
                     we.error,
                 )
-            aw = call.save(CheckpointKind.AFTER_TEARDOWN)
+            aw = call.save(_AFTER_TEARDOWN)
             if aw is not None:
                 yield aw
 
@@ -2614,8 +2746,8 @@ def _teardown_finished_waits(call: _Call) -> Walk[None]:
 def _drop_waits(call: _Call, t: Thread) -> Walk[None]:
     """A thread ends or is cancelled: tear down what was set up; failures are logged."""
     for we in t.wait_events:
-        if we.status is EventStatus.SETUP or we.status in TEARDOWN_EVENT:
-            if we.status is EventStatus.SETUP:
+        if we.status is _SETUP or we.status in TEARDOWN_EVENT:
+            if we.status is _SETUP:
                 we.handled = False
             if not (yield from _teardown(call, we)):
                 log.warning(
@@ -2635,21 +2767,21 @@ def _setup_new_waits(call: _Call) -> Walk[list[tuple[str, str, str]]]:
     for t in call.state.threads:
         for we in t.wait_events:
             status = we.status
-            if status is not EventStatus.PENDING_SETUP and status is not EventStatus.SETUP_ERROR:
+            if status is not _PENDING_SETUP and status is not _SETUP_ERROR:
                 continue
             if call.dirty:  # handlers and timer durations come from current data
                 call.rebuild()
             try:
                 found, handler = _case_handler(call, we)
             except DefinitionError as e:
-                we.status = EventStatus.SETUP_ERROR
+                we.status = _SETUP_ERROR
                 we.error = str(e)
                 failures.append((t.id, we.req.name, we.error))
                 continue
             if not found:
                 raise CursorNotFound(t.id, we.select, f"its event {we.req.name!r} is gone")
             if not _overrides(handler, "setup"):
-                we.status = EventStatus.SETUP
+                we.status = _SETUP
                 continue
             assert handler is not None
             call.dirty = True  # a handler may change the workflow's data
@@ -2668,13 +2800,13 @@ def _setup_new_waits(call: _Call) -> Walk[list[tuple[str, str, str]]]:
             except SyncCallRefused:
                 raise
             except Exception as e:
-                we.status = EventStatus.SETUP_ERROR
+                we.status = _SETUP_ERROR
                 we.error = f"{type(e).__name__}: {e}"
                 failures.append((t.id, we.req.name, we.error))
             else:
-                we.status = EventStatus.SETUP
+                we.status = _SETUP
                 we.error = ""
-            aw = call.save(CheckpointKind.AFTER_SETUP)
+            aw = call.save(_AFTER_SETUP)
             if aw is not None:
                 yield aw
     return failures
@@ -2834,7 +2966,7 @@ def _prepare_event(
     now: datetime | None,
 ) -> tuple[_Call, _Delivery]:
     """Find the wait ``name`` goes to and its handler; raise (state untouched) if none."""
-    if state.status is WorkflowStatus.FINISHED:
+    if state.status is _FINISHED:
         raise WorkflowFinishedError(state.id)
     t, we = _find_wait(state, name, thread_id, pc)
     call = _Call(wf, state, None, DEFAULT_MAX_UNITS, middleware, sync=sync)
@@ -2846,7 +2978,7 @@ def _prepare_event(
     if hit is None:
         raise CursorNotFound(t.id, t.cur_step, f"the Select no longer awaits event {name!r}")
     case = hit[1]
-    if isinstance(case, Timeout):
+    if not isinstance(case, On):  # a Timeout (isinstance is cheap when true)
         due = due_time(we.req)
         if due is None or due > (clock.now() if now is None else _utc(now)):
             raise TimerNotSendable(state.id, name, due)
@@ -2886,12 +3018,12 @@ def _delivered(
     kept: list[WaitEvent] = []
     for other in t.wait_events:
         if other.status in ACTIVE_EVENT:
-            if other.status is EventStatus.SETUP:
+            if other.status is _SETUP:
                 hit = (0, case) if other is we else st.case(other.req.name)
                 handler = getattr(hit[1], "handler", None) if hit is not None else None
-                if isinstance(handler, Handler) and _overrides(handler, "teardown"):
+                if _handler_hooks(handler)[1]:
                     other.handled = other is we
-                    other.status = EventStatus.PENDING_TEARDOWN
+                    other.status = _PENDING_TEARDOWN
                     kept.append(other)
         else:
             kept.append(other)
@@ -2899,7 +3031,7 @@ def _delivered(
     t.status = _RESUMING
     t.case = name
     t.pc += 1
-    state.status = WorkflowStatus.RESUMING
+    state.status = _WF_RESUMING
 
 
 def _handle(call: _Call, req: EventRequest, handler: Any, input: Any) -> Any:
@@ -2970,7 +3102,7 @@ async def acancel(wf: Workflow, state: State) -> None:
 
 
 def _cancel_call(wf: Workflow, state: State, sync: bool) -> _Call:
-    if state.status is WorkflowStatus.FINISHED:
+    if state.status is _FINISHED:
         raise WorkflowFinishedError(state.id)
     return _Call(wf, state, None, DEFAULT_MAX_UNITS, sync=sync, check=False)
 
@@ -2981,4 +3113,4 @@ def _cancel(call: _Call) -> Walk[None]:
         if t.wait_events:
             yield from _drop_waits(call, t)
     state.threads = []
-    state.status = WorkflowStatus.FINISHED
+    state.status = _FINISHED

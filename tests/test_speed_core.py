@@ -1,0 +1,167 @@
+"""The core's fast paths keep their meaning, and bench_compare.py reports what it measures.
+
+Timings are never asserted.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import gorch
+from gorch import For, On, S, Select, Step, Timeout
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class SetupOnly(gorch.Handler):
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def setup(self, req: gorch.EventRequest) -> str | None:
+        self.log.append(f"setup {req.name}")
+        return None
+
+
+class TeardownOnly(gorch.Handler):
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def teardown(self, req: gorch.EventRequest, handled: bool) -> None:
+        self.log.append(f"teardown {req.name} {handled}")
+
+
+class TeardownSubclass(TeardownOnly):
+    """Inherits its teardown: it still has one."""
+
+
+LOG: list[str] = []
+
+
+class Waits(gorch.Workflow):
+    n: int = 0
+
+    def definition(self) -> gorch.Section:
+        return S(
+            For(
+                "loop",
+                self.n < 2,
+                Select(
+                    "wait",
+                    On("a", SetupOnly(LOG), Step("inc_a", self.inc)),
+                    On("b", TeardownOnly(LOG), Step("inc_b", self.inc)),
+                    On("c", TeardownSubclass(LOG), Step("inc_c", self.inc)),
+                    On("d", self.plain, Step("inc_d", self.inc)),
+                    Timeout("t", 3600, Step("inc_t", self.inc)),
+                ),
+            )
+        )
+
+    def inc(self) -> None:
+        self.n += 1
+
+    def plain(self) -> None:
+        LOG.append("plain")
+
+
+def test_setup_and_teardown_run_only_where_a_handler_type_overrides_them() -> None:
+    LOG.clear()
+    wf, state = Waits(), gorch.new_state("w", "waits")
+    saved: list[gorch.CheckpointKind] = []
+    assert gorch.resume(wf, state, saved.append) is gorch.WorkflowStatus.WAITING
+    assert LOG == ["setup a"]  # the timer's setup stores its due time, not logged
+    statuses = {we.req.name: we.status for we in state.threads[0].wait_events}
+    assert set(statuses.values()) == {gorch.EventStatus.SETUP}
+    assert saved.count(gorch.CheckpointKind.AFTER_SETUP) == 2  # SetupOnly and the Timeout
+
+    LOG.clear()
+    gorch.handle_event(wf, state, "d")
+    assert LOG == ["plain"]
+    kept = {we.req.name: we.status for we in state.threads[0].wait_events}
+    # only the handlers with a teardown (own or inherited) wait for it
+    assert kept == {
+        "b": gorch.EventStatus.PENDING_TEARDOWN,
+        "c": gorch.EventStatus.PENDING_TEARDOWN,
+    }
+    LOG.clear()
+    saved.clear()
+    gorch.resume(wf, state, saved.append)
+    assert LOG[:2] == ["teardown b False", "teardown c False"]
+    assert saved[:2] == [gorch.CheckpointKind.AFTER_TEARDOWN] * 2
+    assert wf.n == 1
+
+
+def test_a_handler_type_patched_before_its_first_use_is_seen() -> None:
+    """The per-type answer is taken when the type is first met, from the type itself."""
+
+    class Late(gorch.Handler):
+        pass
+
+    calls: list[str] = []
+
+    def setup(self: Any, req: gorch.EventRequest) -> str | None:
+        calls.append(req.name)
+        return None
+
+    Late.setup = setup  # type: ignore[method-assign]
+
+    class W(gorch.Workflow):
+        def definition(self) -> gorch.Section:
+            return S(Select("wait", On("e", Late())))
+
+    gorch.resume(W(), gorch.new_state("l", "late"))
+    assert calls == ["e"]
+
+
+def test_a_refused_async_checkpoint_changes_nothing() -> None:
+    async def checkpoint(kind: gorch.CheckpointKind) -> None:
+        return None
+
+    wf, state = Waits(), gorch.new_state("w", "waits")
+    with pytest.raises(gorch.DefinitionError, match="checkpoint callback"):
+        gorch.resume(wf, state, checkpoint)
+    assert state == gorch.new_state("w", "waits")
+    assert wf.n == 0
+
+
+def test_bench_compare_reports_each_tree_and_ratio(tmp_path: Path) -> None:
+    out = tmp_path / "cmp.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_compare.py"),
+        str(ROOT),
+        str(ROOT),
+        "--figures",
+        "a,handler",
+        "--rounds",
+        "1",
+        "--repeats",
+        "1",
+        "--scale",
+        "0.01",
+        "--json",
+        str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=300)
+    assert "ratio" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["trees"] == [str(ROOT), str(ROOT)]
+    for figure in ("a", "handler"):
+        entry = report["figures"][figure]
+        assert len(entry["us"]) == 2 and all(v > 0 for v in entry["us"])
+        assert entry["ratio"][0] == 1.0 and entry["ratio"][1] > 0
+
+
+def test_bench_compare_refuses_an_unknown_figure() -> None:
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_compare.py"),
+        str(ROOT),
+        "--figures",
+        "x",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 2 and "unknown figures" in done.stderr
