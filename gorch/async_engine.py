@@ -305,6 +305,8 @@ class AsyncEngine(EngineCore):
         (its handlers are for the store's and the workflow's errors): the
         operation is closed where it stands, and what it saved stays saved.
         """
+        if store is None:
+            store = self.store
         result: Any = None
         error: Exception | None = None
         try:
@@ -315,7 +317,11 @@ class AsyncEngine(EngineCore):
                     return stop.value  # type: ignore[no-any-return]
                 result, error = None, None
                 try:
-                    result = await self._perform(request, store or self.store)
+                    if type(request) is StoreCall:  # most requests: no dispatch through _perform
+                        method = getattr(store, request.method)
+                        result = await method(*request.args, **request.kwargs)
+                    else:
+                        result = await self._perform(request, store)
                 except Exception as e:
                     error = e
         finally:

@@ -406,16 +406,22 @@ class Engine(EngineCore):
     def _run(self, op: Op[_T], store: Store | None = None) -> _T:
         """Perform ``op``'s requests with blocking calls until it returns (its store calls
         on ``store``, if given, else on the Engine's)."""
+        if store is None:
+            store = self.store
+        send, throw, perform = op.send, op.throw, self._perform
         result: Any = None
         error: Exception | None = None
         while True:
             try:
-                request = op.send(result) if error is None else op.throw(error)
+                request = send(result) if error is None else throw(error)
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
             result, error = None, None
             try:
-                result = self._perform(request, store or self.store)
+                if type(request) is StoreCall:  # most requests: no dispatch through _perform
+                    result = getattr(store, request.method)(*request.args, **request.kwargs)
+                else:
+                    result = perform(request, store)
             except Exception as e:
                 error = e
 

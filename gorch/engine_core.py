@@ -32,7 +32,7 @@ import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from gorch import clock
 from gorch.bulk import BulkStart
@@ -57,7 +57,7 @@ from gorch.errors import (
     WorkflowNotActive,
     WorkflowNotFound,
 )
-from gorch.history import HistoryEntry, entry
+from gorch.history import entry
 from gorch.idempotency import (
     START_KEY,
     check_key,
@@ -132,6 +132,9 @@ from gorch.engine_ops import (
 __all__ = ["EngineCore"]
 
 log = logging.getLogger("gorch")
+
+_ENDED = (InstanceStatus.FINISHED, InstanceStatus.FAILED)
+_BYTES = (bytes, bytearray, memoryview)
 
 
 # --------------------------------------------------------------------------- the rules
@@ -215,7 +218,7 @@ class EngineCore(BulkStart, HistoryRules):
     ) -> Op[Snapshot]:
         cls = self._cls(name)
         wf = initial_data(name, cls, data)
-        fields = {"at": clock.now(), "name": name, "by": by, "input": wf.model_dump(mode="json")}
+        fields = {"at": clock.now(), "name": name, "by": by, "input": wf}  # its JSON form
         started = Written.of("started", fields)
         if id is not None:
             wid = self._check_id(id)
@@ -305,7 +308,8 @@ class EngineCore(BulkStart, HistoryRules):
         if key is not None:
             check_key(key)
         for n in range(self.conflict_retries):
-            yield from self._conflict_pause(n)
+            if n:
+                yield from self._conflict_pause(n)
             cur = yield from self._load(id)
             if key is not None:
                 repeated, first = repeated_send(cur.state, key, event, input)
@@ -339,7 +343,8 @@ class EngineCore(BulkStart, HistoryRules):
             except GorchError as e:
                 self._rejected(cur, event, e)
                 raise
-            delivered["output"] = _as_data(out)
+            # Serialized now, by Written.of (its repr where JSON cannot hold it).
+            delivered["output"] = _as_data(out) if isinstance(out, _BYTES) else out
             cur.history.append(Written.of("event", delivered))
             if key is not None:
                 remember_send(cur.state, key, event, input, out, self.idempotency_keys)
@@ -376,7 +381,8 @@ class EngineCore(BulkStart, HistoryRules):
 
     def _resume(self, id: str) -> Op[Snapshot]:
         for n in range(self.conflict_retries):
-            yield from self._conflict_pause(n)
+            if n:
+                yield from self._conflict_pause(n)
             cur = yield from self._load(id)
             status = InstanceStatus(cur.rec.status)
             if status is InstanceStatus.FINISHED:
@@ -392,7 +398,8 @@ class EngineCore(BulkStart, HistoryRules):
 
     def _retry(self, id: str, by: str | None = None) -> Op[Snapshot]:
         for n in range(self.conflict_retries):
-            yield from self._conflict_pause(n)
+            if n:
+                yield from self._conflict_pause(n)
             cur = yield from self._load(id)
             if cur.rec.status not in (InstanceStatus.FAILED, InstanceStatus.RETRYING):
                 raise WorkflowNotActive(id, cur.rec.status)
@@ -427,7 +434,8 @@ class EngineCore(BulkStart, HistoryRules):
 
     def _cancel(self, id: str, by: str | None = None) -> Op[Snapshot]:
         for n in range(self.conflict_retries):
-            yield from self._conflict_pause(n)
+            if n:
+                yield from self._conflict_pause(n)
             cur = yield from self._load(id)
             status = cur.rec.status
             if status in (InstanceStatus.FINISHED, InstanceStatus.CANCELLED):
@@ -610,7 +618,15 @@ class EngineCore(BulkStart, HistoryRules):
     # ------------------------------------------------------------------ store access
 
     def _load(self, id: str) -> Op[_Loaded]:
-        rec: Record = yield from self._read("load", (self._check_id(id),))
+        args = (self._check_id(id),)
+        for n in range(self.store_retries + 1):  # :meth:`_read`, inlined: one generator less
+            try:
+                rec: Record = yield StoreCall("load", args)
+                break
+            except StoreUnavailable:
+                if n == self.store_retries:
+                    raise
+                yield Pause(_backoff(n))
         wf, state = loads(rec.blob, self._cls(rec.workflow))
         return _Loaded(rec, wf, state)
 
@@ -631,9 +647,10 @@ class EngineCore(BulkStart, HistoryRules):
     def _put(
         self,
         rec: Record,
+        status: str,
         blob: bytes,
         wake: datetime | None,
-        annex: dict[str, Any] | None = None,
+        annex: dict[str, Any],
         after_commit: bool = True,
     ) -> Op[Record]:
         """:meth:`_store_put`, then the dispatcher told if the record is due now.
@@ -643,22 +660,27 @@ class EngineCore(BulkStart, HistoryRules):
         save has committed (not when the commit is the caller's, ``after_commit``
         False: ``run_due`` finds the instance due).
         """
-        due_now = self.dispatch is not None and wake is not None and wake <= _now()
-        if due_now and self.dispatch is not None and self.dispatch.in_transaction:
-            annex = {**(annex or {}), "enqueue": self.dispatch}
-        saved: Record = yield from self._store_put(rec, blob, wake, annex)
-        if due_now and after_commit and self.dispatch and not self.dispatch.in_transaction:
+        dispatch = self.dispatch
+        if dispatch is None:
+            return (yield from self._store_put(rec, status, blob, wake, annex))
+        due_now = wake is not None and wake <= _now()
+        if due_now and dispatch.in_transaction:
+            annex = {**annex, "enqueue": dispatch}
+        saved: Record = yield from self._store_put(rec, status, blob, wake, annex)
+        if due_now and after_commit and not dispatch.in_transaction:
             yield Dispatch((saved.id,))
         return saved
 
     def _store_put(
         self,
         rec: Record,
+        status: str,
         blob: bytes,
         wake: datetime | None,
-        annex: dict[str, Any] | None = None,
+        annex: dict[str, Any],
     ) -> Op[Record]:
-        """Create (``rec.version == 0``) or compare-and-swap ``rec`` with ``blob`` and ``wake``.
+        """Create (``rec.version == 0``) or compare-and-swap ``rec`` with ``status``,
+        ``blob`` and ``wake``.
 
         A write that fails with ``StoreUnavailable`` may still have committed (the
         connection dropped after the statement reached the server). The record is
@@ -668,18 +690,13 @@ class EngineCore(BulkStart, HistoryRules):
         the store stays unavailable is ``StoreUnavailable`` raised, and then the
         outcome is unknown to the caller.
         """
-        status = rec.status
+        if rec.version:
+            call = StoreCall("save", (rec.id, rec.version, status, blob, wake), annex)
+        else:
+            call = StoreCall("create", (rec.id, rec.workflow, status, blob, wake), annex)
         for n in range(self.store_retries + 1):
             try:
-                saved: Record
-                if not rec.version:
-                    saved = yield StoreCall(
-                        "create", (rec.id, rec.workflow, status, blob, wake), annex or {}
-                    )
-                else:
-                    saved = yield StoreCall(
-                        "save", (rec.id, rec.version, status, blob, wake), annex or {}
-                    )
+                saved: Record = yield call
                 return saved
             except StoreUnavailable as e:
                 if n == self.store_retries:
@@ -716,47 +733,41 @@ class EngineCore(BulkStart, HistoryRules):
         resume is due only when our lease runs out (if we crash), not at once.
         """
         state = cur.state
-        if cur.rec.version:
+        rec = cur.rec
+        if rec.version and state.meta:
             state.meta.pop(_CREATED_BY, None)  # only the created record needs it
         if status is None:
             status = STATUS_OF[state.status]
         if wake is True:
             wake = self._wake(state, status, driving)
-            if (
-                driving
-                and status is InstanceStatus.RESUMING
-                and cur.lease_until is not None
-                and wake is not None
-            ):  # keep run_due's claim while we run it, not a timer set up meanwhile
-                wake = max(wake, cur.lease_until)
-            elif (
-                status is InstanceStatus.RESUMING
-                and cur.rec.status == InstanceStatus.RESUMING
-                and cur.rec.wake_at is not None
-                and wake is not None
-            ):  # another process may be running it: keep its lease
-                wake = max(wake, cur.rec.wake_at)
+            if status is InstanceStatus.RESUMING and wake is not None:
+                if driving and cur.lease_until is not None:
+                    # keep run_due's claim while we run it, not a timer set up meanwhile
+                    wake = max(wake, cur.lease_until)
+                elif rec.status == InstanceStatus.RESUMING and rec.wake_at is not None:
+                    # another process may be running it: keep its lease
+                    wake = max(wake, rec.wake_at)
         elif wake is False:
             wake = None
         blob = dumps(cur.wf, state)
-        rec = cur.rec
-        if status != rec.status and status in (InstanceStatus.FINISHED, InstanceStatus.FAILED):
+        history = cur.history
+        if status != rec.status and status in _ENDED:
             kind = "finished" if status is InstanceStatus.FINISHED else "failed"
-            if not any(e.kind == kind for e in cur.history):
+            if not any(e.kind == kind for e in history):
                 error = next((t.error for t in state.threads if t.error), "")
-                fields = {"at": clock.now(), "error": error or None}
-                cur.history.append(Written.of(kind, fields))
-        if blob == rec.blob and status == rec.status and wake == rec.wake_at and not cur.history:
+                history.append(Written.of(kind, {"at": clock.now(), "error": error or None}))
+        elif not history and blob == rec.blob and status == rec.status and wake == rec.wake_at:
             return  # nothing changed: keep the version (an idle resume writes nothing)
         try:
             cur.rec = yield from self._put(
-                Record(rec.id, rec.workflow, status, rec.blob, rec.version, rec.wake_at),
+                rec,
+                status,
                 blob,
                 wake,
-                self._annex(cur.history, state),
-                after_commit=not cur.callers_transaction,
+                self._annex(history, state),
+                not cur.callers_transaction,
             )
-            cur.history.clear()
+            history.clear()
         except Conflict:
             if self.telemetry is not None:
                 store = type(self.store).__name__.removesuffix("Store").lower()
@@ -814,7 +825,7 @@ class EngineCore(BulkStart, HistoryRules):
             if kind is not CheckpointKind.AFTER_SETUP:
                 yield from self._write(cur, driving=True)
 
-        self._recorder.watch(cur.rec.id, cast("list[HistoryEntry]", cur.history))
+        self._recorder.watch(cur.rec.id, cur.history)
         deadline = None if self.run_deadline is None else clock.now() + self.run_deadline
         try:
             create = (lambda: self._create_first(cur)) if create_first else None
@@ -862,7 +873,7 @@ class EngineCore(BulkStart, HistoryRules):
             yield from self._write(cur, InstanceStatus.RESUMING, _now() + self.error_backoff)
             raise
         finally:
-            self._recorder.unwatch(cur.rec.id, cast("list[HistoryEntry]", cur.history))
+            self._recorder.unwatch(cur.rec.id, cur.history)
 
     # ------------------------------------------------------------------ pure helpers
 
@@ -890,22 +901,24 @@ class EngineCore(BulkStart, HistoryRules):
         self, cur: _Loaded, event: str, thread_id: str | None, pc: int | None
     ) -> None:
         """``TimerNotSendable`` if the awaited ``event`` is a ``Timeout`` case."""
-        waits = [
-            we
-            for t in cur.state.threads
-            if t.status is ThreadStatus.WAITING_EVENT and (thread_id is None or t.id == thread_id)
-            for we in t.wait_events
-            if we.req.name == event
-            and we.status in ACTIVE_EVENT
-            and (pc is None or we.req.pc == pc)
-        ]
-        # A Timeout's wait, once set up, holds its due time: a set-up wait without one is
-        # no timer, and the definition need not be rebuilt to tell (the common case).
-        if (
-            waits
-            and all(we.status is not EventStatus.SETUP or due_time(we.req) for we in waits)
-            and all(_is_timer(cur.wf, we.select, event) for we in waits)
-        ):
+        waits = []
+        for t in cur.state.threads:
+            if t.status is not ThreadStatus.WAITING_EVENT or thread_id not in (None, t.id):
+                continue
+            for we in t.wait_events:
+                if (
+                    we.req.name != event
+                    or we.status not in ACTIVE_EVENT
+                    or pc not in (None, we.req.pc)
+                ):
+                    continue
+                # A Timeout's wait, once set up, holds its due time: a set-up wait without
+                # one is no timer, and the definition need not be rebuilt to tell (the
+                # common case).
+                if we.status is EventStatus.SETUP and not due_time(we.req):
+                    return
+                waits.append(we)
+        if waits and all(_is_timer(cur.wf, we.select, event) for we in waits):
             raise TimerNotSendable(cur.rec.id, event)
 
     def _wake(self, state: State, status: InstanceStatus, driving: bool) -> datetime | None:

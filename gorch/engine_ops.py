@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 from uuid import uuid4
 
 import pydantic
-import pydantic_core
 
 from gorch import clock
 from gorch.errors import (
@@ -34,6 +33,7 @@ from gorch.errors import (
     summarize_validation,
 )
 from gorch.history import HistoryEntry, jsonable
+from gorch.history import Written as Written  # re-exported: the Engine's entries
 from gorch.hooks import CallNext, EventContext, Middleware, StepContext
 from gorch.interpreter import find_statement
 from gorch.snapshot import (
@@ -194,27 +194,6 @@ class _Loaded:
     callers_transaction: bool = False
     """Written on a connection of the caller's (``start(conn=...)``): a save commits when
     the caller commits, so a dispatcher that sends after the commit is not told."""
-
-
-class Written(str):
-    """A history entry the Engine wrote as JSON text itself, with its ``kind``.
-
-    The Engine's own entries (started, event, finished) are written straight to
-    JSON: through a ``HistoryEntry`` model they would cost several times more,
-    and they are written on every start and send. The text is what the model
-    would have written (fields that are None left out); ``HistoryEntry``
-    reads it back.
-    """
-
-    kind: str
-
-    @classmethod
-    def of(cls, kind: str, fields: dict[str, Any]) -> Written:
-        data = {"at": fields.pop("at"), "kind": kind}
-        data.update((k, v) for k, v in fields.items() if v is not None)
-        written = cls(pydantic_core.to_json(data, fallback=repr).decode())
-        written.kind = kind
-        return written
 
 
 def _as_data(value: Any) -> Any:

@@ -18,12 +18,12 @@ from datetime import datetime
 from typing import Any, Literal
 
 import pydantic
-from pydantic_core import to_jsonable_python
+from pydantic_core import to_json, to_jsonable_python
 
 from gorch import clock
 from gorch.hooks import CallNext, Middleware, StepContext
 
-__all__ = ["History", "HistoryEntry", "HistoryKind", "HistoryPage"]
+__all__ = ["History", "HistoryEntry", "HistoryKind", "HistoryPage", "Written"]
 
 HistoryKind = Literal[
     "started", "step", "event", "timer", "cancelled", "retried", "finished", "failed"
@@ -54,6 +54,29 @@ class HistoryEntry(pydantic.BaseModel):
     """For ``started``: the initial data; for an event: its input (as JSON data)."""
     output: Any = None
     """For an event: what its handler returned (as JSON data)."""
+
+
+class Written(str):
+    """A history entry written as JSON text straight away, with its ``kind``.
+
+    The entries of every start, send, step and end are written this way:
+    through a ``HistoryEntry`` model they would cost several times more. The
+    text is what the model would have written (fields that are None left
+    out); ``HistoryEntry`` reads it back.
+    """
+
+    kind: str
+
+    @classmethod
+    def of(cls, kind: str, fields: dict[str, Any]) -> Written:
+        """The entry of ``kind`` with ``fields`` (``at`` among them; None values left out)."""
+        data = {"at": fields.pop("at"), "kind": kind}
+        for k, v in fields.items():
+            if v is not None:
+                data[k] = v
+        written = cls(to_json(data, fallback=repr).decode())
+        written.kind = kind
+        return written
 
 
 class History(list[HistoryEntry]):
@@ -102,12 +125,12 @@ class Recorder(Middleware):
     """
 
     def __init__(self) -> None:
-        self.pending: dict[str, list[HistoryEntry]] = {}
+        self.pending: dict[str, list[HistoryEntry | Written]] = {}
 
-    def watch(self, workflow_id: str, into: list[HistoryEntry]) -> None:
+    def watch(self, workflow_id: str, into: list[HistoryEntry | Written]) -> None:
         self.pending[workflow_id] = into
 
-    def unwatch(self, workflow_id: str, into: list[HistoryEntry]) -> None:
+    def unwatch(self, workflow_id: str, into: list[HistoryEntry | Written]) -> None:
         if self.pending.get(workflow_id) is into:
             del self.pending[workflow_id]
 
@@ -135,16 +158,15 @@ class Recorder(Middleware):
         into = self.pending.get(ctx.workflow_id)
         if into is None:
             return
-        into.append(
-            entry(
-                "step",
-                name=ctx.step,
-                thread_id=ctx.thread_id,
-                attempt=ctx.attempt,
-                duration=time.perf_counter() - t0,
-                error=None if error is None else error_text(error),
-            )
-        )
+        fields = {
+            "at": clock.now(),
+            "name": ctx.step,
+            "thread_id": ctx.thread_id,
+            "attempt": ctx.attempt,
+            "duration": time.perf_counter() - t0,
+            "error": None if error is None else error_text(error),
+        }
+        into.append(Written.of("step", fields))
 
 
 class HistoryPage(pydantic.BaseModel):

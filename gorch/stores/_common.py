@@ -26,6 +26,8 @@ _KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNO
 
 def to_utc(when: datetime) -> datetime:
     """The same instant in UTC; a naive datetime is taken as UTC (the protocol's rule)."""
+    if when.tzinfo is UTC:  # the common case (the Engine's clock): nothing to convert
+        return when
     if when.tzinfo is None or when.utcoffset() is None:
         return when.replace(tzinfo=UTC)
     return when.astimezone(UTC)
@@ -33,7 +35,9 @@ def to_utc(when: datetime) -> datetime:
 
 def opt_utc(when: datetime | None) -> datetime | None:
     """:func:`to_utc` that lets "nothing scheduled" through."""
-    return None if when is None else to_utc(when)
+    if when is None or when.tzinfo is UTC:
+        return when
+    return to_utc(when)
 
 
 def to_micros(when: datetime) -> int:

@@ -65,15 +65,21 @@ class MemoryStore(Store):
         history_limit: int = DEFAULT_HISTORY_LIMIT,
         cursors: Sequence[str] = (),
     ) -> Record:
-        check_history_limit(history_limit)
-        record = Record(id, workflow, status, bytes(blob), 1, opt_utc(wake_at))
-        log = HistoryLog(*append_history([], 0, history, history_limit))
+        if history_limit < 1:
+            check_history_limit(history_limit)
+        if type(blob) is not bytes:
+            blob = bytes(blob)
+        record = Record(id, workflow, status, blob, 1, opt_utc(wake_at))
+        entries = list(history)
+        dropped = max(0, len(entries) - history_limit)
+        log = HistoryLog(entries[dropped:] if dropped else entries, dropped)
+        now = clock.now()
         with self._lock:
             if id in self._records:
                 raise WorkflowExists(id)
             self._records[id] = record
             self._history[id] = log
-            self._updated[id] = clock.now()
+            self._updated[id] = now
             insort(self._ids, id)
             self._schedule(None, record)
         return record
@@ -123,19 +129,26 @@ class MemoryStore(Store):
         history_limit: int = DEFAULT_HISTORY_LIMIT,
         cursors: Sequence[str] = (),
     ) -> Record:
-        check_history_limit(history_limit)
+        if history_limit < 1:
+            check_history_limit(history_limit)
+        wake_at = opt_utc(wake_at)
+        if type(blob) is not bytes:
+            blob = bytes(blob)
+        now = clock.now()
         with self._lock:
             old = self._records.get(id)
             if old is None or old.version != expected_version:
                 raise Conflict(id, expected_version, None if old is None else old.version)
-            new = Record(id, old.workflow, status, bytes(blob), old.version + 1, opt_utc(wake_at))
+            new = Record(id, old.workflow, status, blob, expected_version + 1, wake_at)
             if history:
-                log = self._history[id]
-                self._history[id] = HistoryLog(
-                    *append_history(log.entries, log.dropped, history, history_limit)
-                )
+                log = self._history[id]  # a copy is handed out by history(): append in place
+                log.entries.extend(history)
+                excess = len(log.entries) - history_limit
+                if excess > 0:
+                    del log.entries[:excess]
+                    self._history[id] = HistoryLog(log.entries, log.dropped + excess)
             self._records[id] = new
-            self._updated[id] = clock.now()
+            self._updated[id] = now
             self._schedule(old, new)
         return new
 
