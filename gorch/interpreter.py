@@ -1741,16 +1741,16 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
             t.case = ""
             wid, tid, name = state.id, t.id, st.name
             waits = t.wait_events
+            setups = False
             for c in st.cases:
-                waits.append(
-                    WaitEvent(
-                        EventRequest(wid, tid, c.event, pc),
-                        _PENDING_SETUP
-                        if type(c) is Timeout or (c.handler is not None and _needs_setup(c))
-                        else _SETUP,
-                        select=name,
-                    )
-                )
+                if type(c) is Timeout or (c.handler is not None and _needs_setup(c)):
+                    setups = True
+                    status = _PENDING_SETUP
+                else:
+                    status = _SETUP
+                waits.append(WaitEvent(EventRequest(wid, tid, c.event, pc), status, select=name))
+            if setups:  # the setups at the end of this call find the Select here
+                call.located[tid] = (call.gen, name, frames, st)
             return
 
         if kind == K_GO:
@@ -2632,10 +2632,18 @@ def _parallel_ended_with_failures(call: _Call, t: Thread, st: Parallel) -> bool:
 
 def _case_handler(call: _Call, we: WaitEvent) -> tuple[bool, Handler | None]:
     """(found, handler) for a wait event, from the current build."""
-    found = call.find(we.select)
-    if found is None or type(found[1]) is not Select:
+    # The Select where the walk blocked, or where the thread was located, in this build.
+    seen = call.located.get(we.req.thread_id)
+    if seen is not None and seen[0] == call.gen and seen[1] == we.select:
+        st: Stmt = seen[3]
+    else:
+        found = call.find(we.select)
+        if found is None:
+            return False, None
+        st = found[1]
+    if type(st) is not Select:
         return False, None
-    hit = found[1].case(we.req.name)
+    hit = st.case(we.req.name)
     if hit is None:
         return False, None
     case = hit[1]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import gorch
-from gorch import For, On, S, Select, Step, Timeout
+from gorch import For, Go, On, S, Select, Step, Timeout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,6 +125,45 @@ def test_a_refused_async_checkpoint_changes_nothing() -> None:
         gorch.resume(wf, state, checkpoint)
     assert state == gorch.new_state("w", "waits")
     assert wf.n == 0
+
+
+class Tagged(gorch.Handler):
+    """Logs which build made it (``tag``); its setup changes the workflow's data."""
+
+    def __init__(self, wf: "ByMode", tag: str) -> None:
+        self.wf, self.tag = wf, tag
+
+    def setup(self, req: gorch.EventRequest) -> str | None:
+        self.wf.log.append(f"setup {req.name} {self.tag}")
+        self.wf.mode = "y"
+        return None
+
+    def teardown(self, req: gorch.EventRequest, handled: bool) -> None:
+        self.wf.log.append(f"teardown {req.name} {self.tag} {handled}")
+
+
+class ByMode(gorch.Workflow):
+    mode: str = "x"
+    log: list[str] = []
+
+    def definition(self) -> gorch.Section:
+        return S(
+            Go("g", Select("wait g", On("e", Tagged(self, self.mode)))),
+            Select("wait main", On("m", Tagged(self, self.mode))),
+        )
+
+
+def test_setup_and_teardown_use_handlers_built_from_current_data() -> None:
+    """The Select a thread blocked on is reused for its setup only while no setup has
+    changed the data since: the second setup below reads a build made after the first."""
+    wf, state = ByMode(), gorch.new_state("m", "by-mode")
+    assert gorch.resume(wf, state) is gorch.WorkflowStatus.WAITING
+    assert wf.log == ["setup m x", "setup e y"]
+    wf.log.clear()
+    gorch.handle_event(wf, state, "m")
+    assert gorch.resume(wf, state) is gorch.WorkflowStatus.FINISHED
+    # the teardowns read the build of the data as it is now (mode "y")
+    assert wf.log == ["teardown m y True", "teardown e y False"]
 
 
 def test_bench_compare_reports_each_tree_and_ratio(tmp_path: Path) -> None:
