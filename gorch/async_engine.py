@@ -361,6 +361,7 @@ class AsyncEngine(EngineCore):
                     executor=self.executor,
                     report_failures=False,
                     deadline=request.deadline,
+                    step_log=self._step_log,
                 )
             except Abort as a:
                 raise a.error from None

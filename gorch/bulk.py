@@ -156,7 +156,7 @@ class BulkStart:
         record, and run after it is saved.
         """
         live = self._live_middleware()
-        if live and live != (self._recorder,):
+        if live:
             return False, None
         hooked = self._hooked.get(cls)
         if hooked is None:

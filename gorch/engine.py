@@ -456,6 +456,7 @@ class Engine(EngineCore):
                     restore=request.restore,
                     report_failures=False,
                     deadline=request.deadline,
+                    step_log=self._step_log,
                 )
             except Abort as a:
                 raise a.error from None

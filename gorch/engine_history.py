@@ -80,8 +80,8 @@ class HistoryRules:
         self._recorder = Recorder()
         # A store whose save takes no history (a custom or wrapping one) gets none.
         self._keeps_history = _takes_history(self.store)
-        if self._keeps_history:
-            self.middleware = (*self.middleware, self._recorder)  # innermost: times the step
+        #: Told of every step attempt by the core (None: the store keeps no history).
+        self._step_log = self._recorder.note if self._keeps_history else None
         self._quiet = tuple(m for m in self.middleware if m is not self.telemetry)
 
     def _live_middleware(self) -> tuple[object, ...]:
@@ -92,10 +92,8 @@ class HistoryRules:
         return self._quiet
 
     def _event_middleware(self) -> tuple[object, ...]:
-        """:meth:`_live_middleware` for a handler call: the history recorder only times
-        steps, so alone it is left out (the core's path without middleware is shorter)."""
-        live = self._live_middleware()
-        return () if live == (self._recorder,) else live
+        """:meth:`_live_middleware` for a handler call."""
+        return self._live_middleware()
 
     def _annex(
         self, entries: builtins.list[HistoryEntry | Written], state: State

@@ -12,7 +12,6 @@ counts the dropped ones.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal
@@ -21,7 +20,7 @@ import pydantic
 from pydantic_core import to_json, to_jsonable_python
 
 from gorch import clock
-from gorch.hooks import CallNext, Middleware, StepContext
+from gorch.hooks import StepContext
 
 __all__ = ["History", "HistoryEntry", "HistoryKind", "HistoryPage", "Written"]
 
@@ -116,12 +115,14 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
-class Recorder(Middleware):
-    """The innermost middleware: times every step attempt and notes it for the next save.
+class Recorder:
+    """Notes every step attempt (the core's ``step_log``) for the instance's next save.
 
     Entries go to the list registered for the running instance (by its id; a
     step that runs on a copy of the data, as concurrent ones do, still names
     its instance), so runs of several instances in one engine never mix.
+    Not a middleware: a middleware would put every resume on the core's
+    hooked path; the core times the step right around its hooks instead.
     """
 
     def __init__(self) -> None:
@@ -134,27 +135,7 @@ class Recorder(Middleware):
         if self.pending.get(workflow_id) is into:
             del self.pending[workflow_id]
 
-    def around_step(self, ctx: StepContext, call_next: CallNext) -> Any:
-        t0 = time.perf_counter()
-        try:
-            out = call_next()
-        except Exception as e:
-            self._note(ctx, t0, e)
-            raise
-        self._note(ctx, t0, None)
-        return out
-
-    async def around_step_async(self, ctx: StepContext, call_next: CallNext) -> Any:
-        t0 = time.perf_counter()
-        try:
-            out = await call_next()
-        except Exception as e:
-            self._note(ctx, t0, e)
-            raise
-        self._note(ctx, t0, None)
-        return out
-
-    def _note(self, ctx: StepContext, t0: float, error: BaseException | None) -> None:
+    def note(self, ctx: StepContext, duration: float, error: BaseException | None) -> None:
         into = self.pending.get(ctx.workflow_id)
         if into is None:
             return
@@ -163,7 +144,7 @@ class Recorder(Middleware):
             "name": ctx.step,
             "thread_id": ctx.thread_id,
             "attempt": ctx.attempt,
-            "duration": time.perf_counter() - t0,
+            "duration": duration,
             "error": None if error is None else error_text(error),
         }
         into.append(Written.of("step", fields))

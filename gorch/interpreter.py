@@ -66,7 +66,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -156,6 +156,10 @@ from gorch.workflow import STEP_HOOKS, Workflow
 log = logging.getLogger("gorch")
 
 Checkpoint = Callable[[CheckpointKind], Any]
+#: Told of every step attempt of a :func:`run` / :func:`arun` (the step's context,
+#: how long it took in seconds, what it raised or None): how the Engine keeps its
+#: history without a middleware, which would put every resume on the hooked path.
+StepLog = Callable[[StepContext, float, BaseException | None], None]
 Frame = list[Any]  # [body: tuple[Stmt, ...], index: int, owner: Stmt | None, child: int]
 
 DEFAULT_MAX_UNITS = 100_000
@@ -290,6 +294,7 @@ class _Call:
         "restore",
         "root",
         "state",
+        "step_log",
         "step_mw",
         "step_names",
         "step_names_gen",
@@ -308,8 +313,9 @@ class _Call:
     dirty: bool
     lazy: bool
     pending: bool
-    wrap_steps: bool  # middleware or class hooks around steps
+    wrap_steps: bool  # middleware, class hooks or a step log around steps
     step_mw: list[Any]
+    step_log: StepLog | None
     event_mw: list[Any]
     deferred: list[StepFailed]
     restore: Callable[[], Any] | None
@@ -394,6 +400,7 @@ class _Call:
         else:
             self.middleware = ()
             self.step_mw = self.event_mw = _NO_WRAPPERS
+        self.step_log = None
         self.wrap_steps = bool(self.step_mw) or index.step_hooks
         self.rebuild()
         if index.dynamic and self.indexed_gen != self.gen:
@@ -828,6 +835,7 @@ def run(
     deadline: datetime | None = None,
     wait_retries: bool = False,
     report_failures: bool = True,
+    step_log: StepLog | None = None,
 ) -> WorkflowStatus:
     """:func:`resume`, with options for callers that save at every checkpoint.
 
@@ -847,6 +855,7 @@ def run(
         call = _start(wf, state, checkpoint, max_units, lazy_steps, middleware, restore, True)
         call.deadline = deadline
         call.report_failures = report_failures
+        _log_steps(call, step_log)
         try:
             return _run_sync(call, middleware, reason)
         except StepFailed as e:
@@ -935,6 +944,7 @@ async def arun(
     deadline: datetime | None = None,
     wait_retries: bool = False,
     report_failures: bool = True,
+    step_log: StepLog | None = None,
 ) -> WorkflowStatus:
     """:func:`run` for the async API (the options of :func:`aresume` and :func:`run`)."""
     check_concurrency(concurrency)
@@ -945,6 +955,7 @@ async def arun(
         call.executor = executor
         call.deadline = deadline
         call.report_failures = report_failures
+        _log_steps(call, step_log)
         try:
             out = _resume_call(call, middleware, reason)
             if is_awaitable(out):
@@ -2325,9 +2336,41 @@ def _run_step(
     def inner() -> Any:
         return call.run(_hooked_step(call, wf, ctx, name, fn, timeout))
 
+    step = inner if call.step_log is None else functools.partial(_logged, call.step_log, ctx, inner)
     if not call.step_mw:
-        return inner()
-    return call.chain(call.step_mw, ctx, inner)
+        return step()
+    return call.chain(call.step_mw, ctx, step)
+
+
+def _log_steps(call: _Call, step_log: StepLog | None) -> None:
+    """Have ``step_log`` told of every step attempt of ``call`` (see :data:`StepLog`)."""
+    if step_log is not None:
+        call.step_log = step_log
+        call.wrap_steps = True
+
+
+def _logged(log: StepLog, ctx: StepContext, inner: Callable[[], Any]) -> Any:
+    """Run a step (inside its hooks) and tell ``log`` how it went and how long it took."""
+    t0 = time.perf_counter()
+    try:
+        out = inner()
+    except Exception as e:
+        log(ctx, time.perf_counter() - t0, e)
+        raise
+    if out is not None and is_awaitable(out):  # the async API: logged once awaited
+        return _alogged(log, ctx, t0, out)
+    log(ctx, time.perf_counter() - t0, None)
+    return out
+
+
+async def _alogged(log: StepLog, ctx: StepContext, t0: float, out: Awaitable[Any]) -> Any:
+    try:
+        done = await out
+    except Exception as e:
+        log(ctx, time.perf_counter() - t0, e)
+        raise
+    log(ctx, time.perf_counter() - t0, None)
+    return done
 
 
 def _hooked_step(

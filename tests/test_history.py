@@ -282,3 +282,47 @@ def test_sync_and_async_engines_share_one_history(tmp_path: Path) -> None:
 
 
 _ = SyncOverAsync  # the async stores are also run through the contract suite
+
+
+# --------------------------------------------------------------------------- the core's step log
+
+
+class _Logged(gorch.Workflow):
+    tries: int = 0
+
+    def definition(self) -> gorch.Section:
+        return gorch.S(gorch.Step("ok", self.ok), gorch.Step("flaky", self.flaky))
+
+    def ok(self) -> None:
+        pass
+
+    def flaky(self) -> None:
+        self.tries += 1
+        if self.tries == 1:
+            raise ValueError("first try")
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_the_step_log_hears_of_every_attempt_with_its_outcome(api: str) -> None:
+    """What the Engine's history is written from, without a middleware."""
+    import asyncio
+
+    from gorch.interpreter import arun, run
+
+    heard: list[tuple[str, int, str | None]] = []
+
+    def log(ctx: gorch.StepContext, duration: float, error: BaseException | None) -> None:
+        assert duration >= 0
+        heard.append((ctx.step, ctx.attempt, None if error is None else type(error).__name__))
+
+    wf, state = _Logged(), gorch.new_state("l-1", "logged")
+    for _ in range(2):
+        try:
+            if api == "sync":
+                run(wf, state, step_log=log)
+            else:
+                asyncio.run(arun(wf, state, step_log=log))
+        except gorch.StepFailed:
+            pass
+    assert heard == [("ok", 1, None), ("flaky", 1, "ValueError"), ("flaky", 2, None)]
+    assert state.status is gorch.WorkflowStatus.FINISHED
