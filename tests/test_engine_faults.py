@@ -309,7 +309,7 @@ FINAL = {
 }
 
 
-def run_case(h: Harness, op: str, method: str, n: int, mode: str, outage: bool) -> None:
+def check_case(h: Harness, op: str, method: str, n: int, mode: str, outage: bool) -> None:
     store = h.store
     engine = Engine(store, WORKFLOWS, store_retries=1, lease=LEASE)
     if op == "send":
@@ -392,7 +392,7 @@ def _ids(points: list[tuple[str, str, int]]) -> list[str]:
 def test_postgres_backend_terminated_during_a_statement(
     pg: Harness, op: str, method: str, n: int, outage: bool
 ) -> None:
-    run_case(pg, op, method, n, "statement", outage)
+    check_case(pg, op, method, n, "statement", outage)
 
 
 @pytest.mark.parametrize("outage", [False, True], ids=["once", "outage"])
@@ -400,14 +400,14 @@ def test_postgres_backend_terminated_during_a_statement(
 def test_postgres_backend_terminated_during_commit(
     pg: Harness, op: str, method: str, n: int, outage: bool
 ) -> None:
-    run_case(pg, op, method, n, "commit", outage)
+    check_case(pg, op, method, n, "commit", outage)
 
 
 @pytest.mark.parametrize(("op", "method", "n"), WRITES, ids=_ids(WRITES))
 def test_postgres_backend_terminated_after_commit_before_the_reply(
     pg: Harness, op: str, method: str, n: int
 ) -> None:
-    run_case(pg, op, method, n, "reply", False)
+    check_case(pg, op, method, n, "reply", False)
 
 
 # --------------------------------------------------------------------------- Redis
@@ -418,19 +418,19 @@ def test_postgres_backend_terminated_after_commit_before_the_reply(
 def test_redis_connection_killed_before_the_command_ran(
     rds: Harness, op: str, method: str, n: int, outage: bool
 ) -> None:
-    run_case(rds, op, method, n, "before", outage)
+    check_case(rds, op, method, n, "before", outage)
 
 
 @pytest.mark.parametrize(("op", "method", "n"), WRITES, ids=_ids(WRITES))
 def test_redis_connection_killed_after_the_command_ran(
     rds: Harness, op: str, method: str, n: int
 ) -> None:
-    run_case(rds, op, method, n, "after", False)
+    check_case(rds, op, method, n, "after", False)
 
 
 @pytest.mark.parametrize(("op", "method", "n"), POINTS, ids=_ids(POINTS))
 def test_redis_connection_killed_between_calls(rds: Harness, op: str, method: str, n: int) -> None:
-    run_case(rds, op, method, n, "idle", False)
+    check_case(rds, op, method, n, "idle", False)
 
 
 # --------------------------------------------------------------------------- SQLite
@@ -441,7 +441,7 @@ def test_redis_connection_killed_between_calls(rds: Harness, op: str, method: st
 def test_sqlite_locked_by_another_process(
     lite: Harness, op: str, method: str, n: int, outage: bool
 ) -> None:
-    run_case(lite, op, method, n, "locked", outage)
+    check_case(lite, op, method, n, "locked", outage)
 
 
 # --------------------------------------------------------------------------- disk full

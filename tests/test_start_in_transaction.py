@@ -24,7 +24,7 @@ from stores.store_support import StoreSpec, make_spec
 import gorch
 from gorch import On, S, Select, Step, Timeout
 from gorch.async_engine import AsyncEngine
-from gorch.engine import Engine, InstanceStatus
+from gorch.engine import DueResult, Engine, InstanceStatus
 from gorch.errors import WorkflowExists, WorkflowNotFound
 from gorch.stores.base import UnsupportedByStore
 
@@ -254,10 +254,12 @@ def test_stores_without_the_callers_database_refuse_conn(kind: str, tmp_path: Pa
 
 def test_async_engine_starts_in_an_async_transaction(tmp_path: Path) -> None:
     for spec in make_spec("postgres", tmp_path, aio=True):
-        asyncio.run(_async_commit_and_rollback(spec))
+        timer = asyncio.run(_async_commit_and_rollback(spec))
+        # The committed instance is real: its timer fires like any other's.
+        assert (timer.id, timer.action, timer.fired) == ("a-1", "timer", ["late"])
 
 
-async def _async_commit_and_rollback(spec: StoreSpec) -> None:
+async def _async_commit_and_rollback(spec: StoreSpec) -> DueResult:
     engine = AsyncEngine(spec.open_async(), WORKFLOWS)
     try:
         async with await psycopg.AsyncConnection.connect(spec.target) as conn:
@@ -274,6 +276,6 @@ async def _async_commit_and_rollback(spec: StoreSpec) -> None:
             assert RAN == []
         later = datetime.now(UTC) + timedelta(days=4)
         [timer] = await engine.run_due(now=later)
-        assert (timer.id, timer.action, timer.fired) == ("a-1", "timer", ["late"])
+        return timer
     finally:
         await engine.store.close()
