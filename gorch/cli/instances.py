@@ -93,6 +93,13 @@ def show(s: Settings, id: str) -> None:
     _show(s, _engine(s).get(id))
 
 
+def _act(s: Settings, action: str, id: str, by: str | None) -> None:
+    """Call the Engine's ``action`` on instance ``id`` as ``by``; show the snapshot."""
+    engine = _engine(s)
+    method = getattr(engine, action)
+    _show(s, method(id, **_by(method, by)))
+
+
 @cli.command()
 @click.argument("id")
 @click.option("--by", metavar="WHO", help=_BY_HELP)
@@ -100,8 +107,7 @@ def show(s: Settings, id: str) -> None:
 @click.pass_obj
 def cancel(s: Settings, id: str, by: str | None) -> None:
     """Cancel instance ID: tear down what it awaits."""
-    engine = _engine(s)
-    _show(s, engine.cancel(id, **_by(engine.cancel, by)))
+    _act(s, "cancel", id, by)
 
 
 @cli.command()
@@ -111,8 +117,7 @@ def cancel(s: Settings, id: str, by: str | None) -> None:
 @click.pass_obj
 def retry(s: Settings, id: str, by: str | None) -> None:
     """Re-arm failed instance ID (attempt counts reset) and resume it now."""
-    engine = _engine(s)
-    _show(s, engine.retry(id, **_by(engine.retry, by)))
+    _act(s, "retry", id, by)
 
 
 @cli.command()
