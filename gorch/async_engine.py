@@ -47,7 +47,6 @@ from gorch.engine_ops import (
     Request,
     Resume,
     StoreCall,
-    _one_line,
     effect_ahead,
 )
 from gorch.errors import GorchError, ResumeLimitError, SetupError
@@ -335,11 +334,7 @@ class AsyncEngine(EngineCore):
                 if self.dispatch is not None:
                     await self.dispatch.adispatch(request.ids)
             except Exception as e:  # the save committed: run_due finds the instance due
-                log.warning(
-                    "gorch: could not dispatch %s (%s); run_due resumes it",
-                    ", ".join(map(repr, request.ids)),
-                    _one_line(e),
-                )
+                request.not_sent(e)
             return None
         if isinstance(request, Resume):
             cur = request.cur

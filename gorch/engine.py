@@ -36,7 +36,6 @@ from gorch.engine_ops import (
     Request,
     Resume,
     StoreCall,
-    _one_line,
     effect_ahead,
     initial_data,
 )
@@ -433,11 +432,7 @@ class Engine(EngineCore):
                 if self.dispatch is not None:
                     self.dispatch.dispatch(request.ids)
             except Exception as e:  # the save committed: run_due finds the instance due
-                log.warning(
-                    "gorch: could not dispatch %s (%s); run_due resumes it",
-                    ", ".join(map(repr, request.ids)),
-                    _one_line(e),
-                )
+                request.not_sent(e)
             return None
         if isinstance(request, Resume):
             cur = request.cur

@@ -31,7 +31,7 @@ import inspect
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from gorch import clock
@@ -87,6 +87,7 @@ from gorch.state import (
     WorkflowStatus,
     new_state,
 )
+from gorch.stores._common import opt_utc, to_utc
 from gorch.stores.base import DEFAULT_HISTORY_LIMIT, Page, Record
 from gorch.timers import due_events, due_time, wakeup
 from gorch.workflow import Workflow
@@ -456,7 +457,7 @@ class EngineCore(BulkStart, HistoryRules):
     ) -> Op[builtins.list[DueResult]]:
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be at least 1 (or None for all), got {limit}")
-        fixed = None if now is None else (now if now.tzinfo else now.replace(tzinfo=UTC))
+        fixed = opt_utc(now)
         yield from self._apply_retention()
         results: builtins.list[DueResult] = []
         seen: set[str] = set()
@@ -485,11 +486,18 @@ class EngineCore(BulkStart, HistoryRules):
                 results.append((yield from self._process_due(claimed[0], at, due)))
         return results
 
+    def _rewake(self, rec: Record, wake: datetime) -> Op[Record]:
+        """Save ``rec`` as it is with another wake-up: a claim (the end of a lease), or a
+        claim given back (due again); ``Conflict`` if another runner changed it."""
+        wf, state = loads(rec.blob, self._cls(rec.workflow))
+        cur = _Loaded(rec, wf, state)
+        yield from self._write(cur, InstanceStatus(rec.status), wake)
+        return cur.rec
+
     def _unclaim(self, rec: Record, at: datetime) -> Op[None]:
         """Give back a claim this call will not use: the record is due at ``at`` again."""
         try:
-            wf, state = loads(rec.blob, self._cls(rec.workflow))
-            yield from self._write(_Loaded(rec, wf, state), InstanceStatus(rec.status), at)
+            yield from self._rewake(rec, at)
         except GorchError as e:  # another runner has it, or the store failed: the lease ends
             log.info("gorch: run_due could not give back its claim of %r: %s", rec.id, e)
 
@@ -502,21 +510,15 @@ class EngineCore(BulkStart, HistoryRules):
         it and the other gets None; a runner that dies holding it leaves it to
         ``run_due`` once the lease runs out.
         """
-        at = _now() if now is None else (now if now.tzinfo else now.replace(tzinfo=UTC))
+        at = _now() if now is None else to_utc(now)
         try:
             rec: Record = yield from self._read("load", (self._check_id(id),))
         except WorkflowNotFound:
             return None
         if rec.wake_at is None or rec.wake_at > at:
             return None
-        _, state = loads(rec.blob, self._cls(rec.workflow))
-        until = at + self.lease
         try:
-            claimed: Record = yield StoreCall(
-                "save",
-                (rec.id, rec.version, rec.status, rec.blob, until),
-                self._annex([], state),
-            )
+            claimed = yield from self._rewake(rec, at + self.lease)
         except Conflict:
             return None  # another runner claimed or saved it first
         return (yield from self._process_due(claimed, at))

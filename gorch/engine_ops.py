@@ -165,6 +165,14 @@ class Dispatch:
 
     ids: tuple[str, ...]
 
+    def not_sent(self, error: Exception) -> None:
+        """Log a message the dispatcher could not send (the save has committed)."""
+        log.warning(
+            "gorch: could not dispatch %s (%s); run_due resumes it",
+            ", ".join(map(repr, self.ids)),
+            _one_line(error),
+        )
+
 
 Request = (
     StoreCall
