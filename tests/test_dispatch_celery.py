@@ -15,6 +15,7 @@ afterwards; workers are subprocesses killed by pid.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -23,12 +24,13 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from recovery_app import STEPS
+from stores import fault_support
 from stores.store_support import services_required
 
 from gorch.engine import Engine, InstanceStatus
@@ -124,12 +126,8 @@ def _remove_queue(broker: str, queue: str) -> None:
         conn.default_channel.exchange_delete(queue)  # declared with the queue, of its name
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting until {what}")
-        time.sleep(0.05)
+#: Workers start in processes of their own: wait longer than the store tests do.
+wait_until = functools.partial(fault_support.wait_until, timeout=30.0)
 
 
 def test_a_deferred_save_is_resumed_by_a_worker_and_a_repeat_is_a_no_op(setup: Setup) -> None:

@@ -15,20 +15,21 @@ procrastinate's, dropped afterwards; workers are subprocesses killed by pid.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from recovery_app import STEPS
+from stores import fault_support
 from stores.store_support import PG_DSN, require_server
 
 import gorch
@@ -103,12 +104,8 @@ def engine_of(setup: Setup) -> tuple[Any, Engine]:
     return dispatch_app.procrastinate_engine()
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting until {what}")
-        time.sleep(0.05)
+#: Workers start in processes of their own: wait longer than the store tests do.
+wait_until = functools.partial(fault_support.wait_until, timeout=30.0)
 
 
 def test_the_job_commits_or_rolls_back_with_the_callers_transaction(setup: Setup) -> None:

@@ -16,27 +16,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from stores.store_support import PG_DSN, require_server, services_required
+from stores.store_support import PG_DSN, require_server
+from test_dispatch_celery import BROKERS, require_broker
 
 celery = pytest.importorskip("celery")
 pytest.importorskip("procrastinate")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-BROKERS = {
-    "rabbitmq": os.environ.get("GORCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),
-    "redis": os.environ.get("GORCH_CELERY_REDIS_URL", "redis://127.0.0.1:6379/14"),
-}
-
-
-def require_broker(url: str) -> None:
-    try:
-        with celery.Celery(broker=url).connection() as conn:
-            conn.ensure_connection(max_retries=1, timeout=3)
-    except Exception as exc:
-        message = f"broker {url} not usable: {type(exc).__name__}: {exc}"
-        if services_required():
-            pytest.fail(f"{message} (CI or GORCH_REQUIRE_SERVICES is set)", pytrace=False)
-        pytest.skip(message)
 
 
 def run_script(name: str, cwd: Path, **env: str) -> str:
