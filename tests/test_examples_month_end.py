@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from example_support import run_example
 
 
 def test_month_end_isolates_failures_escalates_on_day_3_and_honours_the_run_deadline() -> None:
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "month_end.py")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    out = done.stdout
+    out = run_example("month_end.py")
     start, _, rest = out.partition("== a duplicate")
     # The two failing branches failed alone; bank_a completed; the Parallel's policy retries.
     assert "bank_a: 1200" in start and "connection refused" in start and "too late" in start

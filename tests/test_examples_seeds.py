@@ -11,32 +11,22 @@ import asyncio
 import importlib.util
 import re
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import example_support
 import pytest
+from example_support import EXAMPLES
 
 import gorch
 from gorch import DAG, S, Step
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
 
 def run_example(name: str) -> str:
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    return done.stdout
+    return example_support.run_example(name, timeout=120)
 
 
 def load_example(name: str) -> ModuleType:
