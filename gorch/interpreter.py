@@ -1354,17 +1354,12 @@ async def _isolated(
         if f.prepared is not None:
             fn = _bind(fn, f.prepared, copy)
             ctx = f.prepared[1]
-        if call.wrap_steps:  # the timeout is checked inside the hooks and middleware
+        if call.wrap_steps or f.timeout is not None:  # a timeout is checked in _hooked_step
             out = _run_step(call, copy, t, name, fn, ctx, f.timeout)
-            if out is not None and is_awaitable(out):
-                out = await out
         else:
-            began = time.monotonic()
             out = call.call_fn(fn)
-            if out is not None and is_awaitable(out):
-                out = await (out if f.timeout is None else _limited(out, name, f.timeout))
-            elif f.timeout is not None:
-                _check_late(name, f.timeout, began)
+        if out is not None and is_awaitable(out):
+            out = await out
     return diff_data(base, _data(copy)), out
 
 
@@ -1641,13 +1636,10 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
                         if plan:
                             fn, ctx = _bound(call, t, st.name, fn, plan, frames, call.wf)
                     timeout = st._timeout
-                    if timeout is not None:
-                        began = time.monotonic()
+                    wrap = call.wrap_steps or timeout is not None  # see _hooked_step
                     try:
                         out = (
-                            _run_step(call, call.wf, t, st.name, fn, ctx, timeout)
-                            if call.wrap_steps
-                            else fn()
+                            _run_step(call, call.wf, t, st.name, fn, ctx, timeout) if wrap else fn()
                         )
                     except TypeError as e:
                         if not _unbound(call, fn, e):
@@ -1656,12 +1648,8 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
                         # one took none: its body never ran; bind it and run it now.
                         fn, ctx = _bound(call, t, st.name, fn, plan_of(fn), frames, call.wf)
                         out = (
-                            _run_step(call, call.wf, t, st.name, fn, ctx, timeout)
-                            if call.wrap_steps
-                            else fn()
+                            _run_step(call, call.wf, t, st.name, fn, ctx, timeout) if wrap else fn()
                         )
-                    if timeout is not None and not call.wrap_steps:
-                        _check_late(st.name, timeout, began)
                     if out is not None:
                         if is_awaitable(out):
                             raise refuse_awaitable(out, f"Step {st.name!r}")
@@ -1881,18 +1869,12 @@ def _async_step(call: _Call, t: Thread, st: Step, frames: list[Frame]) -> Walk[s
             if plan:
                 fn, ctx = _bound(call, t, st.name, fn, plan, frames, wf)
             timeout = st._timeout
-            began = time.monotonic()
-            if call.wrap_steps:  # the timeout is checked inside the hooks and middleware
+            if call.wrap_steps or timeout is not None:  # a timeout is checked in _hooked_step
                 out = _run_step(call, wf, t, st.name, fn, ctx, timeout)
-                timeout = None
             else:
                 out = call.call_fn(fn)
             if out is not None and is_awaitable(out):
-                if timeout is not None:
-                    out = _limited(out, st.name, timeout)
                 out = yield from _awaited_in_place(wf, out)
-            elif timeout is not None:
-                _check_late(st.name, timeout, began)
         if out is not None or call.state.results:
             keep(call.state.results, _result_key(call, t, st.name), out)
     except Exception as e:
