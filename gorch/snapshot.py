@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pydantic
 
@@ -114,8 +114,20 @@ class ThreadInfo(pydantic.BaseModel):
     node_errors: dict[str, str] = {}
 
 
+_THREAD_FIELDS = frozenset({"threads", "awaited", "error"})
+"""The fields of a snapshot made from a running instance that are worked out when first read."""
+
+
 class Snapshot(pydantic.BaseModel):
     """What ``Engine.get`` tells about an instance."""
+
+    # (A comment, not the docstring, which is the OpenAPI description.) A snapshot the
+    # Engine makes from an instance it holds (start, get, resume...) works out
+    # ``threads``, ``awaited`` and ``error`` from the instance's state when one of them
+    # is first read, compared, copied or serialized: most callers of ``start`` read the
+    # id and the status only. The state is the Engine's private copy, never changed
+    # after the snapshot is made, so the result is the one a snapshot made at once
+    # would hold. ``data`` is copied at once (the workflow object may be the caller's).
 
     id: str
     workflow: str
@@ -127,6 +139,65 @@ class Snapshot(pydantic.BaseModel):
     next_wakeup: datetime | None
     error: str = ""
     """The last step error, if a thread sits on a failed step."""
+
+    # The state the lazy fields come from is kept in ``__pydantic_private__`` (a
+    # ``_Pending``) until then; pydantic's own use of it is for private attributes,
+    # which Snapshot has none of.
+
+    # No return annotation: pydantic would take it for the serialized schema, and the
+    # JSON schema (so the HTTP app's OpenAPI) must stay that of the fields.
+    @pydantic.model_serializer(mode="wrap")
+    def _serialize(self, handler: pydantic.SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        self._complete()
+        return handler(self)
+
+    def _complete(self) -> None:
+        """Work the lazy fields out, if not yet done (fields set meanwhile are kept)."""
+        pending = self.__pydantic_private__
+        if not isinstance(pending, _Pending):
+            return
+        filled = {**pending.fields(), **self.__dict__}
+        object.__setattr__(self, "__dict__", {k: filled[k] for k in _SNAPSHOT_ORDER})
+        object.__setattr__(self, "__pydantic_private__", None)
+
+    if not TYPE_CHECKING:
+
+        def __getattr__(self, name: str) -> Any:
+            if name in _THREAD_FIELDS and isinstance(self.__pydantic_private__, _Pending):
+                self._complete()
+                return self.__dict__[name]
+            return super().__getattr__(name)
+
+    def __eq__(self, other: object) -> bool:
+        self._complete()
+        if isinstance(other, Snapshot):
+            other._complete()
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __iter__(self) -> Any:
+        self._complete()
+        return super().__iter__()
+
+    def __repr_args__(self) -> Any:
+        self._complete()
+        return super().__repr_args__()
+
+    def __getstate__(self) -> dict[Any, Any]:
+        self._complete()
+        return super().__getstate__()
+
+    def __copy__(self) -> Snapshot:
+        self._complete()
+        return super().__copy__()
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Snapshot:
+        self._complete()
+        return super().__deepcopy__(memo)
+
+
+_SNAPSHOT_ORDER = tuple(Snapshot.model_fields)
 
 
 class Summary(pydantic.BaseModel):
@@ -229,70 +300,97 @@ def _made(cls: type[_M], fields: dict[str, Any]) -> _M:
 
     For snapshots only, whose fields are built here from a state already
     checked, with exactly the types validation would give (plain ``str`` for
-    the statuses of threads and events, copies of mutable values): pydantic's
-    ``model_construct`` costs a fraction of ``model_validate`` on nested data.
+    the statuses of threads and events, copies of mutable values), every field
+    given. What ``model_construct`` sets, without its walk over the fields'
+    aliases and defaults (several times the cost of the rest of a snapshot).
     """
-    return cls.model_construct(**fields)
+    m = cls.__new__(cls)
+    object.__setattr__(m, "__dict__", fields)
+    object.__setattr__(m, "__pydantic_fields_set__", set(fields))
+    object.__setattr__(m, "__pydantic_extra__", None)
+    object.__setattr__(m, "__pydantic_private__", None)
+    return m
 
 
 def snapshot_of(rec: Record, wf: Workflow, state: State) -> Snapshot:
-    """The snapshot of an instance: ``rec`` as stored, ``wf`` and ``state`` as run."""
-    threads = []
-    awaited = []
-    selects: dict[str, Select | None] = {}
-    error = ""
-    for t in state.threads:
-        if t.error and not error:
-            error = t.error
-        threads.append(
-            _made(
-                ThreadInfo,
-                {
-                    "id": t.id,
-                    "name": t.name,
-                    "status": str(t.status),
-                    "cur_step": t.cur_step,
-                    "error": t.error,
-                    "attempts": t.attempts,
-                    "parent": t.parent,
-                    "nodes": {k: str(v) for k, v in t.nodes.items()} if t.nodes else {},
-                    "node_errors": dict(t.node_errors) if t.node_errors else {},
-                },
-            )
-        )
-        if t.status is not ThreadStatus.WAITING_EVENT:
-            continue
-        for we in t.wait_events:
-            if we.status not in ACTIVE_EVENT:
-                continue
-            info = _made(
-                EventInfo,
-                {
-                    "name": we.req.name,
-                    "thread_id": t.id,
-                    "pc": we.req.pc,
-                    "status": str(we.status),
-                    "due": due_time(we.req),
-                },
-            )
-            source = _SchemaSource(wf, we.select or t.cur_step, selects)
-            object.__setattr__(info, "__pydantic_private__", {"source": source})
-            awaited.append(info)
+    """The snapshot of an instance: ``rec`` as stored, ``wf`` and ``state`` as run.
+
+    ``state`` must not change afterwards: the threads and awaited events are
+    read from it when first asked for (see :class:`Snapshot`).
+    """
     status = rec.status
-    return _made(
+    snap = _made(
         Snapshot,
         {
             "id": rec.id,
             "workflow": rec.workflow,
-            "status": InstanceStatus(status),
+            "status": _STATUS.get(status) or InstanceStatus(status),
             "version": rec.version,
             "data": wf.model_dump(mode="json"),
-            "threads": threads,
-            "awaited": awaited,
             "next_wakeup": rec.wake_at if status != InstanceStatus.RESUMING else None,
-            "error": error,
         },
     )
+    snap.__pydantic_fields_set__.update(_THREAD_FIELDS)
+    object.__setattr__(snap, "__pydantic_private__", _Pending(wf, state))
+    return snap
+
+
+_STATUS: dict[str, InstanceStatus] = {s.value: s for s in InstanceStatus}
+
+
+class _Pending:
+    """Where a snapshot's threads, awaited events and error come from, until read."""
+
+    __slots__ = ("state", "wf")
+
+    def __init__(self, wf: Workflow, state: State) -> None:
+        self.wf = wf
+        self.state = state
+
+    def fields(self) -> dict[str, Any]:
+        wf = self.wf
+        threads = []
+        awaited = []
+        selects: dict[str, Select | None] = {}
+        error = ""
+        for t in self.state.threads:
+            if t.error and not error:
+                error = t.error
+            threads.append(
+                _made(
+                    ThreadInfo,
+                    {
+                        "id": t.id,
+                        "name": t.name,
+                        "status": str(t.status),
+                        "cur_step": t.cur_step,
+                        "error": t.error,
+                        "attempts": t.attempts,
+                        "parent": t.parent,
+                        "nodes": {k: str(v) for k, v in t.nodes.items()} if t.nodes else {},
+                        "node_errors": dict(t.node_errors) if t.node_errors else {},
+                    },
+                )
+            )
+            if t.status is not ThreadStatus.WAITING_EVENT:
+                continue
+            for we in t.wait_events:
+                if we.status not in ACTIVE_EVENT:
+                    continue
+                info = _made(
+                    EventInfo,
+                    {
+                        "name": we.req.name,
+                        "thread_id": t.id,
+                        "pc": we.req.pc,
+                        "status": str(we.status),
+                        "due": due_time(we.req),
+                    },
+                )
+                source = _SchemaSource(wf, we.select or t.cur_step, selects)
+                object.__setattr__(info, "__pydantic_private__", {"source": source})
+                awaited.append(info)
+        return {"threads": threads, "awaited": awaited, "error": error}
 
 
 class _SchemaSource:

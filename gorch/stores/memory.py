@@ -256,7 +256,14 @@ class MemoryStore(Store):
         if new.wake_at is not None and new.wake_at != old_wake:
             heapq.heappush(self._wakeups, (new.wake_at, new.id))
         if len(self._wakeups) > 2 * self._scheduled + 64:
-            self._wakeups = [
-                (r.wake_at, r.id) for r in self._records.values() if r.wake_at is not None
-            ]
+            # Rebuilt from the heap itself, not from every record: the cost stays in
+            # proportion to the entries pushed since the last rebuild, however many
+            # finished records the store holds.
+            records = self._records
+            live = {
+                (wake, id)
+                for wake, id in self._wakeups
+                if (r := records.get(id)) is not None and r.wake_at == wake
+            }
+            self._wakeups = list(live)
             heapq.heapify(self._wakeups)

@@ -104,3 +104,31 @@ def test_another_stores_write_below_the_floor_is_claimed_at_the_next_rescan(
     assert theirs.load("late").version == 2  # claimed once
     ours.close()
     theirs.close()
+
+
+# -- the memory store's heap of wake-ups ---------------------------------------------------
+
+
+def test_memory_heap_stays_in_proportion_to_scheduled_records_and_claims_every_due_one() -> None:
+    """Rebuilt from its own entries, the heap drops stale ones (records finished,
+    deleted, rescheduled) without losing a live one, however many records are stored."""
+    from gorch.stores.memory import MemoryStore
+
+    store = MemoryStore()
+    due = {}
+    for i in range(600):
+        id = f"w{i:04}"
+        rec = store.create(id, "wf", "waiting", b"x", T0 + timedelta(seconds=i))
+        if i % 3 == 0:
+            store.save(id, rec.version, "finished", b"y", None)  # no wake-up any more
+        elif i % 3 == 1:
+            later = T0 + timedelta(hours=1, seconds=i)  # rescheduled: its first entry is stale
+            store.save(id, rec.version, "waiting", b"y", later)
+            due[id] = later
+        else:
+            due[id] = T0 + timedelta(seconds=i)
+    store.delete("w0299")  # i % 3 == 2: a scheduled record deleted
+    del due["w0299"]
+    assert len(store._wakeups) <= 2 * len(due) + 64
+    claimed = store.claim_due(T0 + timedelta(days=1), 1000, LEASE)
+    assert sorted(r.id for r in claimed) == sorted(due)
