@@ -2314,6 +2314,10 @@ def _run_step(
     if ctx is None:
         ctx = StepContext(call.state.workflow, call.state.id, t.id, name, t.attempts + 1, wf)
     ctx.timeout = timeout
+    log = call.step_log
+    if log is not None and timeout is None and call.sync and not _watched(call):
+        # Only the step log watches (the Engine's history): no hooks to walk around it.
+        return _logged(log, ctx, lambda: _plain_result(fn(), f"Step {name!r}"))
 
     def inner() -> Any:
         return call.run(_hooked_step(call, wf, ctx, name, fn, timeout))
@@ -2322,6 +2326,11 @@ def _run_step(
     if not call.step_mw:
         return step()
     return call.chain(call.step_mw, ctx, step)
+
+
+def _watched(call: _Call) -> bool:
+    """Whether middleware or class hooks wrap the steps of ``call``."""
+    return bool(call.step_mw) or call.index.step_hooks
 
 
 def _log_steps(call: _Call, step_log: StepLog | None) -> None:
