@@ -11,7 +11,7 @@ from __future__ import annotations
 import builtins
 import heapq
 import threading
-from bisect import bisect_right, insort
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -45,7 +45,10 @@ class MemoryStore(Store):
         self.url = "memory://"
         self._lock = threading.Lock()
         self._records: dict[str, Record] = {}
-        self._ids: list[str] = []  # sorted, for paging in id order
+        # Every id, for paging in id order: appended as created, sorted when next read
+        # (a create stays O(1) however many records there are; Timsort merges the runs).
+        self._ids: list[str] = []
+        self._ids_sorted = True
         self._wakeups: list[_Wakeup] = []
         self._scheduled = 0  # records whose wake_at is not None
         self._seen: dict[str, datetime] = {}  # remembered key -> until
@@ -80,7 +83,8 @@ class MemoryStore(Store):
             self._records[id] = record
             self._history[id] = log
             self._updated[id] = now
-            insort(self._ids, id)
+            self._ids.append(id)
+            self._ids_sorted = False
             self._schedule(None, record)
         return record
 
@@ -106,8 +110,8 @@ class MemoryStore(Store):
                 self._updated[record.id] = now
                 self._schedule(None, record)
             # Two sorted runs: Timsort merges them in one pass.
-            self._ids.extend(sorted(record.id for record, _ in made))
-            self._ids.sort()
+            self._ids.extend(record.id for record, _ in made)
+            self._ids_sorted = False
         return []
 
     def load(self, id: str) -> Record:
@@ -163,7 +167,8 @@ class MemoryStore(Store):
         old = self._records.pop(id)
         self._history.pop(id, None)
         self._updated.pop(id, None)
-        del self._ids[bisect_right(self._ids, id) - 1]
+        ids = self._sorted_ids()
+        del ids[bisect_right(ids, id) - 1]
         if old.wake_at is not None:
             self._scheduled -= 1  # its heap entry goes stale and is pruned later
 
@@ -198,9 +203,10 @@ class MemoryStore(Store):
         check_limit(limit)
         found: builtins.list[Record] = []
         with self._lock:
-            start = 0 if after is None else bisect_right(self._ids, after)
-            for i in range(start, len(self._ids)):
-                record = self._records[self._ids[i]]
+            ids = self._sorted_ids()
+            start = 0 if after is None else bisect_right(ids, after)
+            for i in range(start, len(ids)):
+                record = self._records[ids[i]]
                 if matches(record, workflow, status):
                     found.append(record)
                     if len(found) > limit:
@@ -248,6 +254,13 @@ class MemoryStore(Store):
             else:
                 self._seen.pop(key, None)
             return True
+
+    def _sorted_ids(self) -> builtins.list[str]:
+        """Every id in order (the lock held)."""
+        if not self._ids_sorted:
+            self._ids.sort()
+            self._ids_sorted = True
+        return self._ids
 
     def _schedule(self, old: Record | None, new: Record) -> None:
         """Keep the heap and the live count in step with a record's new ``wake_at``."""
