@@ -160,25 +160,37 @@ class Step(Stmt):
         self,
         name: str | Callable[..., Any],
         fn: Callable[..., Any] | None = None,
-        *,
-        retry: Retry | None = None,
-        after: Iterable[Dep] | Dep | None = None,
-        timeout: timedelta | float | None = None,
+        **options: Any,
     ) -> None:
+        # ``retry``, ``after`` and ``timeout`` (see the overloads) come in ``**options``:
+        # keyword-only defaults cost a dict lookup each on every call, and definitions
+        # are built many times per resume while most steps set none of them.
         if fn is None:  # Step(fn): named after the function
             fn = name  # type: ignore[assignment]
             name = _step_name(fn)
         self.name = name  # type: ignore[assignment]
         self.fn = fn  # type: ignore[assignment]
-        # Validation reads ``_after`` for every step: a slot always set reads fast.
-        # (The common case, no after=, is the else branch: one jump fewer.)
-        if after is not None:
-            self._after = _names(after)
-        else:
+        if options:
+            self._set_options(**options)
+        else:  # validation and every step run read these: slots always set read fast
             self._after = None
+            self._timeout = None
+
+    def _set_options(
+        self,
+        *,
+        retry: Retry | None = None,
+        after: Iterable[Dep] | Dep | None = None,
+        timeout: timedelta | float | None = None,
+        **unknown: Any,
+    ) -> None:
+        if unknown:  # as Python words it for a keyword-only signature
+            raise TypeError(
+                f"Step.__init__() got an unexpected keyword argument {next(iter(unknown))!r}"
+            )
+        self._after = None if after is None else _names(after)
         if retry is not None:  # read only when a step fails: the slot stays empty
             self._retry = retry
-        # Read before every step run: a slot always set reads fast.
         self._timeout = None if timeout is None else _timeout_seconds(timeout)
 
     @property
