@@ -59,10 +59,13 @@ FIGURES: dict[str, tuple[int, int, str]] = {
     "mw": (20, 1000, "step"),
 }
 
-# The code a child interpreter runs: argv = tree, figure, ops, repeats, warmup.
+# The code a child interpreter runs: argv = tree, figure, ops, repeats, warmup[, "count"].
+# With "count" (under callgrind), the warm-up batches are followed by one batch run
+# through functools.reduce, the only code callgrind counts (see ``instructions``).
 CHILD = r"""
-import gc, json, sys, time
+import functools, gc, json, sys, time
 tree, figure, ops, repeats, warmup = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+count = sys.argv[6:] == ["count"]
 sys.path[:0] = [tree, BENCH_DIR]
 import gorch
 assert gorch.__file__.startswith(tree), (gorch.__file__, tree)
@@ -109,12 +112,16 @@ def items_and_op():
     raise SystemExit(f"unknown figure {figure!r}")
 
 samples = []
-for r in range(warmup + repeats):
+for r in range(warmup + (1 if count else repeats)):
     items, op = items_and_op()
     gc.collect()
     gc.disable()
     t0 = time.perf_counter()
-    out = [op(it) for it in items]
+    if count and r >= warmup:  # counted: the ops alone, no start-up, import or warm-up
+        out = []
+        functools.reduce(lambda _, it: out.append(op(it)), items, None)
+    else:
+        out = [op(it) for it in items]
     took = time.perf_counter() - t0
     gc.enable()
     assert all(o is FINISHED for o in out), out[:3]
@@ -136,33 +143,45 @@ def run_child(tree: str, figure: str, ops: int, repeats: int, warmup: int) -> li
 
 
 def instructions(tree: str, figure: str, ops: int) -> float:
-    """Instructions per op under callgrind: (Ir of 2n ops - Ir of n ops) / n.
+    """Instructions per op under callgrind, counted inside the measured batch only.
 
-    Each run makes one warm-up batch and one timed batch, so it runs twice its ops.
+    The child runs one warm-up batch, then one batch of ``ops`` ops inside
+    ``functools.reduce``, and callgrind collects only while that C function runs
+    (``--toggle-collect``): start-up, imports and the warm-up are not counted, so
+    two trees with the same code give the same count, whatever their paths. A
+    Python without the symbol (stripped) collects nothing: then the count is the
+    difference between a run of ``2n`` ops and one of ``n``, divided by ``n``.
     """
-    counts = []
+    collected = _callgrind(tree, figure, ops, toggle=True)
+    if collected:
+        return collected / ops
+    return (_callgrind(tree, figure, 2 * ops) - _callgrind(tree, figure, ops)) / (2 * ops)
+
+
+def _callgrind(tree: str, figure: str, ops: int, toggle: bool = False) -> int:
+    """Instructions callgrind collects in a child run of ``ops`` ops (see :func:`instructions`)."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    for n in (ops, 2 * ops):
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [
-                "valgrind",
-                "--tool=callgrind",
-                f"--callgrind-out-file={os.path.join(tmp, 'cg.out')}",
-                sys.executable,
-                "-c",
-                child_code(),
-                tree,
-                figure,
-                str(n),
-                "1",
-                "1",
-            ]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tree, env=env)
-        found = re.search(r"Collected : (\d+)", out.stderr)
-        if found is None:
-            raise RuntimeError(f"no instruction count in valgrind's output:\n{out.stderr[-2000:]}")
-        counts.append(int(found.group(1)))
-    return (counts[1] - counts[0]) / (2 * ops)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={os.path.join(tmp, 'cg.out')}",
+            *(["--collect-atstart=no", "--toggle-collect=functools_reduce"] if toggle else []),
+            sys.executable,
+            "-c",
+            child_code(),
+            tree,
+            figure,
+            str(ops),
+            "1",
+            "1",
+            *(["count"] if toggle else []),
+        ]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tree, env=env)
+    found = re.search(r"Collected : (\d+)", out.stderr)
+    if found is None:
+        raise RuntimeError(f"no instruction count in valgrind's output:\n{out.stderr[-2000:]}")
+    return int(found.group(1))
 
 
 def compare(

@@ -204,3 +204,16 @@ def test_bench_compare_refuses_an_unknown_figure() -> None:
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 2 and "unknown figures" in done.stderr
+
+
+def test_bench_compare_counting_run_makes_one_batch_through_reduce() -> None:
+    """The run callgrind counts (``count``): one warm-up batch, then one batch of ops."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_compare
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    cmd = [sys.executable, "-c", bench_compare.child_code(), str(ROOT), "a", "3", "5", "1", "count"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=120)
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert len(report["seconds_per_op"]) == 1 and report["seconds_per_op"][0] > 0
