@@ -1290,3 +1290,26 @@ def test_resuming_from_any_checkpoint_neither_repeats_nor_skips_work() -> None:
         crashed, st2 = gorch.loads(blob, Journey)
         assert gorch.resume(crashed, st2) is WS.FINISHED
         assert crashed.log == reference
+
+
+def test_step_options_read_as_keyword_only_arguments() -> None:
+    """``retry``, ``after`` and ``timeout`` behave as keyword-only arguments with defaults."""
+
+    def work() -> None:
+        pass
+
+    policy = gorch.Retry(attempts=3)
+    plain = Step("w", work)
+    assert (plain.retry, plain.after, plain.timeout) == (None, (), None)
+    explicit = Step("w", work, retry=None, after=None, timeout=None)
+    assert (explicit.retry, explicit.after, explicit.timeout) == (None, (), None)
+    full = Step(work, retry=policy, after=["a", work], timeout=timedelta(seconds=2))
+    assert (full.name, full.retry, full.after, full.timeout) == ("work", policy, ("a", "work"), 2.0)
+    with pytest.raises(
+        TypeError, match=r"^Step.__init__\(\) got an unexpected keyword argument 'retries'$"
+    ):
+        Step("w", work, retries=policy)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="positional argument"):
+        Step("w", work, policy)  # type: ignore[call-overload]
+    with pytest.raises(gorch.DefinitionError, match="more than 0 seconds"):
+        Step("w", work, timeout=0)
