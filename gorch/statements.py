@@ -171,27 +171,20 @@ class Step(Stmt):
         self.name = name  # type: ignore[assignment]
         self.fn = fn  # type: ignore[assignment]
         if options:
-            self._set_options(**options)
+            after = options.pop("after", None)
+            retry = options.pop("retry", None)
+            timeout = options.pop("timeout", None)
+            if options:  # as Python words it for a keyword-only signature
+                raise TypeError(
+                    f"Step.__init__() got an unexpected keyword argument {next(iter(options))!r}"
+                )
+            self._after = None if after is None else _names(after)
+            if retry is not None:  # read only when a step fails: the slot stays empty
+                self._retry = retry
+            self._timeout = None if timeout is None else _timeout_seconds(timeout)
         else:  # validation and every step run read these: slots always set read fast
             self._after = None
             self._timeout = None
-
-    def _set_options(
-        self,
-        *,
-        retry: Retry | None = None,
-        after: Iterable[Dep] | Dep | None = None,
-        timeout: timedelta | float | None = None,
-        **unknown: Any,
-    ) -> None:
-        if unknown:  # as Python words it for a keyword-only signature
-            raise TypeError(
-                f"Step.__init__() got an unexpected keyword argument {next(iter(unknown))!r}"
-            )
-        self._after = None if after is None else _names(after)
-        if retry is not None:  # read only when a step fails: the slot stays empty
-            self._retry = retry
-        self._timeout = None if timeout is None else _timeout_seconds(timeout)
 
     @property
     def retry(self) -> Retry | None:
