@@ -433,9 +433,10 @@ def test_remember_is_true_once_per_key(store: Store) -> None:
 
 
 def test_a_remembered_key_counts_as_absent_once_expired(store: Store) -> None:
-    assert store.remember("short", _soon(0.3)) is True
+    # A window wide enough that a loaded machine does not let it pass between two calls.
+    assert store.remember("short", _soon(1.5)) is True
     assert store.remember("short", _soon(3600)) is False
-    time.sleep(0.45)
+    time.sleep(1.6)
     assert store.remember("short", _soon(3600)) is True  # expired: taken again, for an hour
     assert store.remember("short", _soon(3600)) is False
 
