@@ -20,6 +20,7 @@ import pytest
 from store_support import PG_DSN, require_server
 
 from gorch.stores import SQLiteStore
+from gorch.stores.sqlite import TERMINAL_SQL
 
 OLD_SQLITE_INDEXES = (
     "CREATE INDEX gorch_workflows_workflow ON gorch_workflows (workflow, id)",
@@ -77,12 +78,40 @@ def test_a_sqlite_purge_of_ended_statuses_reads_the_ended_index(tmp_path: Path) 
             str(row[-1])
             for row in conn.execute(
                 "EXPLAIN QUERY PLAN SELECT id FROM gorch_workflows WHERE status IN (?, ?)"
-                " AND updated_at < ? AND status IN ('finished', 'cancelled', 'failed')"
-                " ORDER BY updated_at LIMIT ?",
+                f" AND updated_at < ? AND {TERMINAL_SQL} ORDER BY updated_at LIMIT ?",
                 ("finished", "cancelled", 0, 10),
             )
         )
     assert "gorch_workflows_ended" in plan
+
+
+def _sqlite_index_sql(path: Path, name: str) -> str:
+    with sqlite3.connect(path) as conn:
+        row = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (name,)).fetchone()
+    return str(row[0])
+
+
+def test_the_ended_index_of_an_older_sqlite_file_is_built_again_as_defined_now(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "g.db"
+    with SQLiteStore(path) as store:
+        store.create("a", "w", "finished", b"x", None)
+        store.create("b", "w", "waiting", b"y", None)
+    with sqlite3.connect(path) as conn:  # as gorch wrote it before: an IN list
+        conn.execute("DROP INDEX gorch_workflows_ended")
+        conn.execute(
+            "CREATE INDEX gorch_workflows_ended ON gorch_workflows (status, updated_at)"
+            " WHERE status IN ('finished', 'cancelled', 'failed')"
+        )
+    with SQLiteStore(path) as store:
+        assert store.load("a").blob == b"x"
+        before = datetime.now(UTC) + timedelta(minutes=1)
+        assert store.purge(before, ["finished"], 10) == ["a"]
+        assert store.load("b").blob == b"y"
+    assert TERMINAL_SQL in _sqlite_index_sql(path, "gorch_workflows_ended")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
 @pytest.fixture
