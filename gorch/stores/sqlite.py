@@ -17,6 +17,7 @@ Durability is the ``synchronous`` setting (``sqlite:///app.db?synchronous=normal
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 import os
 import sqlite3
@@ -158,6 +159,13 @@ def _history_columns(history: Sequence[str], limit: int) -> tuple[str, int]:
         return _json_array(list(history)), 0
     entries, dropped = append_history([], 0, history, limit)
     return _json_array(entries), dropped
+
+
+@functools.lru_cache(maxsize=1024)
+def _cursors_text(cursors: tuple[str, ...]) -> str:
+    """The ``cursors`` column of a record standing on these statements: a workflow's
+    records stand on a few sets of statements, so each is encoded once, not per save."""
+    return json.dumps(list(cursors))
 
 
 def _micros_or_none(when: datetime | None) -> int | None:
@@ -453,7 +461,7 @@ class SQLiteStore(Store):
                 _micros_or_none(wake),
                 stamp,
                 stamp,
-                json.dumps(list(cursors)),
+                _cursors_text(tuple(cursors)),
                 _json_array(entries),
                 dropped,
             ),
@@ -467,13 +475,8 @@ class SQLiteStore(Store):
     ) -> builtins.list[str]:
         check_history_limit(history_limit)
         stamp = _now_micros()
-        cursors: dict[tuple[str, ...], str] = {}  # a batch's instances mostly stand alike
         rows = []
         for r in records:
-            key = tuple(r.cursors)
-            text = cursors.get(key)
-            if text is None:
-                text = cursors[key] = json.dumps(list(key))
             rows.append(
                 (
                     r.id,
@@ -483,7 +486,7 @@ class SQLiteStore(Store):
                     _micros_or_none(opt_utc(r.wake_at)),
                     stamp,
                     stamp,
-                    text,
+                    _cursors_text(tuple(r.cursors)),
                     *_history_columns(r.history, history_limit),
                 )
             )
@@ -529,7 +532,7 @@ class SQLiteStore(Store):
             "blob": bytes(blob),
             "wake": _micros_or_none(wake),
             "now": _now_micros(),
-            "cursors": json.dumps(list(cursors)),
+            "cursors": _cursors_text(tuple(cursors)),
             "id": id,
             "expected": expected_version,
         }
