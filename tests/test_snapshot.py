@@ -145,3 +145,16 @@ def test_snapshot_of_a_finished_instance_has_no_awaited_events() -> None:
     snap = snapshot_of(rec, wf, state)
     assert snap.status == "finished" and snap.awaited == [] and snap.next_wakeup is None
     assert snap.data["status"] == "rejected"
+
+
+def test_snapshot_parts_are_the_models_pydantic_would_construct() -> None:
+    """The parts are made without model_construct's walk, holding what it would hold."""
+    _, snap = started()
+    for part in [snap, *snap.threads, *snap.awaited]:
+        fields = {name: getattr(part, name) for name in type(part).model_fields}
+        made = type(part).model_construct(**fields)
+        computed = set(type(part).model_computed_fields)  # EventInfo's lazy input_schema
+        assert part.model_dump(exclude=computed) == made.model_dump(exclude=computed)
+        assert part.__dict__ == made.__dict__
+        assert part.model_fields_set == made.model_fields_set
+        assert part.__pydantic_extra__ is made.__pydantic_extra__ is None
