@@ -302,6 +302,7 @@ class _Call:
         "stopped",
         "sync",
         "units",
+        "watched",
         "wf",
         "wrap_steps",
         "written",
@@ -313,7 +314,8 @@ class _Call:
     dirty: bool
     lazy: bool
     pending: bool
-    wrap_steps: bool  # middleware, class hooks or a step log around steps
+    watched: bool  # middleware or class hooks around steps
+    wrap_steps: bool  # those, or a step log
     step_mw: list[Any]
     step_log: StepLog | None
     event_mw: list[Any]
@@ -401,7 +403,7 @@ class _Call:
             self.middleware = ()
             self.step_mw = self.event_mw = _NO_WRAPPERS
         self.step_log = None
-        self.wrap_steps = bool(self.step_mw) or index.step_hooks
+        self.watched = self.wrap_steps = bool(self.step_mw) or index.step_hooks
         self.rebuild()
         if index.dynamic and self.indexed_gen != self.gen:
             self.reindex()
@@ -2315,7 +2317,7 @@ def _run_step(
         ctx = StepContext(call.state.workflow, call.state.id, t.id, name, t.attempts + 1, wf)
     ctx.timeout = timeout
     log = call.step_log
-    if log is not None and timeout is None and call.sync and not _watched(call):
+    if log is not None and timeout is None and call.sync and not call.watched:
         # Only the step log watches (the Engine's history): no hooks to walk around it.
         return _logged(log, ctx, lambda: _plain_result(fn(), f"Step {name!r}"))
 
@@ -2326,11 +2328,6 @@ def _run_step(
     if not call.step_mw:
         return step()
     return call.chain(call.step_mw, ctx, step)
-
-
-def _watched(call: _Call) -> bool:
-    """Whether middleware or class hooks wrap the steps of ``call``."""
-    return bool(call.step_mw) or call.index.step_hooks
 
 
 def _log_steps(call: _Call, step_log: StepLog | None) -> None:
