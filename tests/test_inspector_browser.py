@@ -136,18 +136,27 @@ def _rgb(css: str) -> tuple[int, ...]:
 
 
 def _follow(driver: Any, element: Any) -> None:
-    """Click what loads a new page, and wait until the old one is gone.
+    """Click what loads a new page, and wait until that page has loaded.
 
     Without the wait, the next lookup may find the old page's elements, which
-    go stale under it as the new page replaces them.
+    go stale under it as the new page replaces them. The old document is
+    marked (an expando property, not a DOM change) and the wait is for a
+    document without the mark that has finished loading. Polling the old
+    element for staleness is not enough: while the document is swapped,
+    chromedriver may answer with an "unknown error" ("Node with given id does
+    not belong to the document") rather than a stale-element one, so any
+    driver error during the swap means "not yet".
     """
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    old = driver.find_element(By.TAG_NAME, "html")
+    driver.execute_script("document.gorchOldPage = true")
     element.click()
-    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(old))
+    WebDriverWait(driver, 10, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script(
+            "return document.gorchOldPage !== true && document.readyState === 'complete'"
+        )
+    )
 
 
 def _absent(driver: Any, css: str) -> bool:
