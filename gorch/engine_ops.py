@@ -14,7 +14,6 @@ import builtins
 import inspect
 import json
 import logging
-import os
 import random
 import re
 from collections.abc import Awaitable, Callable, Generator, Mapping
@@ -264,8 +263,14 @@ def _new_id() -> str:
 
 def _nonce() -> str:
     """What makes a created blob unique (8 hex digits: a rival start of the same id in
-    the same instant is what it tells apart, and it is stored until the next save)."""
-    return os.urandom(4).hex()
+    the same instant is what it tells apart, and it is stored until the next save).
+
+    From :mod:`random`, not ``os.urandom``: it need not be secret, only differ between
+    rival starts, and a system call per start costs more than the rest of the nonce.
+    ``random`` is seeded from the system and seeded again in a forked child, so
+    worker processes forked from one parent do not repeat each other's nonces.
+    """
+    return f"{random.getrandbits(32):08x}"
 
 
 def _bulk_note(e: BaseException, index: int, started: int) -> None:

@@ -270,3 +270,26 @@ def test_the_engine_follows_default_retry_and_reports_the_failure_after_saving_i
     [due] = engine.run_due(now=later)
     assert due.status == "failed"
     assert SEEN == [("on_failed", "failed")]  # the hook saw the failure already saved
+
+
+def test_created_nonces_differ_between_forked_workers() -> None:
+    """The nonce that tells a start's created blob from a rival's is not secret, but
+    two worker processes forked from one parent must not draw the same ones."""
+    import os
+
+    from gorch.engine_ops import _nonce
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next nonces, to the parent
+        try:
+            os.write(write, " ".join(_nonce() for _ in range(4)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    ours = {_nonce() for _ in range(4)}
+    with os.fdopen(read) as pipe:
+        theirs = set(pipe.read().split())
+    os.waitpid(pid, 0)
+    assert len(theirs) == 4 and all(len(n) == 8 for n in theirs | ours)
+    assert not ours & theirs
