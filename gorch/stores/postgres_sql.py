@@ -183,7 +183,7 @@ _STATEMENTS = {
 class Statement:
     """One statement for a connector to run, and what of its cursor to send back."""
 
-    query: sql.Composed
+    query: str | sql.Composed
     params: tuple[Any, ...] | dict[str, Any] = ()
     fetch: Literal["one", "all", "rowcount"] = "one"
 
@@ -193,7 +193,7 @@ class Copy:
     """``COPY ... FROM STDIN`` for a connector to run, with the rows to send (it sends back
     nothing)."""
 
-    query: sql.Composed
+    query: str
     rows: Sequence[tuple[Any, ...]]
 
 
@@ -279,8 +279,10 @@ class PostgresSQL:
         )
         #: The table's name as ``to_regclass`` reads it (quoted, schema-qualified if given).
         self.regclass = ".".join('"' + part.replace('"', '""') + '"' for part in parts)
-        #: Every statement, composed once with the (quoted) table and index names.
-        self.q = {key: sql.SQL(text).format(**names) for key, text in texts.items()}
+        #: Every statement, composed once with the (quoted) table and index names, as
+        #: text: psycopg caches what it parses from a text query, while a composed one
+        #: is rendered again (every identifier quoted again) on each execute.
+        self.q = {key: sql.SQL(text).format(**names).as_string(None) for key, text in texts.items()}
         self._schema_name = parts[0] if len(parts) == 2 else None
         self.base = base
         self._obsolete = {f"{base}_{suffix}" for suffix in OBSOLETE_INDEXES}
@@ -530,7 +532,7 @@ class PostgresSQL:
             if value is not None:
                 where.append(sql.SQL(condition))
                 params.append(value)
-        query = self.q["select"]
+        query = sql.Composed([sql.SQL(self.q["select"])])
         if where:
             query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
         query += sql.SQL(" ORDER BY id LIMIT %s")
