@@ -147,12 +147,12 @@ class ProcrastinateDispatcher(Dispatcher):
         connection of the store's (its database and ``search_path``, as in a save's
         transaction), for writes that could not take the job along (``start_many``)."""
         store: Any = self.engine.store
-        with store._connection() as conn, conn.transaction():
+        with store.connection() as conn, conn.transaction():
             self.enqueue(conn, ids)
 
     async def adispatch(self, ids: Sequence[str]) -> None:
         store: Any = self.engine.store
-        async with store._connection() as conn, conn.transaction():
+        async with store.connection() as conn, conn.transaction():
             await self.aenqueue(conn, ids)
 
     # -- the worker's tasks --------------------------------------------------------------

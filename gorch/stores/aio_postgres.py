@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
@@ -141,6 +141,11 @@ class AsyncPostgresStore(AsyncConnectorStore):
             yield conn
         finally:
             await pool.putconn(conn)
+
+    def connection(self) -> AbstractAsyncContextManager[_Conn]:
+        """A connection of the store's pool for the ``async with`` block (see
+        :meth:`PostgresStore.connection`)."""
+        return self._connection()
 
     async def _getconn(self, pool: AsyncConnectionPool[_Conn]) -> _Conn:
         try:

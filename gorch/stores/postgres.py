@@ -199,6 +199,16 @@ class PostgresStore(ConnectorStore):
         finally:
             pool.putconn(conn)
 
+    def connection(self) -> contextlib.AbstractContextManager[_Conn]:
+        """A connection of the store's pool for the block, handed back when it ends.
+
+        For work that belongs in the store's database next to its writes (a job
+        queue in the same PostgreSQL enqueues on it): its database, user and
+        ``search_path`` are the store's. It is in autocommit mode; open a
+        transaction with ``conn.transaction()`` for more than one statement.
+        """
+        return self._connection()
+
     def _getconn(self, pool: ConnectionPool[_Conn]) -> _Conn:
         try:
             return pool.getconn()

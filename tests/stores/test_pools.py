@@ -232,3 +232,39 @@ def test_bad_pool_options_are_refused_by_both_openers(url: str, option: str) -> 
         with pytest.raises(UnsupportedStoreURL) as info:
             opener(url)
         assert option in str(info.value) and "hunter2" not in str(info.value)
+
+
+def test_a_connection_lent_by_the_store_works_in_its_table_and_goes_back(
+    pg_spec: StoreSpec,
+) -> None:
+    """``connection()`` lends a pooled connection (as a queue in the same database uses
+    it): it sees the store's table, and the pool has it back after the block, also
+    after an error inside it."""
+    from psycopg import sql
+
+    from gorch.stores.aio_postgres import AsyncPostgresStore
+    from gorch.stores.postgres import PostgresStore
+
+    table = sql.Identifier(pg_spec.namespace)
+    store = PostgresStore(PG_DSN, table=pg_spec.namespace, pool_max=1, pool_timeout=2)
+    store.create("a", "w", "s", b"v1", None)
+    for _ in range(3):  # one connection in all: each block must hand it back
+        with pytest.raises(ZeroDivisionError), store.connection() as conn:
+            row = conn.execute(sql.SQL("SELECT version FROM {} WHERE id = 'a'").format(table))
+            assert row.fetchone() == (1,)
+            raise ZeroDivisionError
+    assert store.save("a", 1, "t", b"v2", None).version == 2
+    store.close()
+
+    async def lend() -> None:
+        astore = AsyncPostgresStore(PG_DSN, table=pg_spec.namespace, pool_max=1, pool_timeout=2)
+        for _ in range(3):
+            async with astore.connection() as conn:
+                cur = await conn.execute(
+                    sql.SQL("SELECT version FROM {} WHERE id = 'a'").format(table)
+                )
+                assert await cur.fetchone() == (2,)
+        assert (await astore.save("a", 2, "t", b"v3", None)).version == 3
+        await astore.close()
+
+    asyncio.run(lend())
