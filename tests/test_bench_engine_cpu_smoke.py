@@ -1,0 +1,37 @@
+"""Smoke test of benchmarks/bench_engine_cpu.py on the memory store (needs valgrind).
+
+Counts are never asserted against a figure: only that both sides were counted,
+inside the measured batch (a count that included start-up and imports would be
+hundreds of times larger), and that the ratio is theirs.
+"""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bench_support import load_bench
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_memory_counts_both_sides_inside_the_batch(tmp_path: Path, capsys: Any) -> None:
+    bench = load_bench("bench_engine_cpu")
+    out = tmp_path / "cpu.json"
+    args = ["--stores", "memory", "--workflows", "3", "--warmup", "2", "--json", out]
+    assert bench.main(args) == 0
+    report = json.loads(out.read_text())
+    f = report["figures"]["memory"]
+    gorch, floor = f["gorch_instructions_per_workflow"], f["floor_instructions_per_workflow"]
+    # Per workflow, each side runs the core at least (hundreds of thousands of instructions);
+    # a count of the whole process (imports: about a billion) would be far above this.
+    assert 50_000 < floor < gorch < 20_000_000
+    assert f["gorch_over_floor"] == pytest.approx(gorch / floor)
+    assert report["skipped"] == {} and report["meta"]["workflows"] == 3
+    assert "memory" in capsys.readouterr().out
+
+
+def test_an_unknown_store_is_refused() -> None:
+    bench = load_bench("bench_engine_cpu")
+    with pytest.raises(SystemExit):
+        bench.main(["--stores", "mongo"])
