@@ -65,7 +65,8 @@ _SCHEMA = {  # every table and index, by name
             AS INTEGER)),
         cursors TEXT NOT NULL DEFAULT '[]',
         history TEXT NOT NULL DEFAULT '[]',
-        history_dropped INTEGER NOT NULL DEFAULT 0
+        history_dropped INTEGER NOT NULL DEFAULT 0,
+        history_count INTEGER NOT NULL DEFAULT 0
     )""",
     # Each index is written by every insert, and by every update that changes its columns,
     # so there are only two beside the primary key (the schema docs say the same):
@@ -97,17 +98,22 @@ _ADDED_COLUMNS = {  # columns of later versions, added to a table created before
     "cursors": "TEXT NOT NULL DEFAULT '[]'",
     "history": "TEXT NOT NULL DEFAULT '[]'",
     "history_dropped": "INTEGER NOT NULL DEFAULT 0",
+    # The entries in ``history``: a save tells from it whether to trim, without parsing
+    # the log (filled in from the log when added; see _SAVE_HISTORY for a lagging one).
+    "history_count": "INTEGER NOT NULL DEFAULT 0",
 }
 _PURGE_BATCH = 100  # expired keys removed per remember(): bounded work, and enough to keep up
 _ID_CHUNK = 500  # ids per IN (...) test: well under SQLite's limit of bound parameters
 # A batch inserts with no conflict clause: a taken id fails (and rolls back) the batch.
 _INSERT_ALL = (
     "INSERT INTO gorch_workflows (id, workflow, status, blob, version, wake_at, updated_at,"
-    " created_at, cursors, history, history_dropped) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)"
+    " created_at, cursors, history, history_dropped, history_count)"
+    " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT = (
     "INSERT INTO gorch_workflows (id, workflow, status, blob, version, wake_at, updated_at,"
-    " created_at, cursors, history, history_dropped) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)"
+    " created_at, cursors, history, history_dropped, history_count)"
+    " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (id) DO NOTHING"
 )
 _SAVE = (
@@ -116,21 +122,27 @@ _SAVE = (
     " WHERE id = :id AND version = :expected RETURNING workflow, version"
 )
 # The history log grows by :new (a JSON array text of :n entries) in the same statement,
-# by joining the two array texts; past :limit entries, the oldest are cut off (json_each
-# gives the entries in order, key = position) and counted in history_dropped.
+# by joining the two array texts. Whether entries must go is read from history_count,
+# so a save below the cap never parses the log. Past :limit entries the oldest are cut
+# off (json_each gives the entries in order, key = position) and counted in
+# history_dropped; that branch counts the log itself, so a count left behind by a
+# writer that did not keep it (an older version, during an upgrade) is exact again at
+# the next trim. (SET expressions all read the row as it was before the UPDATE.)
 _JOINED = (
     "CASE WHEN history = '[]' THEN :new"
     " ELSE substr(history, 1, length(history) - 1) || ',' || substr(:new, 2) END"
 )
+_FITS = "history_count + :n <= :limit"
 _SAVE_HISTORY = (
     "UPDATE gorch_workflows SET status = :status, blob = :blob, version = version + 1,"
     " wake_at = :wake, updated_at = :now, cursors = :cursors,"
-    " history = CASE WHEN json_array_length(history) + :n <= :limit THEN "
-    + _JOINED
-    + " ELSE (SELECT json_group_array(json(value)) FROM json_each("
-    + _JOINED
-    + ") WHERE key >= json_array_length(history) + :n - :limit) END,"
-    " history_dropped = history_dropped + max(0, json_array_length(history) + :n - :limit)"
+    f" history = CASE WHEN {_FITS} THEN {_JOINED}"
+    f" ELSE (SELECT json_group_array(json(value)) FROM json_each({_JOINED})"
+    " WHERE key >= json_array_length(history) + :n - :limit) END,"
+    f" history_dropped = history_dropped + CASE WHEN {_FITS} THEN 0"
+    " ELSE max(0, json_array_length(history) + :n - :limit) END,"
+    f" history_count = CASE WHEN {_FITS} THEN history_count + :n"
+    " ELSE min(json_array_length(history) + :n, :limit) END"
     " WHERE id = :id AND version = :expected RETURNING workflow, version"
 )
 _COLUMNS = "id, workflow, status, blob, version, wake_at"
@@ -153,12 +165,12 @@ def _json_array(entries: builtins.list[str]) -> str:
     return "[" + ",".join(entries) + "]"
 
 
-def _history_columns(history: Sequence[str], limit: int) -> tuple[str, int]:
-    """A new record's history log and dropped count, as columns."""
+def _history_columns(history: Sequence[str], limit: int) -> tuple[str, int, int]:
+    """A new record's history log, dropped count and entry count, as columns."""
     if len(history) <= limit:
-        return _json_array(list(history)), 0
+        return _json_array(list(history)), 0, len(history)
     entries, dropped = append_history([], 0, history, limit)
-    return _json_array(entries), dropped
+    return _json_array(entries), dropped, len(entries)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -283,6 +295,10 @@ class SQLiteStore(Store):
                 )
                 if column == "created_at":  # the best guess for records made before
                     conn.execute("UPDATE gorch_workflows SET created_at = updated_at")
+                if column == "history_count":
+                    conn.execute(
+                        "UPDATE gorch_workflows SET history_count = json_array_length(history)"
+                    )
             for index in self._stale_indexes(conn):  # built again below, as defined now
                 conn.execute(f"DROP INDEX IF EXISTS {index}")
             for statement in _SCHEMA.values():
@@ -449,7 +465,7 @@ class SQLiteStore(Store):
     ) -> Record:
         check_history_limit(history_limit)
         wake = opt_utc(wake_at)
-        entries, dropped = append_history([], 0, history, history_limit)
+        log, dropped, count = _history_columns(history, history_limit)
         stamp = _now_micros()
         cur = self._write1(
             _INSERT,
@@ -462,8 +478,9 @@ class SQLiteStore(Store):
                 stamp,
                 stamp,
                 _cursors_text(tuple(cursors)),
-                _json_array(entries),
+                log,
                 dropped,
+                count,
             ),
         )
         if cur.rowcount != 1:
