@@ -31,6 +31,13 @@ Figures:
   dag      one resume of a random 1 000-node DAG (bench_dag (a)); µs per node
   loop     For i < 100 around a Select, driven to the end (bench_core (d)); µs per iteration
   mw       ``step`` with ``middleware=[gorch.Middleware()]`` (an empty stack); µs per step
+
+``--go DIR`` also runs gorchestrate's own Go benchmark of (a)'s workflow
+(``go test -bench`` in ``DIR``, a checkout of github.com/gorchestrate/async,
+which is not part of this repository) once per round, in turn with the trees,
+for figures ``a`` and ``handler``, and adds each tree's factor against it (the
+median of each round's own factor). The Go benchmark has a handler and a
+checkpoint callback, as ``handler`` has. How to build it: ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -58,6 +65,9 @@ FIGURES: dict[str, tuple[int, int, str]] = {
     "loop": (20, 100, "iteration"),
     "mw": (20, 1000, "step"),
 }
+
+#: Figures whose workflow is gorchestrate's benchmark (compared with Go under ``--go``).
+GO_FIGURES = ("a", "handler")
 
 # The code a child interpreter runs: argv = tree, figure, ops, repeats, warmup[, "count"].
 # With "count" (under callgrind), the warm-up batches are followed by one batch run
@@ -142,6 +152,25 @@ def run_child(tree: str, figure: str, ops: int, repeats: int, warmup: int) -> li
     return list(json.loads(out.stdout.splitlines()[-1])["seconds_per_op"])
 
 
+def run_go(directory: str, bench: str, ops: int, repeats: int) -> list[float]:
+    """Seconds per op of each of ``repeats`` runs of the Go benchmark ``bench`` in ``directory``.
+
+    Each run does ``ops`` iterations (``-benchtime Nx``), as a tree's batch does.
+    """
+    cmd = ["go", "test", "-run", "^$", "-bench", f"^{bench}$"]
+    cmd += ["-benchtime", f"{ops}x", "-count", str(repeats)]
+    try:
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=directory)
+    except FileNotFoundError:
+        raise SystemExit("--go needs the go command on PATH (see benchmarks/README.md)") from None
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"{' '.join(cmd)} failed in {directory}:\n{e.stdout}{e.stderr}") from None
+    found = re.findall(rf"^{re.escape(bench)}(?:-\d+)?\s+\d+\s+([\d.]+) ns/op", out.stdout, re.M)
+    if not found:
+        raise SystemExit(f"no {bench} figure in the output of {' '.join(cmd)}:\n{out.stdout}")
+    return [float(ns) / 1e9 for ns in found]
+
+
 def instructions(tree: str, figure: str, ops: int) -> float:
     """Instructions per op under callgrind, counted inside the measured batch only.
 
@@ -191,17 +220,26 @@ def compare(
     repeats: int,
     scale: float,
     instr: bool,
+    go: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for figure in figures:
         ops, units, unit = FIGURES[figure]
         ops = max(1, int(ops * scale))
         per_tree: list[list[float]] = [[] for _ in trees]
+        with_go = go is not None and figure in GO_FIGURES
+        go_us: list[float] = []
         for r in range(rounds):
             order = range(len(trees)) if r % 2 == 0 else reversed(range(len(trees)))
+            if with_go and r % 2 == 0:
+                assert go is not None
+                go_us.append(min(run_go(*go, ops, repeats)) * 1e6)
             for k in order:
                 samples = run_child(trees[k], figure, ops, repeats, 1)
                 per_tree[k].append(min(samples) / units * 1e6)
+            if with_go and r % 2 == 1:
+                assert go is not None
+                go_us.append(min(run_go(*go, ops, repeats)) * 1e6)
         base = per_tree[0]
         entry: dict[str, Any] = {
             "unit": f"µs per {unit}",
@@ -211,6 +249,13 @@ def compare(
                 statistics.median(v / b for v, b in zip(col, base, strict=True)) for col in per_tree
             ],
         }
+        if go_us:
+            entry["go_us"] = statistics.median(go_us)
+            entry["go_us_rounds"] = go_us
+            entry["vs_go"] = [
+                statistics.median(v / g for v, g in zip(col, go_us, strict=True))
+                for col in per_tree
+            ]
         if instr:
             ins = [instructions(tree, figure, max(1, ops // 10)) / units for tree in trees]
             entry["instructions"] = ins
@@ -231,6 +276,8 @@ def render_row(figure: str, e: dict[str, Any], n: int) -> str:
             cells.append(f"{e['instructions'][k]:11,.0f}")
             if k:
                 cells.append(f"{e['instructions_ratio'][k]:6.3f}x")
+    if "vs_go" in e:
+        cells.append(f"Go {e['go_us']:.2f}: " + ", ".join(f"{x:.2f}x" for x in e["vs_go"]))
     return "  ".join(cells)
 
 
@@ -266,6 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the ops per batch")
     parser.add_argument("--instructions", action="store_true", help="also count (callgrind)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
+    parser.add_argument(
+        "--go", metavar="DIR", help="a checkout of gorchestrate/async: run its benchmark in turn"
+    )
+    parser.add_argument("--go-bench", default="BenchmarkXxx", help="its benchmark's name")
     args = parser.parse_args(argv)
     figures = [f.strip() for f in args.figures.split(",") if f.strip()]
     unknown = [f for f in figures if f not in FIGURES]
@@ -275,7 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for t in trees:
         if not os.path.isfile(os.path.join(t, "gorch", "__init__.py")):
             parser.error(f"{t} holds no gorch/ package")
-    report = compare(trees, figures, args.rounds, args.repeats, args.scale, args.instructions)
+    go = None
+    if args.go is not None:
+        if not os.path.isdir(args.go):
+            parser.error(f"--go {args.go}: no such directory")
+        go = (os.path.abspath(args.go), args.go_bench)
+    report = compare(trees, figures, args.rounds, args.repeats, args.scale, args.instructions, go)
     print(render(report))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
