@@ -73,9 +73,13 @@ def canonical_data(wf: Workflow) -> dict[str, Any]:
     """The workflow's data as it will load back (JSON-mode dump of a re-validated copy)."""
     cls = type(wf)
     try:
-        first = wf.model_dump(mode="json", round_trip=True, by_alias=True, warnings=False)
-        again = cls.model_validate(first)
-        data = again.model_dump(mode="json", round_trip=True, by_alias=True)
+        # What model_dump / model_validate / model_dump do, through the class's own
+        # serializer and validator: their Python wrappers cost more than a small
+        # model's dump, and this runs at every save.
+        ser = cls.__pydantic_serializer__
+        first = ser.to_python(wf, mode="json", round_trip=True, by_alias=True, warnings=False)
+        again = cls.__pydantic_validator__.validate_python(first)
+        data: dict[str, Any] = ser.to_python(again, mode="json", round_trip=True, by_alias=True)
         if _has_sets(cls):
             _sort_sets(again, data)
         return data
@@ -382,7 +386,7 @@ def loads(blob: bytes, cls: type[W]) -> tuple[W, State]:
     except _Bad as e:
         raise SerializationError(f"corrupt gorch blob: {e}") from None
     try:
-        wf = cls.model_validate(data)
+        wf = cls.__pydantic_validator__.validate_python(data)  # (model_validate, unwrapped)
     except pydantic.ValidationError as e:
         errors = summarize_validation(e.errors(include_url=False, include_input=False))
         raise SerializationError(

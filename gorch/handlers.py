@@ -131,7 +131,13 @@ def describe(fn: object) -> str:
 
 def is_awaitable(value: object) -> bool:
     """Whether a call's result is something to await (or an async generator never run)."""
+    if type(value) in _PLAIN_RESULTS:  # what handlers and setups return most: no ABC check
+        return False
     return inspect.isawaitable(value) or inspect.isasyncgen(value)
+
+
+#: Built-in types of results that are never awaitable (asking ``Awaitable`` costs more).
+_PLAIN_RESULTS = frozenset({str, dict, list, tuple, int, float, bool, bytes, type(None)})
 
 
 def discard(value: object) -> None:
