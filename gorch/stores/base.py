@@ -35,6 +35,31 @@ class Record:
     wake_at: datetime | None
     """UTC, timezone-aware; None when nothing is scheduled."""
 
+    def __init__(
+        self,
+        id: str,
+        workflow: str,
+        status: str,
+        blob: bytes,
+        version: int,
+        wake_at: datetime | None,
+    ) -> None:
+        # The frozen dataclass's own __init__, with each slot set through its descriptor
+        # instead of object.__setattr__ (a record is made at every load and save).
+        _set_id(self, id)
+        _set_workflow(self, workflow)
+        _set_status(self, status)
+        _set_blob(self, blob)
+        _set_version(self, version)
+        _set_wake_at(self, wake_at)
+
+
+# (The slots' member descriptors, as Record's __init__ uses them.)
+_set_id, _set_workflow, _set_status, _set_blob, _set_version, _set_wake_at = (
+    vars(Record)[name].__set__
+    for name in ("id", "workflow", "status", "blob", "version", "wake_at")
+)
+
 
 @dataclass(frozen=True, slots=True)
 class NewRecord:
