@@ -4,6 +4,8 @@ Timings are never asserted.
 """
 
 import json
+import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +219,87 @@ def test_bench_compare_counting_run_makes_one_batch_through_reduce() -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=120)
     report = json.loads(done.stdout.splitlines()[-1])
     assert len(report["seconds_per_op"]) == 1 and report["seconds_per_op"][0] > 0
+
+
+def _stand_in_go(tmp_path: Path, ns_per_op: str) -> tuple[Path, dict[str, str]]:
+    """A ``go`` command on PATH that answers ``go test -bench`` as Go prints it, and logs
+    its arguments and working directory (the real toolchain is not on CI machines)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "go-calls.log"
+    script = bin_dir / "go"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$PWD $*" >> {log}\n'
+        "echo 'goos: linux'\n"
+        "echo 'pkg: github.com/gorchestrate/async'\n"
+        f"echo 'BenchmarkXxx-2   \t    2000\t     {ns_per_op} ns/op'\n"
+        f"echo 'BenchmarkXxx-2   \t    2000\t     {ns_per_op} ns/op'\n"
+        "echo PASS\n"
+    )
+    script.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    return log, env
+
+
+def test_bench_compare_go_runs_the_go_benchmark_in_turn_and_gives_the_factor(
+    tmp_path: Path,
+) -> None:
+    log, env = _stand_in_go(tmp_path, "20000")
+    go_dir = tmp_path / "async"
+    go_dir.mkdir()
+    out = tmp_path / "cmp.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_compare.py"),
+        str(ROOT),
+        "--figures",
+        "a,step",
+        "--rounds",
+        "2",
+        "--repeats",
+        "2",
+        "--scale",
+        "0.01",
+        "--go",
+        str(go_dir),
+        "--json",
+        str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+    report = json.loads(out.read_text())
+    a = report["figures"]["a"]
+    assert a["go_us_rounds"] == [20.0, 20.0]  # 20 000 ns/op, once per round
+    assert a["vs_go"][0] == pytest.approx(statistics.median(u / 20.0 for u in a["us_rounds"][0]))
+    assert "vs_go" not in report["figures"]["step"]  # not gorchestrate's workflow
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2  # figure a only, one run per round, in the checkout
+    for call in calls:
+        where, args = call.split(" ", 1)
+        assert where == str(go_dir)
+        assert args == "test -run ^$ -bench ^BenchmarkXxx$ -benchtime 20x -count 2"
+    assert "Go 20.00" in done.stdout
+
+
+def test_bench_compare_go_says_when_the_benchmark_is_missing(tmp_path: Path) -> None:
+    _, env = _stand_in_go(tmp_path, "20000")
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_compare.py"),
+        str(ROOT),
+        "--figures",
+        "a",
+        "--rounds",
+        "1",
+        "--repeats",
+        "1",
+        "--scale",
+        "0.01",
+        "--go",
+        str(tmp_path),
+        "--go-bench",
+        "BenchmarkWorkflow",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode != 0
+    assert "no BenchmarkWorkflow figure in the output of go test" in done.stderr
