@@ -53,6 +53,8 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+from benchkit import GO_BENCH, run_go
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 #: figure -> (default ops per batch, units per op, what one unit is)
@@ -150,25 +152,6 @@ def run_child(tree: str, figure: str, ops: int, repeats: int, warmup: int) -> li
     cmd = [sys.executable, "-c", child_code(), tree, figure, str(ops), str(repeats), str(warmup)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tree)
     return list(json.loads(out.stdout.splitlines()[-1])["seconds_per_op"])
-
-
-def run_go(directory: str, bench: str, ops: int, repeats: int) -> list[float]:
-    """Seconds per op of each of ``repeats`` runs of the Go benchmark ``bench`` in ``directory``.
-
-    Each run does ``ops`` iterations (``-benchtime Nx``), as a tree's batch does.
-    """
-    cmd = ["go", "test", "-run", "^$", "-bench", f"^{bench}$"]
-    cmd += ["-benchtime", f"{ops}x", "-count", str(repeats)]
-    try:
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=directory)
-    except FileNotFoundError:
-        raise SystemExit("--go needs the go command on PATH (see benchmarks/README.md)") from None
-    except subprocess.CalledProcessError as e:
-        raise SystemExit(f"{' '.join(cmd)} failed in {directory}:\n{e.stdout}{e.stderr}") from None
-    found = re.findall(rf"^{re.escape(bench)}(?:-\d+)?\s+\d+\s+([\d.]+) ns/op", out.stdout, re.M)
-    if not found:
-        raise SystemExit(f"no {bench} figure in the output of {' '.join(cmd)}:\n{out.stdout}")
-    return [float(ns) / 1e9 for ns in found]
 
 
 def instructions(tree: str, figure: str, ops: int) -> float:
@@ -316,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--go", metavar="DIR", help="a checkout of gorchestrate/async: run its benchmark in turn"
     )
-    parser.add_argument("--go-bench", default="BenchmarkXxx", help="its benchmark's name")
+    parser.add_argument("--go-bench", default=GO_BENCH, help="its benchmark's name")
     args = parser.parse_args(argv)
     figures = [f.strip() for f in args.figures.split(",") if f.strip()]
     unknown = [f for f in figures if f not in FIGURES]

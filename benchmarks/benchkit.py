@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import re
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -129,3 +131,28 @@ def count_calls(obj: object, names: Sequence[str]) -> dict[str, int]:
 
         setattr(obj, name, counted)
     return counts
+
+
+#: The Go benchmark of gorchestrate/async with (a)'s workflow (in its ``async_test.go``).
+GO_BENCH = "BenchmarkXxx"
+
+
+def run_go(directory: str, bench: str, ops: int, repeats: int) -> list[float]:
+    """Seconds per op of each of ``repeats`` runs of the Go benchmark ``bench`` in ``directory``
+    (a checkout of gorchestrate/async; benchmarks/README.md says how to build it).
+
+    Each run does ``ops`` iterations (``-benchtime Nx``), as a batch of gorch's does,
+    and at least 10 000 (a quarter of a second): fewer leave Go's figure to chance.
+    """
+    cmd = ["go", "test", "-run", "^$", "-bench", f"^{bench}$"]
+    cmd += ["-benchtime", f"{max(ops, 10_000)}x", "-count", str(repeats)]
+    try:
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=directory)
+    except FileNotFoundError:
+        raise SystemExit("--go needs the go command on PATH (see benchmarks/README.md)") from None
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"{' '.join(cmd)} failed in {directory}:\n{e.stdout}{e.stderr}") from None
+    found = re.findall(rf"^{re.escape(bench)}(?:-\d+)?\s+\d+\s+([\d.]+) ns/op", out.stdout, re.M)
+    if not found:
+        raise SystemExit(f"no {bench} figure in the output of {' '.join(cmd)}:\n{out.stdout}")
+    return [float(ns) / 1e9 for ns in found]

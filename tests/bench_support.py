@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -30,3 +31,24 @@ def leaves(obj: Any, path: str = "") -> list[tuple[str, Any]]:
     if isinstance(obj, dict):
         return [leaf for k, v in obj.items() for leaf in leaves(v, f"{path}/{k}")]
     return [(path, obj)]
+
+
+def stand_in_go(tmp_path: Path, ns_per_op: str) -> tuple[Path, dict[str, str]]:
+    """A ``go`` command on PATH that answers ``go test -bench`` as Go prints it, and logs
+    its arguments and working directory (the real toolchain is not on CI machines)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "go-calls.log"
+    script = bin_dir / "go"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$PWD $*" >> {log}\n'
+        "echo 'goos: linux'\n"
+        "echo 'pkg: github.com/gorchestrate/async'\n"
+        f"echo 'BenchmarkXxx-2   \t    2000\t     {ns_per_op} ns/op'\n"
+        f"echo 'BenchmarkXxx-2   \t    2000\t     {ns_per_op} ns/op'\n"
+        "echo PASS\n"
+    )
+    script.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    return log, env

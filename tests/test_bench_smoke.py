@@ -8,7 +8,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bench_support import leaves, load_bench
+import pytest
+from bench_support import leaves, load_bench, stand_in_go
 
 EXPECTED = {
     "a_gorchestrate": {
@@ -79,3 +80,35 @@ def test_quick_run_writes_every_figure(tmp_path: Path, capsys: Any) -> None:
     printed = capsys.readouterr().out
     for title in ("(a)", "(b)", "(c)", "(d)"):
         assert title in printed
+
+
+def test_quick_run_with_go_gives_each_figure_as_a_factor_of_go(
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--go DIR``: Go's benchmark runs before and after (a), and (a) is read against it."""
+    bench = _load_bench()
+    log, env = stand_in_go(tmp_path, "20000")  # 20 µs/op
+    monkeypatch.setenv("PATH", env["PATH"])
+    go_dir = tmp_path / "async"
+    go_dir.mkdir()
+    out = tmp_path / "b.json"
+
+    assert bench.main(["--quick", "--go", go_dir, "--json", out]) == 0
+
+    a = json.loads(out.read_text(encoding="utf-8"))["figures"]["a_gorchestrate"]
+    assert a["go_us_per_op_before"] == a["go_us_per_op_after"] == a["go_us_per_op"] == 20.0
+    assert a["over_go"] == pytest.approx(a["us_per_op_median"] / 20.0)
+    assert a["handler_over_go"] == pytest.approx(a["handler_us_per_op_median"] / 20.0)
+    assert len(log.read_text().splitlines()) == 2  # before and after, in the checkout
+    printed = capsys.readouterr().out
+    assert "gorchestrate (Go), this run" in printed
+    assert f"{a['over_go']:.2f}x" in printed
+    verdict = "within" if max(a["over_go"], a["handler_over_go"]) <= 2.5 else "ABOVE"
+    assert f"-> {verdict} 2.5x Go's time" in printed
+
+
+def test_go_must_be_a_directory(tmp_path: Path) -> None:
+    bench = _load_bench()
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--quick", "--go", tmp_path / "missing"])
+    assert exit_.value.code == 2

@@ -4,7 +4,6 @@ Timings are never asserted.
 """
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bench_support import stand_in_go
 
 import gorch
 from gorch import For, Go, On, S, Select, Step, Timeout
@@ -221,31 +221,10 @@ def test_bench_compare_counting_run_makes_one_batch_through_reduce() -> None:
     assert len(report["seconds_per_op"]) == 1 and report["seconds_per_op"][0] > 0
 
 
-def _stand_in_go(tmp_path: Path, ns_per_op: str) -> tuple[Path, dict[str, str]]:
-    """A ``go`` command on PATH that answers ``go test -bench`` as Go prints it, and logs
-    its arguments and working directory (the real toolchain is not on CI machines)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "go-calls.log"
-    script = bin_dir / "go"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'echo "$PWD $*" >> {log}\n'
-        "echo 'goos: linux'\n"
-        "echo 'pkg: github.com/gorchestrate/async'\n"
-        f"echo 'BenchmarkXxx-2   \t    2000\t     {ns_per_op} ns/op'\n"
-        f"echo 'BenchmarkXxx-2   \t    2000\t     {ns_per_op} ns/op'\n"
-        "echo PASS\n"
-    )
-    script.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    return log, env
-
-
 def test_bench_compare_go_runs_the_go_benchmark_in_turn_and_gives_the_factor(
     tmp_path: Path,
 ) -> None:
-    log, env = _stand_in_go(tmp_path, "20000")
+    log, env = stand_in_go(tmp_path, "20000")
     go_dir = tmp_path / "async"
     go_dir.mkdir()
     out = tmp_path / "cmp.json"
@@ -277,12 +256,12 @@ def test_bench_compare_go_runs_the_go_benchmark_in_turn_and_gives_the_factor(
     for call in calls:
         where, args = call.split(" ", 1)
         assert where == str(go_dir)
-        assert args == "test -run ^$ -bench ^BenchmarkXxx$ -benchtime 20x -count 2"
+        assert args == "test -run ^$ -bench ^BenchmarkXxx$ -benchtime 10000x -count 2"
     assert "Go 20.00" in done.stdout
 
 
 def test_bench_compare_go_says_when_the_benchmark_is_missing(tmp_path: Path) -> None:
-    _, env = _stand_in_go(tmp_path, "20000")
+    _, env = stand_in_go(tmp_path, "20000")
     cmd = [
         sys.executable,
         str(ROOT / "benchmarks" / "bench_compare.py"),
