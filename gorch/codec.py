@@ -79,6 +79,8 @@ def canonical_data(wf: Workflow) -> dict[str, Any]:
         ser = cls.__pydantic_serializer__
         first = ser.to_python(wf, mode="json", round_trip=True, by_alias=True, warnings=False)
         again = cls.__pydantic_validator__.validate_python(first)
+        if type(again) is not cls:  # a validator of the class made another model
+            ser = type(again).__pydantic_serializer__
         data: dict[str, Any] = ser.to_python(again, mode="json", round_trip=True, by_alias=True)
         if _has_sets(cls):
             _sort_sets(again, data)

@@ -752,3 +752,38 @@ def test_loads_of_any_bytes_raises_only_serialization_error(raw: bytes) -> None:
             continue
         assert type(wf) is cls
         assert type(state) is gorch.State
+
+
+class Versioned(gorch.Workflow):
+    """A class whose validator upgrades what it reads to a newer model (a subclass)."""
+
+    n: int = 0
+
+    @pydantic.model_validator(mode="wrap")
+    @classmethod
+    def _upgrade(cls, data: Any, handler: Any) -> Any:
+        made = handler(data)
+        if cls is Versioned:
+            return VersionedV2(n=made.n)
+        return made
+
+    def definition(self) -> gorch.Section:
+        return S(Step("noop", self.noop))
+
+    def noop(self) -> None:
+        return None
+
+
+class VersionedV2(Versioned):
+    v: int = 2
+
+
+def test_a_save_writes_the_data_as_the_validator_gives_it_back() -> None:
+    """The blob holds the re-validated copy's dump, even when that copy is another model."""
+    wf = Versioned.model_construct(n=3)
+    state = gorch.new_state("v-1", "versioned")
+    blob = gorch.dumps(wf, state)
+    assert msgpack.unpackb(blob)[3] == {"n": 3, "v": 2}
+    loaded, _ = gorch.loads(blob, Versioned)
+    assert type(loaded) is VersionedV2 and loaded.v == 2
+    assert gorch.dumps(loaded, state) == blob
