@@ -4,7 +4,7 @@ Layout: ``["gorch", FORMAT_VERSION, state, data]`` where ``state`` is a compact
 array (see ``_pack_state``) and ``data`` is the workflow's pydantic JSON-mode
 dump. Nothing in a blob is ever unpickled or evaluated: msgpack extension
 types are refused, every state field is type-checked, and the data goes
-through ``model_validate``.
+through the class's validator (its ``model_validate``, when the class overrides it).
 
 ``dumps`` writes the data as the model re-validates it, so that
 ``dumps(*loads(b, Cls)) == b`` for every blob it wrote and "state unchanged"
@@ -73,15 +73,20 @@ def canonical_data(wf: Workflow) -> dict[str, Any]:
     """The workflow's data as it will load back (JSON-mode dump of a re-validated copy)."""
     cls = type(wf)
     try:
-        # What model_dump / model_validate / model_dump do, through the class's own
-        # serializer and validator: their Python wrappers cost more than a small
-        # model's dump, and this runs at every save.
-        ser = cls.__pydantic_serializer__
-        first = ser.to_python(wf, mode="json", round_trip=True, by_alias=True, warnings=False)
-        again = cls.__pydantic_validator__.validate_python(first)
-        if type(again) is not cls:  # a validator of the class made another model
-            ser = type(again).__pydantic_serializer__
-        data: dict[str, Any] = ser.to_python(again, mode="json", round_trip=True, by_alias=True)
+        if _plain_model(cls):
+            # What model_dump / model_validate / model_dump do, through the class's own
+            # serializer and validator: their Python wrappers cost more than a small
+            # model's dump, and this runs at every save.
+            ser = cls.__pydantic_serializer__
+            first = ser.to_python(wf, mode="json", round_trip=True, by_alias=True, warnings=False)
+            again = cls.__pydantic_validator__.validate_python(first)
+            if type(again) is not cls:  # a validator of the class made another model
+                ser = type(again).__pydantic_serializer__
+            data: dict[str, Any] = ser.to_python(again, mode="json", round_trip=True, by_alias=True)
+        else:  # the class overrides them: its own versions decide
+            first = wf.model_dump(mode="json", round_trip=True, by_alias=True, warnings=False)
+            again = cls.model_validate(first)
+            data = again.model_dump(mode="json", round_trip=True, by_alias=True)
         if _has_sets(cls):
             _sort_sets(again, data)
         return data
@@ -105,6 +110,21 @@ def canonical_data(wf: Workflow) -> dict[str, Any]:
         raise SerializationError(
             f"the data of {cls.__name__} cannot be serialised: {e}{hint}"
         ) from e
+
+
+_plain_classes: dict[type, bool] = {}
+
+
+def _plain_model(cls: type[pydantic.BaseModel]) -> bool:
+    """Whether ``cls`` leaves ``model_dump`` and ``model_validate`` as pydantic's (cached):
+    then the codec calls the serializer and validator they would call, directly."""
+    plain = _plain_classes.get(cls)
+    if plain is None:
+        plain = _plain_classes[cls] = (
+            cls.model_dump is pydantic.BaseModel.model_dump
+            and cls.model_validate.__func__ is pydantic.BaseModel.model_validate.__func__  # type: ignore[attr-defined]
+        )
+    return plain
 
 
 _set_classes: dict[type, bool] = {}
@@ -388,7 +408,10 @@ def loads(blob: bytes, cls: type[W]) -> tuple[W, State]:
     except _Bad as e:
         raise SerializationError(f"corrupt gorch blob: {e}") from None
     try:
-        wf = cls.__pydantic_validator__.validate_python(data)  # (model_validate, unwrapped)
+        if _plain_model(cls):  # (model_validate, unwrapped: see canonical_data)
+            wf = cls.__pydantic_validator__.validate_python(data)
+        else:
+            wf = cls.model_validate(data)
     except pydantic.ValidationError as e:
         errors = summarize_validation(e.errors(include_url=False, include_input=False))
         raise SerializationError(

@@ -326,7 +326,7 @@ def snapshot_of(rec: Record, wf: Workflow, state: State) -> Snapshot:
             "workflow": rec.workflow,
             "status": _STATUS.get(status) or InstanceStatus(status),
             "version": rec.version,
-            "data": type(wf).__pydantic_serializer__.to_python(wf, mode="json"),  # model_dump
+            "data": wf.model_dump(mode="json"),
             "next_wakeup": rec.wake_at if status != InstanceStatus.RESUMING else None,
         },
     )

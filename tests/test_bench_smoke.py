@@ -82,12 +82,16 @@ def test_quick_run_writes_every_figure(tmp_path: Path, capsys: Any) -> None:
         assert title in printed
 
 
+@pytest.mark.parametrize(
+    ("go_ns", "verdict"),
+    [(1_000_000_000, "within"), (1_000, "ABOVE")],  # Go at 1 s/op, then at 1 µs/op
+)
 def test_quick_run_with_go_gives_each_figure_as_a_factor_of_go(
-    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch, go_ns: int, verdict: str
 ) -> None:
     """``--go DIR``: Go's benchmark runs before and after (a), and (a) is read against it."""
     bench = _load_bench()
-    log, env = stand_in_go(tmp_path, "20000")  # 20 µs/op
+    log, env = stand_in_go(tmp_path, go_ns)  # its second call's best run is 1 µs slower
     monkeypatch.setenv("PATH", env["PATH"])
     go_dir = tmp_path / "async"
     go_dir.mkdir()
@@ -96,14 +100,16 @@ def test_quick_run_with_go_gives_each_figure_as_a_factor_of_go(
     assert bench.main(["--quick", "--go", go_dir, "--json", out]) == 0
 
     a = json.loads(out.read_text(encoding="utf-8"))["figures"]["a_gorchestrate"]
-    assert a["go_us_per_op_before"] == a["go_us_per_op_after"] == a["go_us_per_op"] == 20.0
-    assert a["over_go"] == pytest.approx(a["us_per_op_median"] / 20.0)
-    assert a["handler_over_go"] == pytest.approx(a["handler_us_per_op_median"] / 20.0)
+    before, after = go_ns / 1000, go_ns / 1000 + 1
+    assert a["go_us_per_op_before"] == pytest.approx(before, rel=1e-12, abs=1e-6)
+    assert a["go_us_per_op_after"] == pytest.approx(after, rel=1e-12, abs=1e-6)
+    assert a["go_us_per_op"] == pytest.approx((before + after) / 2)
+    assert a["over_go"] == pytest.approx(a["us_per_op_median"] / a["go_us_per_op"])
+    assert a["handler_over_go"] == pytest.approx(a["handler_us_per_op_median"] / a["go_us_per_op"])
     assert len(log.read_text().splitlines()) == 2  # before and after, in the checkout
     printed = capsys.readouterr().out
     assert "gorchestrate (Go), this run" in printed
     assert f"{a['over_go']:.2f}x" in printed
-    verdict = "within" if max(a["over_go"], a["handler_over_go"]) <= 2.5 else "ABOVE"
     assert f"-> {verdict} 2.5x Go's time" in printed
 
 
