@@ -168,24 +168,15 @@ def test_setup_and_teardown_use_handlers_built_from_current_data() -> None:
     assert wf.log == ["teardown m y True", "teardown e y False"]
 
 
+def _compare(*args: object) -> list[str]:
+    """The command line of benchmarks/bench_compare.py with ``args``."""
+    return [sys.executable, str(ROOT / "benchmarks" / "bench_compare.py"), *map(str, args)]
+
+
 def test_bench_compare_reports_each_tree_and_ratio(tmp_path: Path) -> None:
     out = tmp_path / "cmp.json"
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "bench_compare.py"),
-        str(ROOT),
-        str(ROOT),
-        "--figures",
-        "a,handler",
-        "--rounds",
-        "1",
-        "--repeats",
-        "1",
-        "--scale",
-        "0.01",
-        "--json",
-        str(out),
-    ]
+    cmd = _compare(ROOT, ROOT, "--figures", "a,handler", "--rounds", "1", "--repeats", "1")
+    cmd += ["--scale", "0.01", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=300)
     assert "ratio" in done.stdout
     report = json.loads(out.read_text())
@@ -197,13 +188,7 @@ def test_bench_compare_reports_each_tree_and_ratio(tmp_path: Path) -> None:
 
 
 def test_bench_compare_refuses_an_unknown_figure() -> None:
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "bench_compare.py"),
-        str(ROOT),
-        "--figures",
-        "x",
-    ]
+    cmd = _compare(ROOT, "--figures", "x")
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 2 and "unknown figures" in done.stderr
 
@@ -228,23 +213,8 @@ def test_bench_compare_go_runs_the_go_benchmark_in_turn_and_gives_the_factor(
     go_dir = tmp_path / "async"
     go_dir.mkdir()
     out = tmp_path / "cmp.json"
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "bench_compare.py"),
-        str(ROOT),
-        "--figures",
-        "a,step",
-        "--rounds",
-        "2",
-        "--repeats",
-        "2",
-        "--scale",
-        "0.01",
-        "--go",
-        str(go_dir),
-        "--json",
-        str(out),
-    ]
+    cmd = _compare(ROOT, "--figures", "a,step", "--rounds", "2", "--repeats", "2")
+    cmd += ["--scale", "0.01", "--go", str(go_dir), "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
     report = json.loads(out.read_text())
     a = report["figures"]["a"]
@@ -265,23 +235,8 @@ def test_bench_compare_go_runs_the_go_benchmark_in_turn_and_gives_the_factor(
 
 def test_bench_compare_go_says_when_the_benchmark_is_missing(tmp_path: Path) -> None:
     _, env = stand_in_go(tmp_path, 20000)
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "bench_compare.py"),
-        str(ROOT),
-        "--figures",
-        "a",
-        "--rounds",
-        "1",
-        "--repeats",
-        "1",
-        "--scale",
-        "0.01",
-        "--go",
-        str(tmp_path),
-        "--go-bench",
-        "BenchmarkWorkflow",
-    ]
+    cmd = _compare(ROOT, "--figures", "a", "--rounds", "1", "--repeats", "1", "--scale", "0.01")
+    cmd += ["--go", str(tmp_path), "--go-bench", "BenchmarkWorkflow"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert done.returncode != 0
     assert "no BenchmarkWorkflow figure in the output of go test" in done.stderr
