@@ -13,6 +13,7 @@ can be checked by comparing bytes.
 
 from __future__ import annotations
 
+import inspect
 import json
 import reprlib
 from typing import Any, TypeVar
@@ -73,20 +74,9 @@ def canonical_data(wf: Workflow) -> dict[str, Any]:
     """The workflow's data as it will load back (JSON-mode dump of a re-validated copy)."""
     cls = type(wf)
     try:
-        if _plain_model(cls):
-            # What model_dump / model_validate / model_dump do, through the class's own
-            # serializer and validator: their Python wrappers cost more than a small
-            # model's dump, and this runs at every save.
-            ser = cls.__pydantic_serializer__
-            first = ser.to_python(wf, mode="json", round_trip=True, by_alias=True, warnings=False)
-            again = cls.__pydantic_validator__.validate_python(first)
-            if type(again) is not cls:  # a validator of the class made another model
-                ser = type(again).__pydantic_serializer__
-            data: dict[str, Any] = ser.to_python(again, mode="json", round_trip=True, by_alias=True)
-        else:  # the class overrides them: its own versions decide
-            first = wf.model_dump(mode="json", round_trip=True, by_alias=True, warnings=False)
-            again = cls.model_validate(first)
-            data = again.model_dump(mode="json", round_trip=True, by_alias=True)
+        first = _dump(wf, warnings=False)
+        again = _validate(cls, first)
+        data = _dump(again)
         if _has_sets(cls):
             _sort_sets(again, data)
         return data
@@ -112,19 +102,43 @@ def canonical_data(wf: Workflow) -> dict[str, Any]:
         ) from e
 
 
-_plain_classes: dict[type, bool] = {}
+def _dump(model: pydantic.BaseModel, warnings: bool = True) -> dict[str, Any]:
+    """``model.model_dump`` in the codec's mode: JSON, round trip, by alias.
 
-
-def _plain_model(cls: type[pydantic.BaseModel]) -> bool:
-    """Whether ``cls`` leaves ``model_dump`` and ``model_validate`` as pydantic's (cached):
-    then the codec calls the serializer and validator they would call, directly."""
-    plain = _plain_classes.get(cls)
-    if plain is None:
-        plain = _plain_classes[cls] = (
-            cls.model_dump is pydantic.BaseModel.model_dump
-            and cls.model_validate.__func__ is pydantic.BaseModel.model_validate.__func__  # type: ignore[attr-defined]
+    Through the class's serializer itself when the class keeps pydantic's
+    ``model_dump`` (the wrapper costs more than a small model's dump, and this runs
+    at every save); through its own ``model_dump`` when it overrides it.
+    """
+    cls = type(model)
+    if (_kept.get(cls) or _kept_of(cls))[0]:
+        out = cls.__pydantic_serializer__.to_python(
+            model, mode="json", round_trip=True, by_alias=True, warnings=warnings
         )
-    return plain
+    else:
+        out = model.model_dump(mode="json", round_trip=True, by_alias=True, warnings=warnings)
+    return out  # type: ignore[no-any-return]
+
+
+def _validate(cls: type[W], data: Any) -> W:
+    """``cls.model_validate(data)``, through the class's validator itself unless the
+    class overrides ``model_validate`` (one may migrate old data there)."""
+    if (_kept.get(cls) or _kept_of(cls))[1]:
+        return cls.__pydantic_validator__.validate_python(data)  # type: ignore[no-any-return]
+    return cls.model_validate(data)
+
+
+_kept: dict[type, tuple[bool, bool]] = {}
+
+
+def _kept_of(cls: type[pydantic.BaseModel]) -> tuple[bool, bool]:
+    """Whether ``cls`` leaves pydantic's ``model_dump`` and ``model_validate`` as they are
+    (remembered per class)."""
+
+    def keeps(name: str) -> bool:
+        return inspect.getattr_static(cls, name) is inspect.getattr_static(pydantic.BaseModel, name)
+
+    kept = _kept[cls] = (keeps("model_dump"), keeps("model_validate"))
+    return kept
 
 
 _set_classes: dict[type, bool] = {}
@@ -408,10 +422,7 @@ def loads(blob: bytes, cls: type[W]) -> tuple[W, State]:
     except _Bad as e:
         raise SerializationError(f"corrupt gorch blob: {e}") from None
     try:
-        if _plain_model(cls):  # (model_validate, unwrapped: see canonical_data)
-            wf = cls.__pydantic_validator__.validate_python(data)
-        else:
-            wf = cls.model_validate(data)
+        wf = _validate(cls, data)
     except pydantic.ValidationError as e:
         errors = summarize_validation(e.errors(include_url=False, include_input=False))
         raise SerializationError(
