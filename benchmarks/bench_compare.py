@@ -53,7 +53,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from benchkit import GO_BENCH, run_go
+from benchkit import add_go_options, go_checkout, run_go
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -210,19 +210,17 @@ def compare(
         ops, units, unit = FIGURES[figure]
         ops = max(1, int(ops * scale))
         per_tree: list[list[float]] = [[] for _ in trees]
-        with_go = go is not None and figure in GO_FIGURES
+        with_go = go if figure in GO_FIGURES else None
         go_us: list[float] = []
         for r in range(rounds):
             order = range(len(trees)) if r % 2 == 0 else reversed(range(len(trees)))
-            if with_go and r % 2 == 0:
-                assert go is not None
-                go_us.append(min(run_go(*go, ops, repeats)) * 1e6)
+            if with_go is not None and r % 2 == 0:  # Go first in even rounds, last in odd
+                go_us.append(min(run_go(*with_go, ops, repeats)) * 1e6)
             for k in order:
                 samples = run_child(trees[k], figure, ops, repeats, 1)
                 per_tree[k].append(min(samples) / units * 1e6)
-            if with_go and r % 2 == 1:
-                assert go is not None
-                go_us.append(min(run_go(*go, ops, repeats)) * 1e6)
+            if with_go is not None and r % 2 == 1:
+                go_us.append(min(run_go(*with_go, ops, repeats)) * 1e6)
         base = per_tree[0]
         entry: dict[str, Any] = {
             "unit": f"µs per {unit}",
@@ -296,10 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the ops per batch")
     parser.add_argument("--instructions", action="store_true", help="also count (callgrind)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
-    parser.add_argument(
-        "--go", metavar="DIR", help="a checkout of gorchestrate/async: run its benchmark in turn"
-    )
-    parser.add_argument("--go-bench", default=GO_BENCH, help="its benchmark's name")
+    add_go_options(parser, "run its benchmark in turn")
     args = parser.parse_args(argv)
     figures = [f.strip() for f in args.figures.split(",") if f.strip()]
     unknown = [f for f in figures if f not in FIGURES]
@@ -309,11 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for t in trees:
         if not os.path.isfile(os.path.join(t, "gorch", "__init__.py")):
             parser.error(f"{t} holds no gorch/ package")
-    go = None
-    if args.go is not None:
-        if not os.path.isdir(args.go):
-            parser.error(f"--go {args.go}: no such directory")
-        go = (os.path.abspath(args.go), args.go_bench)
+    checkout = go_checkout(parser, args)
+    go = None if checkout is None else (checkout, args.go_bench)
     report = compare(trees, figures, args.rounds, args.repeats, args.scale, args.instructions, go)
     print(render(report))
     if args.json:

@@ -30,7 +30,6 @@ Only the standard library is used for measuring.
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -39,7 +38,19 @@ from datetime import timedelta
 from typing import Any
 
 import pydantic
-from benchkit import GO_BENCH, emit, environment, fmt, measure, run_go, summary, table, timed
+from benchkit import (
+    GO_BENCH,
+    add_go_options,
+    emit,
+    environment,
+    fmt,
+    go_checkout,
+    measure,
+    run_go,
+    summary,
+    table,
+    timed,
+)
 
 import gorch
 from gorch import For, If, On, Return, S, Select, Step, Timeout
@@ -434,31 +445,31 @@ def render(report: dict[str, Any]) -> str:
     ]
     if "go_us_per_op" in a:  # Go measured in this run
         go = a["go_us_per_op"]
-        lines = [
-            [label, _f(a[f"{key}_median"]), _f(a[f"{key}_best"]), f"{a[f'{key}_median'] / go:.2f}x"]
-            for label, key in rows
-        ]
-        lines.append(["gorchestrate (Go), this run", _f(go), "", "1x"])
+        go_row = ["gorchestrate (Go), this run", _f(go), "", "1x"]
+
+        def vs_go(us: float) -> str:
+            return f"{us / go:.2f}x"
+
         over = max(a["over_go"], a["handler_over_go"])
         verdict = f"-> {'within' if over <= factor else 'ABOVE'} {factor}x Go's time"
     else:
         lo, hi = report["reference"]["go_us_per_op"]
-        lines = [
-            [
-                label,
-                _f(a[f"{key}_median"]),
-                _f(a[f"{key}_best"]),
-                f"{a[f'{key}_median'] / hi:.1f}-{a[f'{key}_median'] / lo:.1f}x",
-            ]
-            for label, key in rows
-        ]
-        lines.append(["gorchestrate (Go, reference)", f"{lo:.0f}-{hi:.0f}", "", "1x"])
+        go_row = ["gorchestrate (Go, reference)", f"{lo:.0f}-{hi:.0f}", "", "1x"]
+
+        def vs_go(us: float) -> str:
+            return f"{us / hi:.1f}-{us / lo:.1f}x"
+
         target = report["reference"]["target_us_per_op"]
         over = max(a["us_per_op_median"], a["handler_us_per_op_median"])
         verdict = (
             f"-> {'within' if over <= target else 'ABOVE'} {factor}x the slower reference "
             f"(<= {target:.0f} µs/op); --go DIR measures Go in the same run"
         )
+    lines = [
+        [label, _f(a[f"{key}_median"]), _f(a[f"{key}_best"]), vs_go(a[f"{key}_median"])]
+        for label, key in rows
+    ]
+    lines.append(go_row)
     out.append(_table(lines, ["", "µs/op median", "µs/op best", "vs Go"]))
     out.append(verdict)
     out.append("")
@@ -557,14 +568,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke test)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
-    parser.add_argument(
-        "--go", metavar="DIR", help="a checkout of gorchestrate/async: run its benchmark too"
-    )
-    parser.add_argument("--go-bench", default=GO_BENCH, help="its benchmark's name")
+    add_go_options(parser, "run its benchmark before and after (a)")
     args = parser.parse_args(None if argv is None else [str(a) for a in argv])
-    if args.go is not None and not os.path.isdir(args.go):
-        parser.error(f"--go {args.go}: no such directory")
-    report = run_all(Config(quick=args.quick, go=args.go, go_bench=args.go_bench))
+    go = go_checkout(parser, args)
+    report = run_all(Config(quick=args.quick, go=go, go_bench=args.go_bench))
     emit(report, render(report), args.json)
     return 0
 

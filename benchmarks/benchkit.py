@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
+import os
 import re
 import subprocess
 import time
@@ -156,3 +158,18 @@ def run_go(directory: str, bench: str, ops: int, repeats: int) -> list[float]:
     if not found:
         raise SystemExit(f"no {bench} figure in the output of {' '.join(cmd)}:\n{out.stdout}")
     return [float(ns) / 1e9 for ns in found]
+
+
+def add_go_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--go DIR`` and ``--go-bench NAME``: ``what`` the script does with Go's benchmark."""
+    parser.add_argument("--go", metavar="DIR", help=f"a checkout of gorchestrate/async: {what}")
+    parser.add_argument("--go-bench", default=GO_BENCH, help="its benchmark's name")
+
+
+def go_checkout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The ``--go`` directory as an absolute path (None without it); a usage error if missing."""
+    if args.go is None:
+        return None
+    if not os.path.isdir(args.go):
+        parser.error(f"--go {args.go}: no such directory")
+    return os.path.abspath(args.go)
