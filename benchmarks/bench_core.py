@@ -33,7 +33,7 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -277,23 +277,172 @@ def _handler_op(_: object) -> gorch.WorkflowStatus:
     return gorch.resume(wf, state, checkpoint)
 
 
+# --------------------------------------------------------------------------- the floor of (a)
+#
+# What any interpreter keeping SPEC §1 must do for (a), and nothing else: the
+# same 13 ``definition()`` builds (one at the start of each of the five calls,
+# one before each condition or Select read after a step or handler changed
+# data), the same calls of the steps, the handler (and its setup / teardown)
+# and the checkpoint callback, each with what it is given (an EventRequest per
+# awaited event), and the workflow and state they work on. No cursor is looked
+# up, no thread or wait recorded: the interpreter's own work is what gorch
+# costs above this line. Written for this one workflow, as the SQL floors of
+# ``bench_floors.py`` are for theirs; ``check_floor`` proves it does the same.
+
+
+def _floor_op(
+    cls: type[GorchestrateBench], checkpoint: Callable[[gorch.CheckpointKind], None] | None
+) -> int:
+    """(a) by hand: returns the workflow's ``i`` at the end (2, as gorch's run ends)."""
+    wf = cls()
+    state = gorch.new_state("bench", "bench")
+    # resume 1: the first loop, reset, the second loop's condition, the Select's setup
+    root = wf.definition()
+    loop = root.stmts[0]
+    while loop.cond:  # type: ignore[attr-defined]
+        loop.body[0].fn()  # type: ignore[attr-defined]
+        if checkpoint is not None:
+            checkpoint(gorch.CheckpointKind.AFTER_STEP)
+        loop = wf.definition().stmts[0]
+    root.stmts[1].fn()  # type: ignore[attr-defined]
+    if checkpoint is not None:
+        checkpoint(gorch.CheckpointKind.AFTER_STEP)
+    root = wf.definition()
+    pc = 0
+    while root.stmts[2].cond:  # type: ignore[attr-defined]
+        pc += 1
+        req = gorch.EventRequest(state.id, "main", "event", pc)
+        handler = root.stmts[2].body[0].cases[0].handler  # type: ignore[attr-defined]
+        if isinstance(handler, gorch.Handler):
+            req.setup_data = handler.setup(req)
+            if checkpoint is not None:
+                checkpoint(gorch.CheckpointKind.AFTER_SETUP)
+        if checkpoint is not None:
+            checkpoint(gorch.CheckpointKind.AFTER_RESUME)
+        # handle_event: a build, the handler
+        case = wf.definition().stmts[2].body[0].cases[0]  # type: ignore[attr-defined]
+        if isinstance(case.handler, gorch.Handler):
+            case.handler.handle(req, None)
+        else:
+            case.handler()
+        # resume: a build, the teardown, the case's step, the loop's condition
+        case = wf.definition().stmts[2].body[0].cases[0]  # type: ignore[attr-defined]
+        if isinstance(case.handler, gorch.Handler):
+            case.handler.teardown(req, True)
+            if checkpoint is not None:
+                checkpoint(gorch.CheckpointKind.AFTER_TEARDOWN)
+        case.body[0].fn()
+        if checkpoint is not None:
+            checkpoint(gorch.CheckpointKind.AFTER_STEP)
+        root = wf.definition()
+    if checkpoint is not None:
+        checkpoint(gorch.CheckpointKind.AFTER_RESUME)
+    return wf.i
+
+
+def _floor_plain(_: object) -> int:
+    return _floor_op(GorchestrateBench, None)
+
+
+def _floor_handler(_: object) -> int:
+    saves = [0]
+
+    def checkpoint(kind: gorch.CheckpointKind) -> None:
+        saves[0] += 1
+
+    return _floor_op(HandlerBench, checkpoint)
+
+
+def check_floor() -> dict[str, int]:
+    """Run (a) once through gorch and once through the floor, counting builds, step and
+    handler calls and checkpoints; AssertionError unless both did the same.
+
+    Returns the counts (per op: builds, calls of user code, checkpoints; ``i`` at the end).
+    """
+    counts: dict[str, dict[str, int]] = {}
+    for side in ("gorch", "floor"):
+        seen = counts[side] = {"builds": 0, "calls": 0, "checkpoints": 0, "i": 0}
+
+        def count(what: str, seen: dict[str, int] = seen) -> None:
+            seen[what] += 1
+
+        class Counted(HandlerBench):
+            def definition(self) -> gorch.Section:
+                count("builds")
+                return super().definition()
+
+            def inc(self) -> None:
+                count("calls")
+                super().inc()
+
+            def reset(self) -> None:
+                count("calls")
+                super().reset()
+
+        class CountedReceipt(Receipt):
+            def setup(self, req: gorch.EventRequest) -> str | None:
+                count("calls")
+                return None
+
+            def handle(self, req: gorch.EventRequest, input: Any) -> Any:
+                count("calls")
+                return None
+
+            def teardown(self, req: gorch.EventRequest, handled: bool) -> None:
+                count("calls")
+
+        def checkpoint(kind: gorch.CheckpointKind) -> None:
+            count("checkpoints")
+
+        global _RECEIPT
+        saved, _RECEIPT = _RECEIPT, CountedReceipt()
+        try:
+            if side == "gorch":
+                wf = Counted()
+                state = gorch.new_state("bench", "bench")
+                gorch.resume(wf, state, checkpoint)
+                for _ in range(2):
+                    gorch.handle_event(wf, state, "event")
+                    gorch.resume(wf, state, checkpoint)
+                if state.status is not FINISHED:
+                    raise AssertionError(f"(a) through gorch ended {state.status}")
+                seen["i"] = wf.i
+            else:
+                seen["i"] = _floor_op(Counted, checkpoint)
+        finally:
+            _RECEIPT = saved
+    if counts["floor"] != counts["gorch"]:
+        raise AssertionError(f"the floor of (a) does other work than gorch: {counts}")
+    return counts["gorch"]
+
+
 def bench_gorchestrate(cfg: Config) -> dict[str, float]:
     """(a) new workflow + new_state → resume → event → resume → event → resume.
 
-    Then the same with a setup/teardown Handler and a checkpoint callback. With
-    ``cfg.go``, Go's benchmark runs before and after both (its best run each time).
+    Then the same with a setup/teardown Handler and a checkpoint callback, and
+    both through the floor (the builds and calls SPEC §1 obliges, checked first
+    to be gorch's own). With ``cfg.go``, Go's benchmark runs before and after
+    all four (its best run each time).
     """
+    check_floor()
     check = lambda s: s is FINISHED  # noqa: E731
+    ends = lambda i: i == 2  # noqa: E731
     go_us: list[float] = []
     if cfg.go is not None:
         go_us.append(min(run_go(cfg.go, cfg.go_bench, cfg.a_ops, cfg.repeats)) * 1e6)
     res = measure(lambda: None, _gorchestrate_op, cfg.a_ops, cfg, check=check)
     hres = measure(lambda: None, _handler_op, cfg.a_ops, cfg, check=check)
+    fres = measure(lambda: None, _floor_plain, cfg.a_ops, cfg, check=ends)
+    fhres = measure(lambda: None, _floor_handler, cfg.a_ops, cfg, check=ends)
     out = {
         "us_per_op_median": res["median_us"],
         "us_per_op_best": res["best_us"],
         "handler_us_per_op_median": hres["median_us"],
         "handler_us_per_op_best": hres["best_us"],
+        "floor_us_per_op_median": fres["median_us"],
+        "floor_us_per_op_best": fres["best_us"],
+        "handler_floor_us_per_op_median": fhres["median_us"],
+        "handler_floor_us_per_op_best": fhres["best_us"],
     }
     if cfg.go is not None:
         go_us.append(min(run_go(cfg.go, cfg.go_bench, cfg.a_ops, cfg.repeats)) * 1e6)
@@ -442,7 +591,10 @@ def render(report: dict[str, Any]) -> str:
     rows = [
         ("gorch (Python)", "us_per_op"),
         ("gorch, Handler with setup/teardown + checkpoint", "handler_us_per_op"),
+        ("floor: SPEC's 13 builds + user calls alone", "floor_us_per_op"),
+        ("floor, Handler with setup/teardown + checkpoint", "handler_floor_us_per_op"),
     ]
+    go: float | None = None
     if "go_us_per_op" in a:  # Go measured in this run
         go = a["go_us_per_op"]
         go_row = ["gorchestrate (Go), this run", _f(go), "", "1x"]
@@ -472,6 +624,14 @@ def render(report: dict[str, Any]) -> str:
     lines.append(go_row)
     out.append(_table(lines, ["", "µs/op median", "µs/op best", "vs Go"]))
     out.append(verdict)
+    own = a["us_per_op_median"] - a["floor_us_per_op_median"]
+    hown = a["handler_us_per_op_median"] - a["handler_floor_us_per_op_median"]
+    budget = factor * (go if go is not None else report["reference"]["go_us_per_op"][1])
+    out.append(
+        f"   (the interpreter's own work, gorch minus its floor: {own:.1f} µs/op, with the "
+        f"Handler {hown:.1f}; {factor}x Go leaves it {budget - a['floor_us_per_op_median']:.1f}"
+        f" and {budget - a['handler_floor_us_per_op_median']:.1f})"
+    )
     out.append("")
 
     out.append("(b) straight workflow of N steps: one resume from new_state to FINISHED")

@@ -17,6 +17,10 @@ EXPECTED = {
         "us_per_op_best",
         "handler_us_per_op_median",
         "handler_us_per_op_best",
+        "floor_us_per_op_median",
+        "floor_us_per_op_best",
+        "handler_floor_us_per_op_median",
+        "handler_floor_us_per_op_best",
     },
     "c_codec": {
         "dumps_us_median",
@@ -69,7 +73,7 @@ def test_quick_run_writes_every_figure(tmp_path: Path, capsys: Any) -> None:
         assert set(row) == LOOP_KEYS, n
 
     leaves = _leaves(figures)
-    assert len(leaves) >= 2 + 5 + 4 * 5 + 5
+    assert len(leaves) >= 4 + 5 + 4 * 5 + 5
     for path, value in leaves:
         assert isinstance(value, (int, float)) and not isinstance(value, bool), path
         assert value > 0, path
@@ -118,3 +122,33 @@ def test_go_must_be_a_directory(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--quick", "--go", tmp_path / "missing"])
     assert exit_.value.code == 2
+
+
+def test_the_floor_of_a_does_what_gorch_must_and_no_less(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(a)'s floor makes gorch's builds, user calls and checkpoints (counted, not assumed)."""
+    bench = _load_bench()
+    counts = bench.check_floor()
+    # SPEC §1: a build at the start of each call, and one before each read after a change
+    assert counts["builds"] > 5
+    assert counts["i"] == 2
+
+    floor_op = bench._floor_op
+
+    def one_build_short(cls: Any, checkpoint: Any) -> int:
+        # the same walk, but the second build hands back the first one's tree
+        builds: list[Any] = []
+
+        class Skipping(cls):  # type: ignore[misc, valid-type]
+            def definition(self) -> Any:
+                if len(builds) == 1:
+                    builds.append(None)
+                    return builds[0]
+                root = super().definition()
+                builds.append(root)
+                return root
+
+        return int(floor_op(Skipping, checkpoint))
+
+    monkeypatch.setattr(bench, "_floor_op", one_build_short)
+    with pytest.raises(AssertionError, match="other work than gorch"):
+        bench.check_floor()
