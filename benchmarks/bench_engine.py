@@ -58,7 +58,7 @@ from typing import Any
 
 import msgpack
 import pydantic
-from bench_floors import CoreFloor, PostgresFloor, SQLiteFloor, new_state
+from bench_floors import CoreFloor, CoreRowFloor, PostgresFloor, SQLiteFloor, new_state
 from benchkit import count_calls, emit, environment, fmt, table, timed
 
 import gorch
@@ -398,7 +398,7 @@ def _approval_runner(engine: Engine, check: Callable[[str], str]) -> Callable[[s
     return run
 
 
-Floor = CoreFloor | SQLiteFloor | PostgresFloor
+Floor = CoreFloor | CoreRowFloor | SQLiteFloor | PostgresFloor
 
 
 def _floor_runner(floor: Floor) -> Callable[[str, int], tuple[float, float, float]]:
@@ -465,9 +465,14 @@ def open_floors(kind: str, s: Site) -> dict[str, Floor]:
         return {
             "floor": SQLiteFloor(s.path, sync, timers=True),
             "minimal": SQLiteFloor(s.path, sync),
+            "core": CoreRowFloor(SQLiteFloor(s.path, sync, timers=True), WORKFLOW, Approval),
         }
     if kind == "postgres":
-        return {"floor": PostgresFloor(PG_DSN, timers=True), "minimal": PostgresFloor(PG_DSN)}
+        return {
+            "floor": PostgresFloor(PG_DSN, timers=True),
+            "minimal": PostgresFloor(PG_DSN),
+            "core": CoreRowFloor(PostgresFloor(PG_DSN, timers=True), WORKFLOW, Approval),
+        }
     return {}
 
 
@@ -715,7 +720,8 @@ def render(report: dict[str, Any]) -> str:
     out.append(
         "(2) gorch against its floor, timed in turn (memory: gorch's core with a dict;"
         " SQLite, PostgreSQL: msgpack in one row, 3 commits, same durability, with a"
-        " wake-up index and a lease as gorch keeps them; 'minimal': without them)"
+        " wake-up index and a lease as gorch keeps them; 'minimal': without them;"
+        " 'core alone': gorch's bare core on the floor's SQL, no Engine)"
     )
     rows = []
     for kind in meta["stores"]:
@@ -726,6 +732,7 @@ def render(report: dict[str, Any]) -> str:
         ratio, goal = f2["gorch_over_floor"], f2["goal"]
         verdict = "within" if ratio <= goal else "ABOVE"
         minimal = f2.get("gorch_over_minimal")
+        core = f2.get("core_over_floor")
         rows.append(
             [
                 kind,
@@ -736,6 +743,7 @@ def render(report: dict[str, Any]) -> str:
                 f"{ratio:.2f}x",
                 f"<= {goal:g}x ({verdict})",
                 "" if minimal is None else f"{minimal:.2f}x",
+                "" if core is None else f"{core:.2f}x",
             ]
         )
     if rows:
@@ -748,8 +756,19 @@ def render(report: dict[str, Any]) -> str:
             "ratio",
             "goal",
             "vs minimal",
+            "core alone",
         ]
         out.append(_table(rows, header))
+        for kind in meta["stores"]:
+            f2 = fig["floor"].get(kind, {})
+            if "core_over_floor" in f2:
+                room = f2["goal"] - f2["core_over_floor"]
+                added = f2["gorch_over_floor"] - f2["core_over_floor"]
+                out.append(
+                    f"   {kind}: the bare core on the floor's SQL is {f2['core_over_floor']:.2f}x"
+                    f" the floor; the {f2['goal']:g}x goal leaves {room:+.2f}x for the Engine"
+                    f" and the store, which add {added:.2f}x"
+                )
     else:
         out.append("   (no store with a floor among --stores)")
     out.append("")
@@ -888,6 +907,10 @@ def run_all(cfg: Config) -> dict[str, Any]:
                     minimal = result["minimal"]["us_per_workflow_median"]
                     floor["minimal_us_per_workflow_median"] = minimal
                     floor["gorch_over_minimal"] = result[kind]["us_per_workflow_median"] / minimal
+                if "core" in result:  # the bare core on the floor's SQL
+                    core = result["core"]["us_per_workflow_median"]
+                    floor["core_us_per_workflow_median"] = core
+                    floor["core_over_floor"] = core / floor["us_per_workflow_median"]
                 figures["floor"][kind] = floor
         figures["store_calls"] = store_calls()
         if live:

@@ -23,6 +23,11 @@ careful programmer would by hand:
 * :class:`CoreFloor`: gorch's own core (``resume``, ``handle_event``,
   ``dumps``, ``loads``) on the real workflow, with a dict for a store: what the
   Engine on its memory store adds to the core is the Engine's own cost.
+* :class:`CoreRowFloor`: gorch's bare core in place of the dict state machine,
+  on an equivalent SQL floor's table and statements (its blob, its wake-up
+  and lease writes): what the core alone costs at that floor. gorch against
+  it is what the Engine and the store add; it against the floor, the core's
+  own share of gorch's gap.
 
 Every PostgreSQL floor works in a table of its own (``gorch_bench_floor_<random>``)
 and drops only that table.
@@ -38,6 +43,7 @@ from typing import Any
 import msgpack
 
 import gorch
+from gorch.timers import wakeup
 
 DECIDE = "decide"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -258,3 +264,59 @@ class CoreFloor:
 
     def close(self) -> None:
         self.blobs.clear()
+
+
+class CoreRowFloor:
+    """gorch's bare core on an equivalent SQL floor (``timers=True``): the floor's row,
+    statements and commits, with ``gorch.dumps`` of the real workflow for a blob.
+
+    What a careful programmer who keeps gorch's core but no Engine would write: the
+    wake-up is the state's first due timer (``gorch.timers.wakeup``), the lease the
+    floor's own. No history, no idempotency, no retries: none of the Engine's work.
+    """
+
+    def __init__(self, rows: SQLiteFloor | PostgresFloor, workflow: str, cls: type[gorch.Workflow]):
+        if not rows.timers:
+            raise ValueError("CoreRowFloor needs an equivalent floor (timers=True)")
+        self.rows = rows
+        self.workflow = workflow
+        self.cls = cls
+
+    def create(self, id: str, amount: float) -> None:
+        wf = self.cls.model_validate({"amount": amount})
+        state = gorch.new_state(id, self.workflow)
+        gorch.resume(wf, state)
+        wake, _ = wakeup(state)
+        if wake is None:
+            raise RuntimeError(f"{id} waits for no timer")
+        rows = self.rows
+        rows._execute(rows.insert, (id, gorch.dumps(wf, state), rows._when(wake)))
+
+    def apply(self, id: str, decision: dict[str, Any]) -> tuple[Any, int]:
+        rows = self.rows
+        row = rows._execute(rows.select, (id,)).fetchone()
+        if row is None:
+            raise KeyError(id)
+        wf, state = gorch.loads(row[0], self.cls)
+        gorch.handle_event(wf, state, DECIDE, decision)
+        lease = rows._when(datetime.now(UTC) + LEASE)  # the last step runs now
+        return (wf, state), self._cas(id, row[1], gorch.dumps(wf, state), lease)
+
+    def finish(self, id: str, loaded: Any, version: int) -> None:
+        wf, state = loaded
+        gorch.resume(wf, state)
+        self._cas(id, version, gorch.dumps(wf, state), None)
+
+    def _cas(self, id: str, version: int, blob: bytes, wake: Any) -> int:
+        cur = self.rows._execute(self.rows.update, (blob, version + 1, wake, id, version))
+        if cur.rowcount != 1:
+            raise RuntimeError(f"conflict on {id}")
+        return version + 1
+
+    def stage(self, id: str) -> str:
+        row = self.rows._execute(self.rows.select, (id,)).fetchone()
+        _, state = gorch.loads(row[0], self.cls)
+        return "finished" if state.status is gorch.WorkflowStatus.FINISHED else str(state.status)
+
+    def close(self) -> None:
+        self.rows.close()

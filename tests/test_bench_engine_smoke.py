@@ -21,6 +21,7 @@ APPROVAL_KEYS = {
 }
 FLOOR_KEYS = APPROVAL_KEYS | {"gorch_over_floor", "goal"}
 MINIMAL_KEYS = {"minimal_us_per_workflow_median", "gorch_over_minimal"}
+CORE_KEYS = {"core_us_per_workflow_median", "core_over_floor"}
 CALL_KEYS = {
     "writes_per_workflow",
     "writes_in_start",
@@ -69,7 +70,12 @@ def test_quick_run_writes_every_figure(tmp_path: Path, capsys: Any) -> None:
         assert set(row) == APPROVAL_KEYS, kind
     assert set(figures["floor"]) == set(STORES)  # memory: the bare core; sqlite: SQL by hand
     assert set(figures["floor"]["memory"]) == FLOOR_KEYS
-    assert set(figures["floor"]["sqlite"]) == FLOOR_KEYS | MINIMAL_KEYS
+    assert set(figures["floor"]["sqlite"]) == FLOOR_KEYS | MINIMAL_KEYS | CORE_KEYS
+    sqlite = figures["floor"]["sqlite"]
+    assert (
+        sqlite["core_over_floor"]
+        == sqlite["core_us_per_workflow_median"] / (sqlite["us_per_workflow_median"])
+    )
     assert figures["floor"]["memory"]["goal"] == 1.5
     assert figures["floor"]["sqlite"]["goal"] == 1.3
     assert set(figures["store_calls"]) == CALL_KEYS
@@ -82,7 +88,7 @@ def test_quick_run_writes_every_figure(tmp_path: Path, capsys: Any) -> None:
     assert set(figures["blob"]) == BLOB_KEYS
 
     leaves = _leaves(figures)
-    assert len(leaves) == 2 * 5 + 2 * 7 + 2 + 6 + 2 * 14 + 2
+    assert len(leaves) == 2 * 5 + 2 * 7 + 2 + 2 + 6 + 2 * 14 + 2
     for path, value in leaves:
         assert isinstance(value, (int, float)) and not isinstance(value, bool), path
         assert value > 0, path
@@ -101,6 +107,8 @@ def test_quick_run_writes_every_figure(tmp_path: Path, capsys: Any) -> None:
         assert f"{ratio:.2f}x" in printed
     for kind in STORES:
         assert kind in printed
+    core = figures["floor"]["sqlite"]["core_over_floor"]
+    assert f"sqlite: the bare core on the floor's SQL is {core:.2f}x the floor" in printed
 
 
 def test_temporary_files_are_removed(tmp_path: Path, monkeypatch: Any) -> None:
