@@ -23,6 +23,10 @@ Engine, and the same three stages run by the floor of ``bench_engine.py``
 * ``postgres``: the client's side only (gorch, psycopg and libpq), not the
   server's work nor the round trips.
 
+On SQLite and PostgreSQL a third side, ``core``, runs gorch's bare core (no
+Engine) on the floor's own SQL (``bench_floors.CoreRowFloor``): the core's
+share of gorch's cost against the floor's.
+
 Each count runs in a fresh interpreter (``PYTHONHASHSEED=0``) that first runs
 ``--warmup`` workflows uncounted, then ``--workflows`` workflows inside
 ``functools.reduce``, and callgrind collects only while that C function runs
@@ -50,7 +54,7 @@ from benchkit import emit, environment, fmt, table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STORES = ("memory", "sqlite", "postgres")
-SIDES = ("gorch", "floor")
+SIDES = ("gorch", "floor", "core")
 GOALS = {"memory": 1.5, "sqlite": 1.3, "postgres": 1.3}
 
 # The child: one side of one store, ``warmup`` workflows, then ``count`` of them inside
@@ -59,7 +63,7 @@ CHILD = r"""
 import atexit, functools, json, os, shutil, sys, tempfile, uuid
 sys.path.insert(0, BENCH_DIR)
 import bench_engine as be
-from bench_floors import CoreFloor, PostgresFloor, SQLiteFloor
+from bench_floors import CoreFloor, CoreRowFloor, PostgresFloor, SQLiteFloor
 
 kind, side, warmup, count, toggle = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 workdir = tempfile.mkdtemp(prefix="gorch-cpu-")
@@ -97,6 +101,8 @@ else:
         floor = SQLiteFloor(f"{workdir}/floor.db", "OFF", timers=True)
     else:
         floor = PostgresFloor(be.PG_DSN, timers=True)
+    if side == "core":  # gorch's bare core on the floor's SQL
+        floor = CoreRowFloor(floor, be.WORKFLOW, be.Approval)
     close = floor.close
 
     def one(_, wid):
@@ -178,7 +184,8 @@ def run_all(stores: Sequence[str], warmup: int, count: int) -> dict[str, Any]:
     a count does not depend on what else the machine runs)."""
     skipped = {k: why for k in stores if (why := server_problem(k)) is not None}
     live = [k for k in stores if k not in skipped]
-    runs = [(kind, side) for kind in live for side in SIDES]
+    # (on memory, the floor is the bare core already)
+    runs = [(kind, side) for kind in live for side in SIDES if side != "core" or kind != "memory"]
     with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
         counts = dict(
             zip(runs, pool.map(lambda run: instructions(*run, warmup, count), runs), strict=True)
@@ -192,6 +199,10 @@ def run_all(stores: Sequence[str], warmup: int, count: int) -> dict[str, Any]:
             "gorch_over_floor": gorch / floor,
             "goal": GOALS[kind],
         }
+        if (kind, "core") in counts:
+            core = counts[kind, "core"]
+            figures[kind]["core_instructions_per_workflow"] = core
+            figures[kind]["core_over_floor"] = core / floor
     return {
         "meta": {**environment(), "warmup": warmup, "workflows": count, "stores": list(stores)},
         "figures": figures,
@@ -209,21 +220,29 @@ def render(report: dict[str, Any]) -> str:
                 fmt(f["floor_instructions_per_workflow"] / 1000),
                 f"{f['gorch_over_floor']:.2f}x",
                 f"<= {f['goal']}x (time)",
+                _core(f),
             ]
         )
     for kind, why in report["skipped"].items():
-        rows.append([kind, "-", "-", "-", f"skipped: {why[:60]}"])
+        rows.append([kind, "-", "-", "-", f"skipped: {why[:60]}", ""])
     meta = report["meta"]
     return "\n".join(
         [
             f"gorch {meta['gorch']} engine CPU — Python {meta['python']}, instructions per"
             f" approval workflow (start -> send -> finished), {meta['workflows']} counted"
             f" after {meta['warmup']} uncounted",
-            table(rows, ["store", "gorch k instr", "floor k instr", "ratio", "goal"]),
+            table(rows, ["store", "gorch k instr", "floor k instr", "ratio", "goal", "core alone"]),
             "   (memory: against the bare core with a dict; sqlite: synchronous=OFF, CPU only;",
-            "    postgres: the client's side only. Goals are on time, at full durability.)",
+            "    postgres: the client's side only. Goals are on time, at full durability.",
+            "    core alone: gorch's bare core on the floor's SQL, no Engine, k instr and ratio.)",
         ]
     )
+
+
+def _core(f: dict[str, float]) -> str:
+    if "core_instructions_per_workflow" not in f:
+        return ""
+    return f"{fmt(f['core_instructions_per_workflow'] / 1000)} ({f['core_over_floor']:.2f}x)"
 
 
 def _stores(text: str) -> list[str]:

@@ -31,6 +31,22 @@ def test_memory_counts_both_sides_inside_the_batch(tmp_path: Path, capsys: Any) 
     assert "memory" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_sqlite_counts_the_bare_core_on_the_floors_sql(tmp_path: Path, capsys: Any) -> None:
+    """SQL stores have a third side: gorch's core without the Engine, on the floor's SQL."""
+    bench = load_bench("bench_engine_cpu")
+    out = tmp_path / "cpu.json"
+    args = ["--stores", "sqlite", "--workflows", "3", "--warmup", "2", "--json", out]
+    assert bench.main(args) == 0
+    f = json.loads(out.read_text())["figures"]["sqlite"]
+    gorch, floor = f["gorch_instructions_per_workflow"], f["floor_instructions_per_workflow"]
+    core = f["core_instructions_per_workflow"]
+    # the core does more than the hand-written state machine, the Engine more than the core
+    assert floor < core < gorch
+    assert f["core_over_floor"] == pytest.approx(core / floor)
+    assert f"({f['core_over_floor']:.2f}x)" in capsys.readouterr().out
+
+
 def test_an_unknown_store_is_refused() -> None:
     bench = load_bench("bench_engine_cpu")
     with pytest.raises(SystemExit):
