@@ -153,6 +153,28 @@ def test_status_workflow_times_and_cursors_are_plain_columns(
     assert created <= updated  # type: ignore[operator]
 
 
+ODD_NAMES = ['say "hi"', "back\\slash", "a,b", "{braces}", "NULL", "", " spaced ", "é \u2603"]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_cursor_names_are_kept_verbatim_whatever_their_characters(
+    kind: str, store_spec: StoreSpec, store: Store
+) -> None:
+    """Quotes, backslashes, commas, braces, 'NULL', empty: each name is one element, as is."""
+    if store_spec.kind != kind:
+        pytest.skip("a test of another store's columns")
+    rec = store.create("odd", "expense", "running", b"x", None, cursors=ODD_NAMES[:3])
+    read = "SELECT cursors FROM {t} WHERE id = 'odd'"
+    [(created,)] = _sql_rows(store_spec, read)
+    assert (json.loads(created) if isinstance(created, str) else created) == ODD_NAMES[:3]
+    for history in ([], ['{"at": "2026-01-01T00:00:00Z", "kind": "step"}']):
+        rec = store.save(
+            "odd", rec.version, "waiting", b"y", None, history=history, cursors=ODD_NAMES
+        )
+        [(cursors,)] = _sql_rows(store_spec, read)
+        assert (json.loads(cursors) if isinstance(cursors, str) else cursors) == ODD_NAMES
+
+
 # -- migration of a table made by an earlier version -------------------------------------
 
 _OLD_SQLITE = """CREATE TABLE gorch_workflows (
