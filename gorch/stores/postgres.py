@@ -180,13 +180,21 @@ class PostgresStore(ConnectorStore):
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[_Conn]:
-        """A pooled connection that is alive as far as can be told without a round trip.
+        """A pooled connection that is alive as far as can be told without a round trip."""
+        pool = self._ready()
+        conn = self._checkout(pool)
+        try:
+            yield conn
+        finally:
+            pool.putconn(conn)
+
+    def _checkout(self, pool: ConnectionPool[_Conn]) -> _Conn:
+        """A connection of ``pool`` whose session has not ended, to hand back with putconn.
 
         A pooled connection whose session ended while it was idle is closed and
         handed back (the pool opens another in its place), so that no write is
         ever sent on a connection already dead: its outcome would be unknown.
         """
-        pool = self._ready()
         conn = self._getconn(pool)
         for _ in range(self.pool_max):
             if not (conn.closed or conn.broken or idle_connection_died(conn.fileno())):
@@ -194,10 +202,7 @@ class PostgresStore(ConnectorStore):
             conn.close()
             pool.putconn(conn)
             conn = self._getconn(pool)
-        try:
-            yield conn
-        finally:
-            pool.putconn(conn)
+        return conn
 
     def connection(self) -> contextlib.AbstractContextManager[_Conn]:
         """A connection of the store's pool for the block, handed back when it ends.
@@ -229,15 +234,18 @@ class PostgresStore(ConnectorStore):
         :meth:`PostgresSQL.settle` says so."""
         self._ensure_schema()
         for attempt in (1, 2):
-            with self._connection() as conn:
-                try:
-                    if op.batch:
-                        with conn.transaction():
-                            return _execute(conn, op.steps())
-                    return _execute(conn, op.steps())
-                except psycopg.Error as exc:
-                    lost = conn.closed or conn.broken
-                    self._ops.settle(exc, op, lost=lost, last=attempt == 2)
+            pool = self._ready()
+            conn = self._checkout(pool)  # (not _connection(): a context manager costs)
+            try:
+                if op.batch:
+                    with conn.transaction():
+                        return _execute(conn, op.steps())
+                return _execute(conn, op.steps())
+            except psycopg.Error as exc:
+                lost = conn.closed or conn.broken
+                self._ops.settle(exc, op, lost=lost, last=attempt == 2)
+            finally:
+                pool.putconn(conn)
         raise AssertionError("unreachable")
 
     def _ensure_schema(self) -> None:
