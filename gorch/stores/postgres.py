@@ -72,6 +72,19 @@ _Conn = psycopg.Connection[TupleRow]
 _T = TypeVar("_T")
 
 
+class _PooledConnection(psycopg.Connection[TupleRow]):
+    """A connection of the store's pool: it keeps one cursor for the store's statements.
+
+    ``conn.execute`` makes a new cursor, with adapters of its own, for every
+    statement; a pooled connection serves one store call at a time, so each
+    call reuses this connection's cursor instead, for the statements that
+    return one row at most (a cursor keeps its last result until its next
+    statement; results of many rows get a cursor of their own).
+    """
+
+    statements: psycopg.Cursor[TupleRow] | None = None
+
+
 def connect_options(
     dsn: str, connect_timeout: int, prepare_threshold: int | None
 ) -> dict[str, Any]:
@@ -164,6 +177,7 @@ class PostgresStore(ConnectorStore):
                     configure=self._configure,
                     open=False,
                     name=f"gorch {self.url}",
+                    connection_class=_PooledConnection,
                 )
                 pool.open(wait=False)
                 self._pool = pool
@@ -384,6 +398,16 @@ class _OnConnection(PostgresStore):
         """Nothing to release: the connection is the caller's, the pool the store's."""
 
 
+def _cursor(conn: _Conn) -> psycopg.Cursor[TupleRow]:
+    """The cursor to run a statement with: a pooled connection's own, else a new one."""
+    if type(conn) is not _PooledConnection:  # a caller's connection (``using``)
+        return conn.cursor()
+    cursor = conn.statements
+    if cursor is None or cursor.closed:
+        cursor = conn.statements = conn.cursor()
+    return cursor
+
+
 def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
     """Run each statement ``steps`` yields on ``conn``, blocking."""
 
@@ -396,7 +420,10 @@ def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
                 for row in statement.rows:
                     copy.write_row(row)
             return None
-        cursor = conn.execute(statement.query, statement.params)
+        if statement.fetch == "all":  # a fresh cursor: its rows are not kept once read
+            cursor = conn.execute(statement.query, statement.params)
+        else:
+            cursor = _cursor(conn).execute(statement.query, statement.params)
         if statement.fetch == "one":
             return cursor.fetchone()
         return cursor.fetchall() if statement.fetch == "all" else cursor.rowcount

@@ -243,9 +243,7 @@ def _text_array(items: Sequence[str]) -> str:
     a backslash or a double quote in it is escaped.
     """
     return (
-        "{"
-        + ",".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in items)
-        + "}"
+        "{" + ",".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in items) + "}"
     )
 
 
