@@ -57,6 +57,15 @@ from gorch.stores.postgres_sql import (
 )
 
 _Conn = psycopg.AsyncConnection[TupleRow]
+
+
+class _PooledConnection(psycopg.AsyncConnection[TupleRow]):
+    """A connection of the store's pool: it keeps one cursor for the store's statements
+    that return a row at most (see :class:`gorch.stores.postgres._PooledConnection`)."""
+
+    statements: psycopg.AsyncCursor[TupleRow] | None = None
+
+
 _T = TypeVar("_T")
 
 __all__ = ["DEFAULT_POOL_MAX", "DEFAULT_POOL_MIN", "DEFAULT_POOL_TIMEOUT", "AsyncPostgresStore"]
@@ -117,6 +126,7 @@ class AsyncPostgresStore(AsyncConnectorStore):
                     configure=self._configure,
                     open=False,
                     name=f"gorch {self.url}",
+                    connection_class=_PooledConnection,
                 )
                 await pool.open(wait=False)
                 self._pool = pool
@@ -128,7 +138,7 @@ class AsyncPostgresStore(AsyncConnectorStore):
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[_Conn]:
         """A pooled connection that is alive as far as can be told without a round trip
-        (see :meth:`PostgresStore._connection`); a pool that cannot give one says why."""
+        (see :meth:`PostgresStore._checkout`); a pool that cannot give one says why."""
         pool = await self._ready()
         conn = await self._getconn(pool)
         for _ in range(self.pool_max):
@@ -287,6 +297,16 @@ class _OnConnection(AsyncPostgresStore):
         """Nothing to release: the connection is the caller's, the pool the store's."""
 
 
+def _cursor(conn: _Conn) -> psycopg.AsyncCursor[TupleRow]:
+    """The cursor to run a statement with: a pooled connection's own, else a new one."""
+    if type(conn) is not _PooledConnection:  # a caller's connection (``using``)
+        return conn.cursor()
+    cursor = conn.statements
+    if cursor is None or cursor.closed:
+        cursor = conn.statements = conn.cursor()
+    return cursor
+
+
 async def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
     """Run each statement ``steps`` yields on ``conn``, awaited."""
 
@@ -299,7 +319,10 @@ async def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
                 for row in statement.rows:
                     await copy.write_row(row)
             return None
-        cursor = await conn.execute(statement.query, statement.params)
+        if statement.fetch == "all":  # a fresh cursor: its rows are not kept once read
+            cursor = await conn.execute(statement.query, statement.params)
+        else:
+            cursor = await _cursor(conn).execute(statement.query, statement.params)
         if statement.fetch == "one":
             return await cursor.fetchone()
         return await cursor.fetchall() if statement.fetch == "all" else cursor.rowcount
