@@ -226,11 +226,37 @@ class DagGraph:
         return [n for n in self.order if n in seen]
 
 
+#: Checked graphs by shape: each node's type, name and ``after=`` names, in order.
+#: ``definition()`` builds a DAG again on every call; a shape seen before is not
+#: checked again (unknown names, duplicates, cycles: as much work per node as
+#: running it). Emptied when full: shapes that vary with data cannot grow it.
+_GRAPHS: dict[tuple[tuple[type, str, tuple[str, ...]], ...], DagGraph] = {}
+_GRAPHS_MAX = 256
+
+
 def graph_of(dag: DAG, owner: str = "") -> DagGraph:
-    """The checked graph of ``dag`` (cached on the object: one build, one check)."""
+    """The checked graph of ``dag`` (cached on the object, and by shape: see ``_GRAPHS``)."""
     graph: DagGraph | None = getattr(dag, "_graph", None)
     if graph is not None:
         return graph
+    try:
+        shape = tuple([(type(n), n.name, n.after) for n in dag.nodes])
+        graph = _GRAPHS.get(shape)
+    except (AttributeError, TypeError):  # not a node, or an unhashable name: refused below
+        shape = None
+    if graph is None:
+        graph = _checked_graph(dag, owner)
+        if shape is not None:
+            if len(_GRAPHS) >= _GRAPHS_MAX:
+                _GRAPHS.clear()
+            _GRAPHS[shape] = graph
+    dag._graph = graph  # type: ignore[attr-defined]
+    return graph
+
+
+def _checked_graph(dag: DAG, owner: str) -> DagGraph:
+    """The graph of ``dag``, or DefinitionError: a node that is none, a name unknown or
+    given twice, a cycle."""
     where = f"{owner}: DAG {dag.name!r}" if owner else f"DAG {dag.name!r}"
     deps: dict[str, tuple[str, ...]] = {}
     for n in dag.nodes:
@@ -261,7 +287,6 @@ def graph_of(dag: DAG, owner: str = "") -> DagGraph:
     cycle = _find_cycle(graph)
     if cycle:
         raise DefinitionError(f"{where} has a cycle: {' -> '.join(cycle)}")
-    dag._graph = graph  # type: ignore[attr-defined]
     return graph
 
 

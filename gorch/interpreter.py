@@ -1802,6 +1802,8 @@ def _run_thread(call: _Call, t: Thread) -> Walk[None]:
             t.status = _WAITING_CONDITION
             t.cur_step = st.name
             t.case = ""
+            # the threads it starts find it here when they end (see _joining)
+            call.located[t.id] = (call.gen, st.name, frames, st)
             if kind == K_DAG:
                 t.nodes = {}
                 t.node_errors = {}
@@ -2499,15 +2501,25 @@ def _child_id(t: Thread, name: str) -> str:
     return name if t.id == MAIN_THREAD else f"{t.id}/{name}"
 
 
-def _dag_of_node(call: _Call, t: Thread) -> tuple[Thread, DAG] | None:
-    """The joining thread and its DAG, when ``t`` runs a node of a DAG (not a Parallel branch)."""
-    parent = call.state.thread(t.parent)
+def _joining(call: _Call, t: Thread) -> tuple[Thread, Stmt] | None:
+    """The thread ``t`` was started by, while it waits to join, and the statement it waits on
+    in the current build (as located or walked to in this build, else found by its name)."""
+    parent = call.state.thread(t.parent) if t.parent else None
     if parent is None or parent.status is not _WAITING_CONDITION:
         return None
+    seen = call.located.get(parent.id)
+    if seen is not None and seen[0] == call.gen and seen[1] == parent.cur_step:
+        return parent, seen[3]
     found = call.find(parent.cur_step)
+    return None if found is None else (parent, found[1])
+
+
+def _dag_of_node(call: _Call, t: Thread) -> tuple[Thread, DAG] | None:
+    """The joining thread and its DAG, when ``t`` runs a node of a DAG (not a Parallel branch)."""
+    found = _joining(call, t)
     if found is None or not isinstance(found[1], DAG):
         return None
-    return parent, found[1]
+    return found[0], found[1]
 
 
 def _dag_start(call: _Call, t: Thread, dag: DAG, candidates: Sequence[str]) -> None:
@@ -2600,13 +2612,10 @@ def _node_failed(
 
 def _branch_of(call: _Call, t: Thread) -> tuple[Thread, Parallel] | None:
     """The joining thread and its Parallel, when ``t`` runs a branch of a Parallel."""
-    parent = call.state.thread(t.parent) if t.parent else None
-    if parent is None or parent.status is not _WAITING_CONDITION:
-        return None
-    found = call.find(parent.cur_step)
+    found = _joining(call, t)
     if found is None or type(found[1]) is not Parallel:
         return None
-    return parent, found[1]
+    return found[0], found[1]
 
 
 def _dag_ended_with_failures(call: _Call, t: Thread) -> bool:

@@ -806,3 +806,45 @@ def test_engine_saves_a_failed_nodes_data_as_it_was_before_the_step(retried: boo
     assert engine.get("m1").status is (IS.RETRYING if retried else IS.FAILED)
     wf, _ = gorch.loads(engine.store.load("m1").blob, EngineMutates)
     assert wf.counter == 0  # the failed step's change is not saved
+
+
+def _dag_of(edges: dict[str, list[str]]) -> DAG:
+    return DAG("d", *[Step(n, noop, after=a) for n, a in edges.items()])
+
+
+def test_a_dag_shape_is_checked_once_and_each_new_shape_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every definition() builds the DAG again: a shape checked before is not checked again,
+    a new one is, and a shape that fails its check is refused every time it comes."""
+    from gorch import index
+
+    checked: list[str] = []
+    check = index._checked_graph
+
+    def counting(dag: DAG, owner: str) -> Any:
+        checked.append(dag.name)
+        return check(dag, owner)
+
+    monkeypatch.setattr(index, "_checked_graph", counting)
+    monkeypatch.setattr(index, "_GRAPHS", {})
+    first = index.graph_of(_dag_of({"a": [], "b": ["a"]}))
+    again = index.graph_of(_dag_of({"a": [], "b": ["a"]}))
+    assert again is first and len(checked) == 1
+    other = index.graph_of(_dag_of({"a": ["b"], "b": []}))  # same names, other edges
+    assert other.deps == {"a": ("b",), "b": ()} and len(checked) == 2
+    for _ in range(2):
+        with pytest.raises(gorch.DefinitionError, match="cycle"):
+            index.graph_of(_dag_of({"a": ["b"], "b": ["a"]}))
+    assert len(checked) == 4
+
+
+def test_the_dag_shapes_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shapes that vary with data (one per instance, say) cannot grow the cache without end."""
+    from gorch import index
+
+    monkeypatch.setattr(index, "_GRAPHS", {})
+    monkeypatch.setattr(index, "_GRAPHS_MAX", 3)
+    for k in range(10):
+        index.graph_of(_dag_of({f"n{k}": []}))
+        assert len(index._GRAPHS) <= 3
