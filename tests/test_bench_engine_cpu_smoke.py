@@ -14,13 +14,19 @@ import pytest
 from bench_support import load_bench
 
 
-@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
-def test_memory_counts_both_sides_inside_the_batch(tmp_path: Path, capsys: Any) -> None:
+def _count(tmp_path: Path, store: str) -> dict[str, Any]:
+    """A run of three counted workflows on ``store``: its report."""
     bench = load_bench("bench_engine_cpu")
     out = tmp_path / "cpu.json"
-    args = ["--stores", "memory", "--workflows", "3", "--warmup", "2", "--json", out]
+    args = ["--stores", store, "--workflows", "3", "--warmup", "2", "--json", out]
     assert bench.main(args) == 0
-    report = json.loads(out.read_text())
+    report: dict[str, Any] = json.loads(out.read_text())
+    return report
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_memory_counts_both_sides_inside_the_batch(tmp_path: Path, capsys: Any) -> None:
+    report = _count(tmp_path, "memory")
     f = report["figures"]["memory"]
     gorch, floor = f["gorch_instructions_per_workflow"], f["floor_instructions_per_workflow"]
     # Per workflow, each side runs the core at least (hundreds of thousands of instructions);
@@ -34,11 +40,7 @@ def test_memory_counts_both_sides_inside_the_batch(tmp_path: Path, capsys: Any) 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 def test_sqlite_counts_the_bare_core_on_the_floors_sql(tmp_path: Path, capsys: Any) -> None:
     """SQL stores have a third side: gorch's core without the Engine, on the floor's SQL."""
-    bench = load_bench("bench_engine_cpu")
-    out = tmp_path / "cpu.json"
-    args = ["--stores", "sqlite", "--workflows", "3", "--warmup", "2", "--json", out]
-    assert bench.main(args) == 0
-    f = json.loads(out.read_text())["figures"]["sqlite"]
+    f = _count(tmp_path, "sqlite")["figures"]["sqlite"]
     gorch, floor = f["gorch_instructions_per_workflow"], f["floor_instructions_per_workflow"]
     core = f["core_instructions_per_workflow"]
     # the core does more than the hand-written state machine, the Engine more than the core

@@ -50,6 +50,7 @@ from gorch.stores.postgres_sql import (
     PURGE_BATCH,
     Copy,
     Enqueue,
+    KeepsCursor,
     PostgresSQL,
     Statement,
     Steps,
@@ -59,11 +60,8 @@ from gorch.stores.postgres_sql import (
 _Conn = psycopg.AsyncConnection[TupleRow]
 
 
-class _PooledConnection(psycopg.AsyncConnection[TupleRow]):
-    """A connection of the store's pool: it keeps one cursor for the store's statements
-    that return a row at most (see :class:`gorch.stores.postgres._PooledConnection`)."""
-
-    statements: psycopg.AsyncCursor[TupleRow] | None = None
+class _PooledConnection(KeepsCursor, psycopg.AsyncConnection[TupleRow]):
+    """A connection of the store's pool (see :class:`KeepsCursor`)."""
 
 
 _T = TypeVar("_T")
@@ -297,16 +295,6 @@ class _OnConnection(AsyncPostgresStore):
         """Nothing to release: the connection is the caller's, the pool the store's."""
 
 
-def _cursor(conn: _Conn) -> psycopg.AsyncCursor[TupleRow]:
-    """The cursor to run a statement with: a pooled connection's own, else a new one."""
-    if type(conn) is not _PooledConnection:  # a caller's connection (``using``)
-        return conn.cursor()
-    cursor = conn.statements
-    if cursor is None or cursor.closed:
-        cursor = conn.statements = conn.cursor()
-    return cursor
-
-
 async def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
     """Run each statement ``steps`` yields on ``conn``, awaited."""
 
@@ -319,10 +307,10 @@ async def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
                 for row in statement.rows:
                     await copy.write_row(row)
             return None
-        if statement.fetch == "all":  # a fresh cursor: its rows are not kept once read
+        if statement.fetch != "all" and isinstance(conn, KeepsCursor):
+            cursor = await conn.statement_cursor().execute(statement.query, statement.params)
+        else:  # a caller's connection (``using``), or many rows: a cursor of their own
             cursor = await conn.execute(statement.query, statement.params)
-        else:
-            cursor = await _cursor(conn).execute(statement.query, statement.params)
         if statement.fetch == "one":
             return await cursor.fetchone()
         return await cursor.fetchall() if statement.fetch == "all" else cursor.rowcount

@@ -53,6 +53,7 @@ from gorch.stores.postgres_sql import (
     PURGE_BATCH,
     Copy,
     Enqueue,
+    KeepsCursor,
     PostgresSQL,
     Statement,
     Steps,
@@ -72,17 +73,8 @@ _Conn = psycopg.Connection[TupleRow]
 _T = TypeVar("_T")
 
 
-class _PooledConnection(psycopg.Connection[TupleRow]):
-    """A connection of the store's pool: it keeps one cursor for the store's statements.
-
-    ``conn.execute`` makes a new cursor, with adapters of its own, for every
-    statement; a pooled connection serves one store call at a time, so each
-    call reuses this connection's cursor instead, for the statements that
-    return one row at most (a cursor keeps its last result until its next
-    statement; results of many rows get a cursor of their own).
-    """
-
-    statements: psycopg.Cursor[TupleRow] | None = None
+class _PooledConnection(KeepsCursor, psycopg.Connection[TupleRow]):
+    """A connection of the store's pool (see :class:`KeepsCursor`)."""
 
 
 def connect_options(
@@ -398,16 +390,6 @@ class _OnConnection(PostgresStore):
         """Nothing to release: the connection is the caller's, the pool the store's."""
 
 
-def _cursor(conn: _Conn) -> psycopg.Cursor[TupleRow]:
-    """The cursor to run a statement with: a pooled connection's own, else a new one."""
-    if type(conn) is not _PooledConnection:  # a caller's connection (``using``)
-        return conn.cursor()
-    cursor = conn.statements
-    if cursor is None or cursor.closed:
-        cursor = conn.statements = conn.cursor()
-    return cursor
-
-
 def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
     """Run each statement ``steps`` yields on ``conn``, blocking."""
 
@@ -420,10 +402,10 @@ def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
                 for row in statement.rows:
                     copy.write_row(row)
             return None
-        if statement.fetch == "all":  # a fresh cursor: its rows are not kept once read
+        if statement.fetch != "all" and isinstance(conn, KeepsCursor):
+            cursor = conn.statement_cursor().execute(statement.query, statement.params)
+        else:  # a caller's connection (``using``), or many rows: a cursor of their own
             cursor = conn.execute(statement.query, statement.params)
-        else:
-            cursor = _cursor(conn).execute(statement.query, statement.params)
         if statement.fetch == "one":
             return cursor.fetchone()
         return cursor.fetchall() if statement.fetch == "all" else cursor.rowcount

@@ -235,6 +235,26 @@ def _array(entries: builtins.list[str]) -> str:
     return "[" + ",".join(entries) + "]"
 
 
+class KeepsCursor:
+    """Mixed into the connection class of a store's pool: the connection keeps one
+    cursor for the store's statements that return a row at most.
+
+    ``conn.execute`` makes a new cursor, with adapters of its own, for every
+    statement; a pooled connection serves one store call at a time, so each
+    call reuses this one instead (a cursor keeps its last result until its
+    next statement: results of many rows get a cursor of their own).
+    """
+
+    statements: Any = None
+
+    def statement_cursor(self) -> Any:
+        """The kept cursor (a new one after it was closed)."""
+        cursor = self.statements
+        if cursor is None or cursor.closed:
+            cursor = self.statements = self.cursor()  # type: ignore[attr-defined]
+        return cursor
+
+
 def _text_array(items: Sequence[str]) -> str:
     """``items`` as a PostgreSQL array literal, for a ``%s::text[]`` parameter.
 
