@@ -307,9 +307,9 @@ async def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
                 for row in statement.rows:
                     await copy.write_row(row)
             return None
-        if statement.fetch != "all" and isinstance(conn, KeepsCursor):
+        if statement.small and isinstance(conn, KeepsCursor):
             cursor = await conn.statement_cursor().execute(statement.query, statement.params)
-        else:  # a caller's connection (``using``), or many rows: a cursor of their own
+        else:  # a large result, or a connection not of a store's pool: a cursor of its own
             cursor = await conn.execute(statement.query, statement.params)
         if statement.fetch == "one":
             return await cursor.fetchone()

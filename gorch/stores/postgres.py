@@ -402,9 +402,9 @@ def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
                 for row in statement.rows:
                     copy.write_row(row)
             return None
-        if statement.fetch != "all" and isinstance(conn, KeepsCursor):
+        if statement.small and isinstance(conn, KeepsCursor):
             cursor = conn.statement_cursor().execute(statement.query, statement.params)
-        else:  # a caller's connection (``using``), or many rows: a cursor of their own
+        else:  # a large result, or a connection not of a store's pool: a cursor of its own
             cursor = conn.execute(statement.query, statement.params)
         if statement.fetch == "one":
             return cursor.fetchone()

@@ -186,6 +186,14 @@ class Statement:
     query: str | sql.Composed
     params: tuple[Any, ...] | dict[str, Any] = ()
     fetch: Literal["one", "all", "rowcount"] = "one"
+    #: Its one row may be large (a blob, a history): it is not left in a kept cursor
+    #: (see :class:`KeepsCursor`), which would hold it until the connection's next statement.
+    large: bool = False
+
+    @property
+    def small(self) -> bool:
+        """Whether a kept cursor may run it: a row count, or one row that is never large."""
+        return not self.large and self.fetch != "all"
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,8 +249,9 @@ class KeepsCursor:
 
     ``conn.execute`` makes a new cursor, with adapters of its own, for every
     statement; a pooled connection serves one store call at a time, so each
-    call reuses this one instead (a cursor keeps its last result until its
-    next statement: results of many rows get a cursor of their own).
+    call reuses this one instead. A cursor keeps its last result until its
+    next statement, so only :attr:`Statement.small` ones run here: a row
+    count, or a row that is never large (not a blob, not a history).
     """
 
     statements: Any = None
@@ -465,7 +474,7 @@ class PostgresSQL:
 
     def load(self, id: str) -> Op[Record]:
         def steps() -> Steps[Record]:
-            row = yield Statement(self.q["load"], (id,))
+            row = yield Statement(self.q["load"], (id,), large=True)
             if row is None:
                 raise WorkflowNotFound(id)
             return record(row)
@@ -521,7 +530,7 @@ class PostgresSQL:
 
     def history(self, id: str) -> Op[HistoryLog]:
         def steps() -> Steps[HistoryLog]:
-            row = yield Statement(self.q["history"], (id,))
+            row = yield Statement(self.q["history"], (id,), large=True)
             if row is None:
                 raise WorkflowNotFound(id)
             return HistoryLog(list(row[0]), int(row[1]))

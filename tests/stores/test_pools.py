@@ -279,3 +279,64 @@ def test_a_connection_lent_by_the_store_works_in_its_table_and_goes_back(
         await astore.close()
 
     asyncio.run(lend())
+
+
+def _kept_bytes(conn: Any) -> int:
+    """Bytes of result data the pooled connection's kept cursor still holds."""
+    cursor = getattr(conn, "statements", None)
+    result = None if cursor is None else cursor.pgresult
+    if result is None:
+        return 0
+    return sum(
+        len(result.get_value(row, col) or b"")
+        for row in range(result.ntuples)
+        for col in range(result.nfields)
+    )
+
+
+BIG = b"\x00\x01" * 500_000  # a 1 MB blob
+
+
+def test_an_idle_pooled_connection_keeps_no_blob_nor_history(pg_spec: StoreSpec) -> None:
+    """Each pooled connection keeps a cursor for small statements; what a load or a
+    history read brings back (a blob, a log) is never left in it."""
+    from gorch.stores.postgres import PostgresStore
+
+    store = PostgresStore(PG_DSN, table=pg_spec.namespace, pool_min=1, pool_max=1)
+    try:
+        entry = '{"at": "2026-01-01T00:00:00Z", "kind": "step", "name": "' + "x" * 10_000 + '"}'
+        rec = store.create("big", "w", "waiting", BIG, None, history=[entry] * 50)
+        rec = store.save("big", rec.version, "waiting", BIG, None)  # a small statement last...
+        assert store.load("big").blob == BIG  # ...then a large result
+        assert len(store.history("big").entries) == 50
+        pool = store._ready()
+        conn = pool.getconn()
+        try:
+            assert conn.statements is not None  # the small statements ran on the kept cursor
+            assert _kept_bytes(conn) < 1_000
+        finally:
+            pool.putconn(conn)
+    finally:
+        store.close()
+
+
+def test_an_idle_async_pooled_connection_keeps_no_blob(pg_spec: StoreSpec) -> None:
+    from gorch.stores.aio_postgres import AsyncPostgresStore
+
+    async def main() -> None:
+        store = AsyncPostgresStore(PG_DSN, table=pg_spec.namespace, pool_min=1, pool_max=1)
+        try:
+            rec = await store.create("big", "w", "waiting", BIG, None)
+            await store.save("big", rec.version, "waiting", BIG, None)
+            assert (await store.load("big")).blob == BIG
+            pool = await store._ready()
+            conn = await pool.getconn()
+            try:
+                assert conn.statements is not None
+                assert _kept_bytes(conn) < 1_000
+            finally:
+                await pool.putconn(conn)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
