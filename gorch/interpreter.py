@@ -477,6 +477,15 @@ class _Call:
             return self.find(name)
         return None
 
+    def where(self, thread_id: str, name: str) -> Stmt | None:
+        """The statement ``name`` in the current build: where thread ``thread_id`` was
+        located or walked to in this build (blocked there), else found by its name."""
+        seen = self.located.get(thread_id)
+        if seen is not None and seen[0] == self.gen and seen[1] == name:
+            return seen[3]
+        found = self.find(name)
+        return None if found is None else found[1]
+
     def verify(self, st: Stmt) -> None:
         """Check that the class index finds ``st`` by its name in the current build.
 
@@ -2503,15 +2512,12 @@ def _child_id(t: Thread, name: str) -> str:
 
 def _joining(call: _Call, t: Thread) -> tuple[Thread, Stmt] | None:
     """The thread ``t`` was started by, while it waits to join, and the statement it waits on
-    in the current build (as located or walked to in this build, else found by its name)."""
+    in the current build."""
     parent = call.state.thread(t.parent) if t.parent else None
     if parent is None or parent.status is not _WAITING_CONDITION:
         return None
-    seen = call.located.get(parent.id)
-    if seen is not None and seen[0] == call.gen and seen[1] == parent.cur_step:
-        return parent, seen[3]
-    found = call.find(parent.cur_step)
-    return None if found is None else (parent, found[1])
+    st = call.where(parent.id, parent.cur_step)
+    return None if st is None else (parent, st)
 
 
 def _dag_of_node(call: _Call, t: Thread) -> tuple[Thread, DAG] | None:
@@ -2673,14 +2679,7 @@ def _parallel_ended_with_failures(call: _Call, t: Thread, st: Parallel) -> bool:
 def _case_handler(call: _Call, we: WaitEvent) -> tuple[bool, Handler | None]:
     """(found, handler) for a wait event, from the current build."""
     # The Select where the walk blocked, or where the thread was located, in this build.
-    seen = call.located.get(we.req.thread_id)
-    if seen is not None and seen[0] == call.gen and seen[1] == we.select:
-        st: Stmt = seen[3]
-    else:
-        found = call.find(we.select)
-        if found is None:
-            return False, None
-        st = found[1]
+    st = call.where(we.req.thread_id, we.select)
     if type(st) is not Select:
         return False, None
     hit = st.case(we.req.name)
