@@ -55,6 +55,7 @@ from gorch.stores.postgres_sql import (
     Statement,
     Steps,
     TransactionHook,
+    cursor_for,
 )
 
 _Conn = psycopg.AsyncConnection[TupleRow]
@@ -307,10 +308,7 @@ async def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
                 for row in statement.rows:
                     await copy.write_row(row)
             return None
-        if statement.small and isinstance(conn, KeepsCursor):
-            cursor = await conn.statement_cursor().execute(statement.query, statement.params)
-        else:  # a large result, or a connection not of a store's pool: a cursor of its own
-            cursor = await conn.execute(statement.query, statement.params)
+        cursor = await cursor_for(conn, statement).execute(statement.query, statement.params)
         if statement.fetch == "one":
             return await cursor.fetchone()
         return await cursor.fetchall() if statement.fetch == "all" else cursor.rowcount

@@ -58,6 +58,7 @@ from gorch.stores.postgres_sql import (
     Statement,
     Steps,
     TransactionHook,
+    cursor_for,
 )
 
 __all__ = [
@@ -402,10 +403,7 @@ def _execute(conn: _Conn, steps: Steps[_T]) -> _T:
                 for row in statement.rows:
                     copy.write_row(row)
             return None
-        if statement.small and isinstance(conn, KeepsCursor):
-            cursor = conn.statement_cursor().execute(statement.query, statement.params)
-        else:  # a large result, or a connection not of a store's pool: a cursor of its own
-            cursor = conn.execute(statement.query, statement.params)
+        cursor = cursor_for(conn, statement).execute(statement.query, statement.params)
         if statement.fetch == "one":
             return cursor.fetchone()
         return cursor.fetchall() if statement.fetch == "all" else cursor.rowcount

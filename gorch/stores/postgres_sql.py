@@ -245,23 +245,27 @@ def _array(entries: builtins.list[str]) -> str:
 
 class KeepsCursor:
     """Mixed into the connection class of a store's pool: the connection keeps one
-    cursor for the store's statements that return a row at most.
-
-    ``conn.execute`` makes a new cursor, with adapters of its own, for every
-    statement; a pooled connection serves one store call at a time, so each
-    call reuses this one instead. A cursor keeps its last result until its
-    next statement, so only :attr:`Statement.small` ones run here: a row
-    count, or a row that is never large (not a blob, not a history).
-    """
+    cursor for the store's small statements (see :func:`cursor_for`)."""
 
     statements: Any = None
 
-    def statement_cursor(self) -> Any:
-        """The kept cursor (a new one after it was closed)."""
-        cursor = self.statements
-        if cursor is None or cursor.closed:
-            cursor = self.statements = self.cursor()  # type: ignore[attr-defined]
-        return cursor
+
+def cursor_for(conn: Any, statement: Statement) -> Any:
+    """The cursor to run ``statement`` on ``conn`` with.
+
+    ``conn.execute`` makes a new cursor, with adapters of its own, for every
+    statement; a pooled connection (a :class:`KeepsCursor`) serves one store
+    call at a time, so its calls reuse one instead. A cursor keeps its last
+    result until its next statement, so only :attr:`Statement.small` ones run
+    there: a row count, or a row that is never large (not a blob, not a
+    history). Any other statement, or connection, gets a new cursor.
+    """
+    if not (statement.small and isinstance(conn, KeepsCursor)):
+        return conn.cursor()
+    cursor = conn.statements
+    if cursor is None or cursor.closed:
+        cursor = conn.statements = conn.cursor()  # type: ignore[attr-defined]
+    return cursor
 
 
 def _text_array(items: Sequence[str]) -> str:
