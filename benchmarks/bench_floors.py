@@ -118,19 +118,21 @@ class _RowFloor:
         state = msgpack.unpackb(row[0], raw=False)
         apply_decision(state, id, decision)
         lease = datetime.now(UTC) + LEASE  # the last step runs now: retried if we crash
-        return state, self._cas(id, row[1], state, lease)
+        return state, self.swap(id, row[1], _pack(state), lease)
 
     def finish(self, id: str, state: dict[str, Any], version: int) -> None:
         """Stage 3: run the last step and compare-and-swap the finished workflow."""
         finish(state)
-        self._cas(id, version, state, None)
+        self.swap(id, version, _pack(state), None)
 
-    def _cas(self, id: str, version: int, state: dict[str, Any], wake: datetime | None) -> int:
+    def swap(self, id: str, version: int, blob: bytes, wake: datetime | None) -> int:
+        """Compare-and-swap row ``id`` from ``version`` to ``blob`` (and ``wake``, on the
+        equivalent floor); its new version."""
         if self.timers:
             when = None if wake is None else self._when(wake)
-            params: tuple[Any, ...] = (_pack(state), version + 1, when, id, version)
+            params: tuple[Any, ...] = (blob, version + 1, when, id, version)
         else:
-            params = (_pack(state), version + 1, id, version)
+            params = (blob, version + 1, id, version)
         if self._execute(self.update, params).rowcount != 1:
             raise RuntimeError(f"conflict on {id}")
         return version + 1
@@ -273,6 +275,8 @@ class CoreRowFloor:
     What a careful programmer who keeps gorch's core but no Engine would write: the
     wake-up is the state's first due timer (``gorch.timers.wakeup``), the lease the
     floor's own. No history, no idempotency, no retries: none of the Engine's work.
+    (The core's calls are :class:`CoreFloor`'s, written again: a floor pays for no
+    indirection shared with another.)
     """
 
     def __init__(self, rows: SQLiteFloor | PostgresFloor, workflow: str, cls: type[gorch.Workflow]):
@@ -299,19 +303,13 @@ class CoreRowFloor:
             raise KeyError(id)
         wf, state = gorch.loads(row[0], self.cls)
         gorch.handle_event(wf, state, DECIDE, decision)
-        lease = rows._when(datetime.now(UTC) + LEASE)  # the last step runs now
-        return (wf, state), self._cas(id, row[1], gorch.dumps(wf, state), lease)
+        lease = datetime.now(UTC) + LEASE  # the last step runs now
+        return (wf, state), rows.swap(id, row[1], gorch.dumps(wf, state), lease)
 
     def finish(self, id: str, loaded: Any, version: int) -> None:
         wf, state = loaded
         gorch.resume(wf, state)
-        self._cas(id, version, gorch.dumps(wf, state), None)
-
-    def _cas(self, id: str, version: int, blob: bytes, wake: Any) -> int:
-        cur = self.rows._execute(self.rows.update, (blob, version + 1, wake, id, version))
-        if cur.rowcount != 1:
-            raise RuntimeError(f"conflict on {id}")
-        return version + 1
+        self.rows.swap(id, version, gorch.dumps(wf, state), None)
 
     def stage(self, id: str) -> str:
         row = self.rows._execute(self.rows.select, (id,)).fetchone()
