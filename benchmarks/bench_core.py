@@ -262,14 +262,20 @@ def _gorchestrate_op(_: object) -> gorch.WorkflowStatus:
     return gorch.resume(wf, state)
 
 
-def _handler_op(_: object) -> gorch.WorkflowStatus:
-    wf = HandlerBench()
-    state = gorch.new_state("bench", "bench")
+def _counting_checkpoint() -> Callable[[gorch.CheckpointKind], None]:
+    """A checkpoint callback of one op: it counts the saves it is asked for."""
     saves = [0]
 
     def checkpoint(kind: gorch.CheckpointKind) -> None:
         saves[0] += 1
 
+    return checkpoint
+
+
+def _handler_op(_: object) -> gorch.WorkflowStatus:
+    wf = HandlerBench()
+    state = gorch.new_state("bench", "bench")
+    checkpoint = _counting_checkpoint()
     gorch.resume(wf, state, checkpoint)
     gorch.handle_event(wf, state, "event")
     gorch.resume(wf, state, checkpoint)
@@ -345,12 +351,7 @@ def _floor_plain(_: object) -> int:
 
 
 def _floor_handler(_: object) -> int:
-    saves = [0]
-
-    def checkpoint(kind: gorch.CheckpointKind) -> None:
-        saves[0] += 1
-
-    return _floor_op(HandlerBench, checkpoint)
+    return _floor_op(HandlerBench, _counting_checkpoint())
 
 
 def check_floor() -> dict[str, int]:
